@@ -1,0 +1,123 @@
+"""Typed configuration: the course's defaults in three dataclasses, plus the VOC classes and anchors.
+
+Configuration is passed explicitly (no module-level mutable state): build a `Config`, change what
+you need, hand it to the code that uses it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+# (w, h) as fractions of the image side; 3 scales x 3 anchors, coarse (stride 32) to fine (stride 8).
+ANCHORS: tuple[tuple[tuple[float, float], ...], ...] = (
+    ((0.28, 0.22), (0.38, 0.48), (0.90, 0.78)),
+    ((0.07, 0.15), (0.15, 0.11), (0.14, 0.29)),
+    ((0.02, 0.03), (0.04, 0.07), (0.08, 0.06)),
+)
+STRIDES: tuple[int, ...] = (32, 16, 8)
+
+# The YOLOv3 paper's multi-scale range: 320 ... 608 in steps of 32.
+MULTI_SCALE_SIZES: tuple[int, ...] = tuple(range(320, 609, 32))
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 20
+    width: float = 1.0  # channel multiplier; 1.0 is the course's Darknet-53 (61.6 M parameters)
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # a VOCdevkit folder or a Kaggle/course folder; None = synthetic data
+    train_split: str = "trainval"
+    val_split: str = "test"
+    image_size: int = 416  # val/test size
+    train_sizes: tuple[int, ...] = MULTI_SCALE_SIZES  # one drawn per training batch
+    batch_size: int = 16
+    num_workers: int = 2
+    mosaic: float = 0.75  # fraction of training samples built as a 4-image mosaic
+    keep_difficult: bool = False  # difficult objects in the training targets
+    pin_memory: bool = True
+    classes: tuple[str, ...] = VOC_CLASSES
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    max_lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adam"  # adam | adamw | sgd
+    # OneCycle, as the course's Lightning port sets it up (warm up over the first 5 of 40 epochs).
+    pct_start: float = 5 / 40
+    div_factor: float = 100.0
+    final_div_factor: float = 100.0
+    anneal_strategy: str = "linear"
+    three_phase: bool = False
+    precision: str = "16-mixed"  # falls back on machines without CUDA (see helpers.train)
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
+    # loss weights (the course's)
+    lambda_class: float = 1.0
+    lambda_noobj: float = 10.0
+    lambda_obj: float = 1.0
+    lambda_box: float = 10.0
+    # evaluation
+    conf_threshold: float = 0.05
+    nms_iou: float = 0.45
+    map_iou: float = 0.5
+    accuracy_every: int = 1  # epochs between validation accuracies
+    map_every: int = 0  # epochs between mAP runs; 0 = last epoch only
+    # checkpoints
+    run_dir: str = "runs/default"
+    checkpoint_dir: str | None = None  # defaults to <run_dir>/checkpoints (a Drive folder on Colab)
+    checkpoint_every_minutes: float = 0.0  # 0 = only at epoch ends
+    keep_last_k: int = 0  # 0 = keep all
+    ema: bool = False
+    seed: int = 42
+    limit_train_batches: float | int | None = None
+    limit_val_batches: float | int | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only, so a checkpoint holding it loads with `weights_only=True`."""
+        return _plain(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        def build(kind, values):
+            known = {f.name: f for f in fields(kind)}
+            kwargs = {}
+            for k, v in (values or {}).items():
+                if k not in known:
+                    raise ValueError(f"unknown {kind.__name__} field {k!r}")
+                kwargs[k] = tuple(v) if isinstance(v, list) else v
+            return kind(**kwargs)
+
+        return cls(
+            model=build(ModelConfig, d.get("model")),
+            data=build(DataConfig, d.get("data")),
+            train=build(TrainConfig, d.get("train")),
+        )
+
+
+def _plain(x: Any) -> Any:
+    if is_dataclass(x):
+        return _plain(asdict(x))
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x

@@ -1,0 +1,160 @@
+"""YOLOv3: the course's Darknet-53 backbone and three-scale head.
+
+Module names mirror the course's (`layers.{i}...`), so a `state_dict` saved by the course code
+loads with `load_course_state_dict`, which only drops the BatchNorms the course builds in front of
+its last 1x1 convs but never applies. Without them the model has 61,626,049 parameters at 20
+classes (the course counts 61,626,499: the same network plus those 3 x 150 dead parameters).
+
+Output of `forward(x [B,3,H,W])`, H and W multiples of 32: a list of 3 raw tensors, coarse to fine,
+`[B, 3, H/32, W/32, 5+C]`, `[B, 3, H/16, W/16, 5+C]`, `[B, 3, H/8, W/8, 5+C]`, last axis
+`[obj, x, y, w, h, class logits...]` (logits, not probabilities).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+# The course's layer list. (channels, kernel, stride) is a conv block; ("B", n) a residual block of
+# n repeats; "S" a scale head (3 modules: residual without skip, 1x1 conv, prediction); "U" a 2x
+# upsample concatenated with the route saved after the matching 8-repeat residual block.
+DARKNET53_YOLOV3 = (
+    (32, 3, 1), (64, 3, 2), ("B", 1), (128, 3, 2), ("B", 2), (256, 3, 2), ("B", 8),
+    (512, 3, 2), ("B", 8), (1024, 3, 2), ("B", 4),
+    (512, 1, 1), (1024, 3, 1), "S",
+    (256, 1, 1), "U", (256, 1, 1), (512, 3, 1), "S",
+    (128, 1, 1), "U", (128, 1, 1), (256, 3, 1), "S",
+)
+
+
+class ConvBlock(nn.Module):
+    """conv (k, stride s, 'same' padding for k=3) + BatchNorm + LeakyReLU(0.1)."""
+
+    def __init__(self, c_in: int, c_out: int, k: int, s: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, k, s, padding=k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.act = nn.LeakyReLU(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class PlainConv(nn.Module):
+    """The head's last 1x1 conv: bias, no norm, no activation (named `.conv` like the course's)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class ResidualBlock(nn.Module):
+    """n repeats of [1x1 to c/2, 3x3 back to c], each with a skip unless `skip=False`."""
+
+    def __init__(self, c: int, repeats: int, skip: bool = True):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Sequential(ConvBlock(c, c // 2, 1), ConvBlock(c // 2, c, 3)) for _ in range(repeats)
+        )
+        self.skip = skip
+        self.repeats = repeats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x) if self.skip else layer(x)
+        return x
+
+
+class ScalePrediction(nn.Module):
+    """3x3 conv to 2c, then 1x1 conv to 3*(5+C); reshaped to [B, 3, H, W, 5+C] (anchor-major)."""
+
+    def __init__(self, c: int, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.pred = nn.Sequential(ConvBlock(c, 2 * c, 3), PlainConv(2 * c, 3 * (num_classes + 5)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        return self.pred(x).view(b, 3, self.num_classes + 5, h, w).permute(0, 1, 3, 4, 2)
+
+
+class Upsample(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(x)
+
+
+def _scaled(c: int, width: float) -> int:
+    """Channels at a width multiplier: a multiple of 8, at least 8 (1.0 leaves them as they are)."""
+    return c if width == 1.0 else max(8, int(round(c * width / 8)) * 8)
+
+
+class YOLOv3(nn.Module):
+    def __init__(self, num_classes: int = 20, width: float = 1.0, in_channels: int = 3):
+        super().__init__()
+        self.num_classes = num_classes
+        self.width = width
+        self.layers = nn.ModuleList()
+        c = in_channels
+        for spec in DARKNET53_YOLOV3:
+            if isinstance(spec, tuple) and spec[0] == "B":
+                self.layers.append(ResidualBlock(c, spec[1]))
+            elif isinstance(spec, tuple):
+                out, k, s = spec
+                out = _scaled(out, width)
+                self.layers.append(ConvBlock(c, out, k, s))
+                c = out
+            elif spec == "S":
+                self.layers.append(ResidualBlock(c, 1, skip=False))
+                self.layers.append(ConvBlock(c, c // 2, 1))
+                self.layers.append(ScalePrediction(c // 2, num_classes))
+                c = c // 2
+            elif spec == "U":
+                self.layers.append(Upsample())
+                c = c * 3  # upsampled c, concatenated with the 2c route of the backbone
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.shape[-1] % 32 or x.shape[-2] % 32:
+            raise ValueError(f"input height and width must be multiples of 32, got {tuple(x.shape[-2:])}")
+        outputs, routes = [], []
+        for layer in self.layers:
+            if isinstance(layer, ScalePrediction):
+                outputs.append(layer(x))
+                continue
+            x = layer(x)
+            if isinstance(layer, ResidualBlock) and layer.repeats == 8:
+                routes.append(x)
+            elif isinstance(layer, Upsample):
+                x = torch.cat([x, routes.pop()], dim=1)
+        return outputs
+
+    @property
+    def head_inputs(self) -> list[nn.Module]:
+        """The module whose output feeds each scale's prediction, coarse to fine (Grad-CAM's layers)."""
+        return [self.layers[i - 1] for i, m in enumerate(self.layers) if isinstance(m, ScalePrediction)]
+
+
+# The course builds a BatchNorm in front of each head's last conv and never applies it.
+_COURSE_DEAD_BN = ".pred.1.bn."
+
+
+def load_course_state_dict(model: YOLOv3, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load weights saved by the course code (its `model.state_dict()`): strict, except the dead BNs."""
+    kept = {k: v for k, v in state_dict.items() if _COURSE_DEAD_BN not in k}
+    model.load_state_dict(kept, strict=True)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(cfg) -> YOLOv3:
+    """From a `helpers.config.ModelConfig`."""
+    return YOLOv3(num_classes=cfg.num_classes, width=cfg.width)
