@@ -96,7 +96,7 @@ class Config:
         return _plain(asdict(self))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
+    def from_dict(cls, d: dict[str, Any]) -> Config:
         def build(kind, values):
             known = {f.name: f for f in fields(kind)}
             kwargs = {}

@@ -1,0 +1,137 @@
+"""The model: the course's architecture and parameter count, any multiple-of-32 input, course weights load."""
+import pytest
+import torch
+from torch import nn
+
+from helpers.config import ANCHORS, VOC_CLASSES
+from helpers.model import YOLOv3, count_parameters, load_course_state_dict
+
+
+def test_full_model_has_the_course_parameter_count_without_its_three_dead_batchnorms():
+    # COURSE_FACTS: 61,626,499 counted by the course = 61,626,049 + 3 x 150 never-applied BN params.
+    assert count_parameters(YOLOv3(num_classes=20)) == 61_626_049
+
+
+@pytest.mark.parametrize("hw", [(320, 320), (416, 416), (608, 608), (256, 384)])
+def test_outputs_are_three_scales_coarse_to_fine_for_any_multiple_of_32(hw):
+    model = YOLOv3(num_classes=5, width=0.125).eval()
+    h, w = hw
+    with torch.no_grad():
+        outs = model(torch.rand(2, 3, h, w))
+    assert [tuple(o.shape) for o in outs] == [
+        (2, 3, h // s, w // s, 10) for s in (32, 16, 8)
+    ]
+
+
+def test_input_not_a_multiple_of_32_is_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        YOLOv3(num_classes=2, width=0.125)(torch.rand(1, 3, 100, 96))
+
+
+def test_width_multiplier_makes_small_models():
+    assert count_parameters(YOLOv3(num_classes=20, width=0.125)) < 1_500_000
+
+
+def test_config_constants_match_the_course():
+    assert len(VOC_CLASSES) == 20 and VOC_CLASSES[14] == "person"
+    assert torch.tensor(ANCHORS).shape == (3, 3, 2)
+
+
+# --- A course-layout model, written from the facts in COURSE_FACTS.md, to produce a course state_dict.
+class _CourseCNN(nn.Module):
+    def __init__(self, cin, cout, bn_act=True, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, bias=not bn_act, **kw)
+        self.bn = nn.BatchNorm2d(cout)  # built even when unused, as the course does
+        self.leaky = nn.LeakyReLU(0.1)
+        self.bn_act = bn_act
+
+    def forward(self, x):
+        return self.leaky(self.bn(self.conv(x))) if self.bn_act else self.conv(x)
+
+
+class _CourseResidual(nn.Module):
+    def __init__(self, c, residual=True, repeats=1):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Sequential(_CourseCNN(c, c // 2, kernel_size=1), _CourseCNN(c // 2, c, kernel_size=3, padding=1))
+            for _ in range(repeats))
+        self.residual, self.repeats = residual, repeats
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x) if self.residual else layer(x)
+        return x
+
+
+class _CourseScale(nn.Module):
+    def __init__(self, c, nc):
+        super().__init__()
+        self.pred = nn.Sequential(_CourseCNN(c, 2 * c, kernel_size=3, padding=1),
+                                  _CourseCNN(2 * c, 3 * (nc + 5), bn_act=False, kernel_size=1))
+        self.nc = nc
+
+    def forward(self, x):
+        return self.pred(x).reshape(x.shape[0], 3, self.nc + 5, x.shape[2], x.shape[3]).permute(0, 1, 3, 4, 2)
+
+
+class _CourseYOLO(nn.Module):
+    """Course module naming and order, channels divided by 4 to keep the test fast."""
+
+    def __init__(self, nc=3, d=4):
+        super().__init__()
+        spec = [(32, 3, 1), (64, 3, 2), ["B", 1], (128, 3, 2), ["B", 2], (256, 3, 2), ["B", 8], (512, 3, 2),
+                ["B", 8], (1024, 3, 2), ["B", 4], (512, 1, 1), (1024, 3, 1), "S", (256, 1, 1), "U",
+                (256, 1, 1), (512, 3, 1), "S", (128, 1, 1), "U", (128, 1, 1), (256, 3, 1), "S"]
+        self.layers, c = nn.ModuleList(), 3
+        for s in spec:
+            if isinstance(s, tuple):
+                out = s[0] // d
+                self.layers.append(_CourseCNN(c, out, kernel_size=s[1], stride=s[2], padding=1 if s[1] == 3 else 0))
+                c = out
+            elif isinstance(s, list):
+                self.layers.append(_CourseResidual(c, repeats=s[1]))
+            elif s == "S":
+                self.layers += [_CourseResidual(c, residual=False), _CourseCNN(c, c // 2, kernel_size=1),
+                                _CourseScale(c // 2, nc)]
+                c //= 2
+            else:
+                self.layers.append(nn.Upsample(scale_factor=2))
+                c *= 3
+
+    def forward(self, x):
+        outs, routes = [], []
+        for layer in self.layers:
+            if isinstance(layer, _CourseScale):
+                outs.append(layer(x))
+                continue
+            x = layer(x)
+            if isinstance(layer, _CourseResidual) and layer.repeats == 8:
+                routes.append(x)
+            elif isinstance(layer, nn.Upsample):
+                x = torch.cat([x, routes.pop()], 1)
+        return outs
+
+
+def test_a_course_state_dict_loads_and_gives_identical_outputs():
+    torch.manual_seed(0)
+    course = _CourseYOLO(nc=3).eval()
+    for m in course.modules():  # non-trivial BN statistics, so a misplaced BN would show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    sd = course.state_dict()
+    assert len(sd) == 453  # the course's entry count, dead BNs included
+    ours = YOLOv3(num_classes=3, width=0.25).eval()
+    load_course_state_dict(ours, sd)
+    x = torch.rand(1, 3, 128, 96)
+    with torch.no_grad():
+        for a, b in zip(course(x), ours(x), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_loading_a_state_dict_with_missing_keys_fails_loudly():
+    sd = YOLOv3(num_classes=3, width=0.125).state_dict()
+    sd.pop("layers.0.conv.weight")
+    with pytest.raises(RuntimeError, match="layers.0.conv.weight"):
+        load_course_state_dict(YOLOv3(num_classes=3, width=0.125), sd)
