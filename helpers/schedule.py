@@ -1,0 +1,142 @@
+"""The precomputed OneCycle schedule: one learning rate per optimizer step, in a text file.
+
+Why a file: the course's OneCycleLR is only valid for the batch size and steps per epoch it was
+built for, and resuming a torch scheduler mid-run is fragile ("Tried to step N times"). A file
+written once before training, read by step number, makes a resume continue on exactly the line it
+stopped at, and refuses a run whose batch size or steps per epoch differ.
+
+File format: `# key: value` header lines (every OneCycle parameter, batch size, dataset length),
+then one learning rate per line; line k (0-based, after the header) is the LR of optimizer step k.
+The values come from torch's own OneCycleLR, stepped on a dummy optimizer, so they equal it.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+
+class ScheduleMismatch(ValueError):
+    """The schedule file was computed for another batch size or number of steps per epoch."""
+
+
+@dataclass(frozen=True)
+class OneCycleSpec:
+    max_lr: float
+    epochs: int
+    steps_per_epoch: int
+    batch_size: int
+    dataset_length: int
+    pct_start: float = 0.3
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    anneal_strategy: str = "cos"
+    three_phase: bool = False
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+def compute_schedule(spec: OneCycleSpec) -> list[float]:
+    """The LR of every optimizer step, as torch.optim.lr_scheduler.OneCycleLR gives it."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=spec.max_lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=spec.max_lr, epochs=spec.epochs, steps_per_epoch=spec.steps_per_epoch,
+        pct_start=spec.pct_start, div_factor=spec.div_factor, final_div_factor=spec.final_div_factor,
+        anneal_strategy=spec.anneal_strategy, three_phase=spec.three_phase, cycle_momentum=False,
+    )
+    lrs = []
+    for step in range(spec.total_steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        if step + 1 < spec.total_steps:  # OneCycleLR refuses to step past its last step
+            opt.step()
+            sched.step()
+    return lrs
+
+
+@dataclass
+class Schedule:
+    spec: OneCycleSpec
+    lrs: list[float]
+
+    def lr_at(self, step: int) -> float:
+        """LR of optimizer step `step`; past the end it stays at the last value (never raises)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        return self.lrs[min(step, len(self.lrs) - 1)]
+
+    def check_matches(self, batch_size: int, steps_per_epoch: int, path: str | os.PathLike = "") -> None:
+        """Refuse a run whose batch size or steps per epoch differ from the file's."""
+        problems = []
+        if batch_size != self.spec.batch_size:
+            problems.append(f"batch size {batch_size} (the file was computed for {self.spec.batch_size})")
+        if steps_per_epoch != self.spec.steps_per_epoch:
+            problems.append(f"{steps_per_epoch} steps per epoch (the file was computed for "
+                            f"{self.spec.steps_per_epoch})")
+        if problems:
+            where = f" {path}" if path else ""
+            raise ScheduleMismatch(
+                f"schedule file{where} does not match this run: it has " + " and ".join(problems)
+                + ". Recompute the schedule for this run (OneCycle is only valid for the batch size "
+                "it was computed for).")
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write atomically (temporary file, then rename); refuse to overwrite a different schedule."""
+        path = Path(path)
+        text = "".join(f"# {k}: {v}\n" for k, v in asdict(self.spec).items())
+        text += "".join(f"{lr:.10e}\n" for lr in self.lrs)
+        if path.exists():
+            if path.read_text() == text:
+                return path
+            raise FileExistsError(f"{path} already holds a different schedule; not overwriting it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> Schedule:
+        path = Path(path)
+        types = {f.name: f.type for f in fields(OneCycleSpec)}
+        header, lrs = {}, []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                if line.startswith("#"):
+                    key, value = (s.strip() for s in line[1:].split(":", 1))
+                    if key in types:
+                        header[key] = _parse(types[key], value)
+                elif line.strip():
+                    lrs.append(float(line))
+            except ValueError as e:
+                raise ValueError(f"{path}, line {n}: cannot read {line!r} ({e})") from None
+        missing = set(types) - set(header) - {"pct_start", "div_factor", "final_div_factor",
+                                              "anneal_strategy", "three_phase"}
+        if missing:
+            raise ValueError(f"{path}: header lacks {sorted(missing)}")
+        spec = OneCycleSpec(**header)
+        if len(lrs) != spec.total_steps:
+            raise ValueError(f"{path}: {len(lrs)} learning rates for {spec.total_steps} steps "
+                             f"({spec.epochs} epochs x {spec.steps_per_epoch}); the file is truncated or edited")
+        return cls(spec, lrs)
+
+    @classmethod
+    def compute(cls, spec: OneCycleSpec) -> Schedule:
+        return cls(spec, compute_schedule(spec))
+
+
+def _parse(kind, value: str):
+    kind = kind if isinstance(kind, str) else kind.__name__
+    if kind == "bool":
+        if value not in ("True", "False"):
+            raise ValueError(f"expected True or False, got {value!r}")
+        return value == "True"
+    return {"int": int, "float": float, "str": str}[kind](value)

@@ -1,0 +1,71 @@
+"""The schedule file: equals torch's OneCycleLR, round-trips, refuses another run, never crashes past the end."""
+import pytest
+import torch
+
+from helpers.schedule import OneCycleSpec, Schedule, ScheduleMismatch
+
+SPEC = OneCycleSpec(max_lr=1e-3, epochs=3, steps_per_epoch=7, batch_size=16, dataset_length=112,
+                    pct_start=0.2, div_factor=100, final_div_factor=100, anneal_strategy="linear")
+
+
+def torch_one_cycle(spec: OneCycleSpec) -> list[float]:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=spec.max_lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=spec.max_lr, epochs=spec.epochs, steps_per_epoch=spec.steps_per_epoch,
+        pct_start=spec.pct_start, div_factor=spec.div_factor, final_div_factor=spec.final_div_factor,
+        anneal_strategy=spec.anneal_strategy, three_phase=spec.three_phase)
+    out = [opt.param_groups[0]["lr"]]
+    for _ in range(spec.total_steps - 1):
+        opt.step()
+        sched.step()
+        out.append(opt.param_groups[0]["lr"])
+    return out
+
+
+@pytest.mark.parametrize("anneal,three_phase", [("linear", False), ("cos", False), ("cos", True)])
+def test_values_equal_torch_one_cycle_lr(anneal, three_phase):
+    spec = OneCycleSpec(**{**SPEC.__dict__, "anneal_strategy": anneal, "three_phase": three_phase})
+    assert Schedule.compute(spec).lrs == pytest.approx(torch_one_cycle(spec), rel=1e-12)
+
+
+def test_file_round_trips_with_its_header(tmp_path):
+    s = Schedule.compute(SPEC)
+    path = s.write(tmp_path / "schedule.txt")
+    text = path.read_text().splitlines()
+    assert "# batch_size: 16" in text and "# dataset_length: 112" in text and "# max_lr: 0.001" in text
+    assert len([line for line in text if not line.startswith("#")]) == SPEC.total_steps
+    back = Schedule.read(path)
+    assert back.spec == SPEC
+    assert back.lrs == pytest.approx(s.lrs, rel=1e-9)
+
+
+def test_a_mismatched_batch_size_is_refused_naming_both_values(tmp_path):
+    s = Schedule.read(Schedule.compute(SPEC).write(tmp_path / "schedule.txt"))
+    with pytest.raises(ScheduleMismatch, match=r"batch size 32 \(the file was computed for 16\)"):
+        s.check_matches(batch_size=32, steps_per_epoch=7)
+    with pytest.raises(ScheduleMismatch, match=r"9 steps per epoch \(the file was computed for 7\)"):
+        s.check_matches(batch_size=16, steps_per_epoch=9)
+    s.check_matches(batch_size=16, steps_per_epoch=7)
+
+
+def test_stepping_past_the_end_holds_the_last_value_instead_of_crashing():
+    s = Schedule.compute(SPEC)
+    assert s.lr_at(SPEC.total_steps + 100) == s.lrs[-1]
+
+
+def test_a_truncated_file_is_refused(tmp_path):
+    path = Schedule.compute(SPEC).write(tmp_path / "schedule.txt")
+    path.write_text("\n".join(path.read_text().splitlines()[:-3]) + "\n")
+    with pytest.raises(ValueError, match="truncated"):
+        Schedule.read(path)
+
+
+def test_a_different_schedule_is_never_written_over_an_existing_file(tmp_path):
+    path = Schedule.compute(SPEC).write(tmp_path / "schedule.txt")
+    before = path.read_bytes()
+    other = OneCycleSpec(**{**SPEC.__dict__, "max_lr": 5e-3})
+    with pytest.raises(FileExistsError):
+        Schedule.compute(other).write(path)
+    assert path.read_bytes() == before
+    Schedule.compute(SPEC).write(path)  # the same schedule again is fine (a rerun of the notebook cell)
