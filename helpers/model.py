@@ -11,10 +11,12 @@ Output of `forward(x [B,3,H,W])`, H and W multiples of 32: a list of 3 raw tenso
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 # The course's layer list. (channels, kernel, stride) is a conv block; ("B", n) a residual block of
 # n repeats; "S" a scale head (3 modules: residual without skip, 1x1 conv, prediction); "U" a 2x
@@ -149,6 +151,20 @@ def load_course_state_dict(model: YOLOv3, state_dict: Mapping[str, torch.Tensor]
     """Load weights saved by the course code (its `model.state_dict()`): strict, except the dead BNs."""
     kept = {k: v for k, v in state_dict.items() if _COURSE_DEAD_BN not in k}
     model.load_state_dict(kept, strict=True)
+
+
+def fuse_for_inference(model: YOLOv3) -> YOLOv3:
+    """An eval-only copy with each BatchNorm folded into its conv, in channels-last memory layout.
+
+    Same outputs (to float rounding), about a third less CPU time per forward. Not for training:
+    the folded copy has no BatchNorm statistics left to update.
+    """
+    fused = copy.deepcopy(model).eval()
+    for module in fused.modules():
+        if isinstance(module, ConvBlock) and isinstance(module.bn, nn.BatchNorm2d):
+            module.conv = fuse_conv_bn_eval(module.conv, module.bn)
+            module.bn = nn.Identity()
+    return fused.to(memory_format=torch.channels_last)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from helpers.config import ANCHORS, VOC_CLASSES
-from helpers.model import YOLOv3, count_parameters, load_course_state_dict
+from helpers.model import YOLOv3, count_parameters, fuse_for_inference, load_course_state_dict
 
 
 def test_full_model_has_the_course_parameter_count_without_its_three_dead_batchnorms():
@@ -135,3 +135,19 @@ def test_loading_a_state_dict_with_missing_keys_fails_loudly():
     sd.pop("layers.0.conv.weight")
     with pytest.raises(RuntimeError, match="layers.0.conv.weight"):
         load_course_state_dict(YOLOv3(num_classes=3, width=0.125), sd)
+
+
+def test_the_fused_inference_copy_gives_the_same_outputs_and_leaves_the_original_alone():
+    torch.manual_seed(0)
+    model = YOLOv3(num_classes=4, width=0.125)
+    model.train()
+    model(torch.rand(4, 3, 64, 64))  # non-trivial running statistics
+    model.eval()
+    x = torch.rand(2, 3, 96, 64)
+    with torch.no_grad():
+        expected = model(x)
+        fused = fuse_for_inference(model)
+        for a, b in zip(expected, fused(x)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
