@@ -1,0 +1,64 @@
+"""YOLODataset for training (the course's `dataset` name): mosaic on a fraction of samples.
+
+A sample is a 4-image mosaic with probability `mosaic` (default 0.75, the course's), otherwise a
+plain sample through the training augmentations. The size comes with the index
+(`dataset[(i, size)]`, from the multi-scale batch sampler) so every sample of a batch shares it.
+"""
+from __future__ import annotations
+
+import random
+import warnings
+
+import numpy as np
+
+from .dataset_org import BAD_SAMPLE_ERRORS
+from .dataset_org import YOLODataset as PlainDataset
+from .mosaic import SCALE_JITTER
+from .mosaic import mosaic as build_mosaic
+from .transforms import mosaic_finish, train_transform
+
+
+class YOLODataset(PlainDataset):
+    def __init__(self, root=None, split: str = "trainval", image_size: int = 416, mosaic: float = 0.75, **kwargs):
+        if not 0.0 <= mosaic <= 1.0:
+            raise ValueError(f"mosaic is a probability: expected 0..1, got {mosaic}")
+        if not 0.5 <= mosaic <= 0.75:
+            warnings.warn(f"mosaic={mosaic}: outside 0.5-0.75 a model sees too few "
+                          f"{'plain' if mosaic > 0.75 else 'mosaic'} samples (a mosaic-only diet starves large "
+                          "objects)", stacklevel=2)
+        kwargs.pop("return_meta", None)
+        super().__init__(root, split, image_size, **kwargs)
+        self.mosaic = mosaic
+        self._finish = mosaic_finish()
+
+    def make_transform(self, size: int):
+        return train_transform(size)
+
+    def __getitem__(self, key):
+        index, size = self._key(key)
+        # Python's `random` is seeded per worker by Lightning (seed_everything(workers=True)).
+        rng = np.random.default_rng(random.getrandbits(64))
+        try:
+            if len(self) >= 4 and rng.random() < self.mosaic:
+                try:
+                    return self.mosaic_sample(index, size, rng)
+                except BAD_SAMPLE_ERRORS as e:
+                    warnings.warn(f"mosaic around sample {index} failed ({e}); using the plain sample", stacklevel=2)
+            return self.sample(index, size)
+        except BAD_SAMPLE_ERRORS as e:
+            warnings.warn(f"skipping sample {index} ({self.records[index].image_path}): {e}", stacklevel=2)
+            return None
+
+    def mosaic_sample(self, index: int, size: int, rng: np.random.Generator):
+        others = rng.choice(len(self) - 1, size=3, replace=False)
+        indices = [index] + [int(i) + (i >= index) for i in others]  # 4 distinct images
+        images, boxes, labels = [], [], []
+        for i in indices:
+            image, record, scale = self.load(i, longest=round(size * SCALE_JITTER[1]))
+            b, lab = self.training_boxes(record, scale)
+            images.append(image)
+            boxes.append(b)
+            labels.append(lab)
+        canvas, b, lab = build_mosaic(images, boxes, labels, size, rng)
+        out = self._finish(image=canvas, bboxes=b, labels=lab)
+        return self.to_tensors(out["image"], out["bboxes"], out["labels"], size)

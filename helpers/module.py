@@ -1,0 +1,175 @@
+"""The LightningModule: one training step, validation accuracies and mAP, the optimizer.
+
+What lives elsewhere: data in `datamodule`, the LR of each step in the schedule file (`schedule`,
+applied here at every batch start), checkpoints in `checkpoints` (a Callback), the loop, AMP and
+DDP in Lightning's Trainer (`train`).
+"""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics import Metric
+
+from .config import Config
+from .loss import YoloLoss
+from .metrics import YoloAccuracy, voc_map
+from .model import build_model
+from .postprocess import detect
+from .schedule import Schedule
+from .targets import build_targets
+
+
+class DetectionsAndTruths(Metric):
+    """Collects detections and ground truths over the validation set, gathered across ranks.
+
+    Stored flat with a global image id so torchmetrics can concatenate them across processes.
+    """
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("dets", default=[], dist_reduce_fx="cat")  # [K, 7] id, x1, y1, x2, y2, score, cls
+        self.add_state("gts", default=[], dist_reduce_fx="cat")  # [G, 7] id, x1, y1, x2, y2, label, difficult
+        self.add_state("images", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, detections: list[torch.Tensor], truths: list[dict], image_ids: torch.Tensor) -> None:
+        for d, t, i in zip(detections, truths, image_ids.tolist()):
+            self.dets.append(torch.cat([d.new_full((len(d), 1), i), d.float()], 1))
+            boxes = t["boxes"].to(self.device, torch.float32).reshape(-1, 4)
+            gt = torch.cat([boxes.new_full((len(boxes), 1), i), boxes,
+                            t["labels"].to(boxes).reshape(-1, 1), t["difficult"].to(boxes).reshape(-1, 1)], 1)
+            self.gts.append(gt)
+        self.images += len(detections)
+
+    def compute(self) -> tuple[list[torch.Tensor], list[dict]]:
+        """Per image (in id order): detections [K,6] and ground-truth dicts, as `voc_map` takes them."""
+        dets = _cat(self.dets, 7).cpu()
+        gts = _cat(self.gts, 7).cpu()
+        ids = torch.unique(torch.cat([dets[:, 0], gts[:, 0]]))
+        per_det, per_gt = [], []
+        for i in ids.tolist():
+            per_det.append(dets[dets[:, 0] == i, 1:])
+            g = gts[gts[:, 0] == i]
+            per_gt.append({"boxes": g[:, 1:5], "labels": g[:, 5].long(), "difficult": g[:, 6].bool()})
+        return per_det, per_gt
+
+
+def _cat(state, width: int) -> torch.Tensor:
+    if isinstance(state, torch.Tensor):
+        return state.reshape(-1, width)
+    return torch.cat(state) if state else torch.zeros(0, width)
+
+
+class YOLOModule(pl.LightningModule):
+    def __init__(self, config: dict, schedule_path: str | None = None):
+        """`config`: `Config.to_dict()` (plain types, so checkpoints load with weights_only=True)."""
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = Config.from_dict(config)
+        t = self.cfg.train
+        self.model = build_model(self.cfg.model)
+        self.loss_fn = YoloLoss(lambda_class=t.lambda_class, lambda_noobj=t.lambda_noobj,
+                                lambda_obj=t.lambda_obj, lambda_box=t.lambda_box)
+        self.val_accuracy = YoloAccuracy(threshold=t.conf_threshold)
+        self.val_map_inputs = DetectionsAndTruths()
+        self.schedule = Schedule.read(schedule_path) if schedule_path else None
+        self.skipped_samples = 0
+        self.last_map: dict | None = None
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.model(images)
+
+    # --- training ---------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.schedule is not None:
+            lr = self.schedule.lr_at(self.global_step)
+            for group in self.trainer.optimizers[0].param_groups:
+                group["lr"] = lr
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, boxes, skipped = batch
+        b = images.shape[0]
+        targets = build_targets(boxes, b, tuple(images.shape[-2:]))
+        parts = self.loss_fn.parts(self.model(images), targets)
+        self.log("train/loss", parts.total, on_step=True, on_epoch=True, batch_size=b, prog_bar=True)
+        self.log_dict({"train/box": parts.box, "train/obj": parts.obj, "train/noobj": parts.noobj,
+                       "train/class": parts.cls}, on_step=True, on_epoch=True, batch_size=b)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
+                 batch_size=b, prog_bar=True)
+        self.log("train/image_size", float(images.shape[-1]), on_step=True, on_epoch=False, batch_size=b)
+        self.skipped_samples += int(skipped)
+        return parts.total
+
+    def on_train_epoch_end(self) -> None:
+        skipped = self.trainer.strategy.reduce(torch.tensor(float(self.skipped_samples), device=self.device),
+                                               reduce_op="sum")
+        self.log("train/skipped_samples", skipped, on_epoch=True, sync_dist=False)
+        if int(skipped) and self.trainer.is_global_zero:
+            print(f"epoch {self.current_epoch}: {int(skipped)} training samples could not be read and were "
+                  "skipped (the warnings above name the files)")
+        self.skipped_samples = 0
+
+    # --- validation -------------------------------------------------------------------------
+    def _is_last_epoch(self) -> bool:
+        return self.trainer.max_epochs is not None and self.current_epoch >= self.trainer.max_epochs - 1
+
+    def _accuracy_due(self) -> bool:
+        every = self.cfg.train.accuracy_every
+        return self._is_last_epoch() or (every > 0 and (self.current_epoch + 1) % every == 0)
+
+    def _map_due(self) -> bool:
+        every = self.cfg.train.map_every
+        return self._is_last_epoch() or (every > 0 and (self.current_epoch + 1) % every == 0)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, boxes, metas = batch
+        b = images.shape[0]
+        outputs = self.model(images)
+        targets = build_targets(boxes, b, tuple(images.shape[-2:]))
+        self.log("val/loss", self.loss_fn(outputs, targets), on_epoch=True, batch_size=b, sync_dist=True,
+                 prog_bar=True)
+        if self.trainer.sanity_checking:
+            return
+        if self._accuracy_due():
+            self.val_accuracy.update(outputs, targets)
+        if self._map_due():
+            t = self.cfg.train
+            dets = detect(outputs, tuple(images.shape[-2:]), conf_threshold=t.conf_threshold,
+                          iou_threshold=t.nms_iou, letterbox=metas)
+            # Ids unique across ranks: rank-strided positions in the epoch.
+            start = (batch_idx * self.trainer.world_size + self.global_rank) * b
+            ids = torch.arange(start, start + b)
+            self.val_map_inputs.update(dets, [m["gt"] for m in metas], ids)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        if self._accuracy_due() and self.val_accuracy.update_count:
+            acc = self.val_accuracy.compute()  # synced across ranks (sum states)
+            self.log_dict({f"val/{k}": v for k, v in acc.items()}, prog_bar=True)
+            self.val_accuracy.reset()
+        if self._map_due() and self.val_map_inputs.update_count:
+            dets, gts = self.val_map_inputs.compute()
+            self.val_map_inputs.reset()
+            t = self.cfg.train
+            result07 = voc_map(dets, gts, iou_threshold=t.map_iou, method="voc07",
+                               num_classes=self.cfg.model.num_classes)
+            result_all = voc_map(dets, gts, iou_threshold=t.map_iou, method="all",
+                                 num_classes=self.cfg.model.num_classes)
+            self.log("val/map50_voc07", float(result07["map"]))
+            self.log("val/map50_all", float(result_all["map"]))
+            self.last_map = {"voc07": result07, "all": result_all}
+
+    # --- optimizer ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        t = self.cfg.train
+        lr = self.schedule.lr_at(0) if self.schedule else t.max_lr
+        params = self.model.parameters()
+        if t.optimizer == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay)
+        if t.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
+        raise ValueError(f"unknown optimizer {t.optimizer!r} (adam, adamw or sgd)")

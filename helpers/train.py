@@ -1,0 +1,267 @@
+"""`python -m helpers.train`: the main job.
+
+With no arguments: the embedded default, a small model on generated data (coloured shapes with
+VOC class names), on CPU, in a few minutes. With `--data PATH --preset course`: the course's
+40-epoch 16-bit run on a VOCdevkit or the Kaggle/course layout. Rerun the same command after a
+disconnect with `--resume latest` and it continues from the newest checkpoint that loads, on the
+same line of the saved schedule file.
+
+Every field of the config dataclasses is a flag (`--epochs 40`, `--batch-size 16`, `--width 0.5`,
+`--train-sizes 320,352,...`); `--config FILE.json` loads them from a file first.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from .checkpoints import NoOverwriteCheckpointIO, PeriodicCheckpoint, find_latest
+from .config import Config, DataConfig, ModelConfig, TrainConfig
+from .datamodule import YOLODataModule
+from .module import YOLOModule
+from .schedule import OneCycleSpec, Schedule, ScheduleMismatch
+
+SCHEDULE_FILE = "schedule.txt"
+
+
+def embedded_default() -> Config:
+    """A run that shows every part working on a 2-core CPU in a few minutes."""
+    return Config(
+        model=ModelConfig(num_classes=20, width=0.25),
+        data=DataConfig(root=None, image_size=160, train_sizes=(128, 160, 192), batch_size=8, num_workers=2,
+                        mosaic=0.5),
+        train=TrainConfig(epochs=8, max_lr=2e-3, pct_start=0.2, precision="32-true", run_dir="runs/default",
+                          checkpoint_every_minutes=1.0, map_every=4),
+    )
+
+
+def course_preset() -> Config:
+    """The course's run: full Darknet-53, 40 epochs, batch 16, 16-bit, 320-608 training sizes."""
+    return Config(train=TrainConfig(run_dir="runs/course"))
+
+
+PRESETS = {"default": embedded_default, "course": course_preset}
+
+
+# --- command line -----------------------------------------------------------------------------
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_value(kind: str, text: str):
+    if kind.startswith("tuple"):
+        return tuple(_parse_value("int" if "int" in kind else "str", v) for v in text.split(",") if v)
+    if kind == "bool":
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    if "float" in kind and "int" in kind:  # float | int | None: an int if it looks like one
+        return int(text) if text.isdigit() else float(text)
+    if "float" in kind:
+        return float(text)
+    if "int" in kind:
+        return int(text)
+    return None if text.lower() == "none" and "None" in kind else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m helpers.train",
+        description="Train YOLOv3 from scratch on PASCAL VOC (or the embedded generated data).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m helpers.train                                  # embedded default, CPU, minutes\n"
+               "  python -m helpers.train --data ~/VOCdevkit --preset course --run-dir /content/drive/MyDrive/yolo\n"
+               "  python -m helpers.train --data ~/VOCdevkit --preset course --run-dir ... --resume latest\n",
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="starting configuration: 'default' (small, CPU, generated data) or 'course' (the 40-epoch run)")
+    p.add_argument("--config", type=Path, help="JSON file with {model: {...}, data: {...}, train: {...}}")
+    p.add_argument("--data", dest="root", help="dataset folder: a VOCdevkit or the Kaggle/course layout")
+    p.add_argument("--resume", help="'latest' (newest checkpoint that loads in the checkpoint folder) or a path")
+    p.add_argument("--lr-find", action="store_true",
+                   help="run the LR range test first and use its suggestion as max LR")
+    p.add_argument("--checkpoint-every-steps", type=int, default=0,
+                   help="also checkpoint every N optimizer steps (0 = off)")
+    for section, kind in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
+        group = p.add_argument_group(f"{section} settings ({kind.__name__})")
+        for f in dataclasses.fields(kind):
+            if f.name in ("root", "classes"):
+                continue
+            group.add_argument(_flag(f.name), dest=f"{section}.{f.name}", metavar=str(f.type).upper().split(" ")[0],
+                               type=lambda text, k=str(f.type): _parse_value(k, text),
+                               help=f"default: the preset's ({f.type})")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cfg = PRESETS[args.preset]()
+    if args.config:
+        loaded = Config.from_dict(json.loads(args.config.read_text()))
+        cfg = loaded
+    if args.root:
+        cfg.data.root = str(args.root)
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+# --- the run ----------------------------------------------------------------------------------
+def choose_precision(requested: str) -> str:
+    """16-bit on CUDA as asked; elsewhere fall back and say why."""
+    if requested.startswith("16") and not torch.cuda.is_available():
+        print(f"precision: {requested} needs a CUDA GPU and none is available; training in 32-true "
+              "(bf16 on a CPU is slower than fp32 for this model)")
+        return "32-true"
+    return requested
+
+
+def prepare_schedule(cfg: Config, run_dir: Path, steps_per_epoch: int, dataset_length: int,
+                     max_lr: float) -> Schedule:
+    """Read the run's schedule file, or compute and write it; refuse one made for another run."""
+    path = run_dir / SCHEDULE_FILE
+    t = cfg.train
+    if path.exists():
+        schedule = Schedule.read(path)
+        schedule.check_matches(cfg.data.batch_size, steps_per_epoch, path)
+        print(f"schedule: reusing {path} ({schedule.spec.total_steps} steps, max LR {schedule.spec.max_lr:.3g})")
+        return schedule
+    spec = OneCycleSpec(max_lr=max_lr, epochs=t.epochs, steps_per_epoch=steps_per_epoch,
+                        batch_size=cfg.data.batch_size, dataset_length=dataset_length, pct_start=t.pct_start,
+                        div_factor=t.div_factor, final_div_factor=t.final_div_factor,
+                        anneal_strategy=t.anneal_strategy, three_phase=t.three_phase)
+    schedule = Schedule.compute(spec)
+    schedule.write(path)
+    print(f"schedule: wrote {path} ({spec.total_steps} steps = {t.epochs} epochs x {steps_per_epoch})")
+    return schedule
+
+
+def run_lr_finder(cfg: Config, datamodule, run_dir: Path) -> float:
+    from .lr_finder import find_lr
+
+    module = YOLOModule(cfg.to_dict())
+    optimizer = module.configure_optimizers()
+    result = find_lr(module.model, optimizer, datamodule.train_dataloader(), loss=module.loss_fn,
+                     num_iter=min(100, max(20, datamodule.num_training_batches(1))),
+                     device="cuda" if torch.cuda.is_available() else "cpu", amp=torch.cuda.is_available())
+    result.figure.savefig(run_dir / "lr_finder.png", dpi=100)
+    if result.suggestion is None:
+        print(f"LR finder: no suggestion (too few points); keeping max LR {cfg.train.max_lr:.3g}")
+        return cfg.train.max_lr
+    print(f"LR finder: suggested max LR {result.suggestion:.3g} (steepest descent); plot: {run_dir / 'lr_finder.png'}")
+    return result.suggestion
+
+
+def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpoint_every_steps: int = 0,
+          extra_callbacks: list | None = None, trainer_kwargs: dict | None = None) -> dict:
+    """Fit with `cfg`; returns a summary (paths and final metrics) that is also written as JSON."""
+    t = cfg.train
+    run_dir = Path(t.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = Path(t.checkpoint_dir or run_dir / "checkpoints")
+    pl.seed_everything(t.seed, workers=True, verbose=False)
+    precision = choose_precision(t.precision)
+
+    datamodule = YOLODataModule(cfg.data, seed=t.seed)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    world = t.devices if isinstance(t.devices, int) and t.devices > 0 else 1
+    steps_per_epoch = datamodule.num_training_batches(world)
+    schedule_path = run_dir / SCHEDULE_FILE
+    max_lr = t.max_lr
+    if lr_find and not schedule_path.exists():
+        max_lr = run_lr_finder(cfg, datamodule, run_dir)
+    schedule = prepare_schedule(cfg, run_dir, steps_per_epoch, len(datamodule.train_dataset), max_lr)
+
+    ckpt_path = None
+    if resume == "latest":
+        ckpt_path = find_latest(ckpt_dir)
+        print(f"resume: {ckpt_path or 'no checkpoint found in ' + str(ckpt_dir) + '; starting fresh'}")
+    elif resume:
+        ckpt_path = Path(resume)
+
+    loggers = [pl.loggers.CSVLogger(run_dir, name="logs")]
+    try:
+        loggers.append(pl.loggers.TensorBoardLogger(run_dir, name="tensorboard"))
+    except ModuleNotFoundError:
+        pass
+    callbacks = [PeriodicCheckpoint(ckpt_dir, every_minutes=t.checkpoint_every_minutes,
+                                    every_n_steps=checkpoint_every_steps, keep_last_k=t.keep_last_k)]
+    if t.ema:
+        callbacks.append(pl.callbacks.WeightAveraging())
+    callbacks += extra_callbacks or []
+    strategy = t.strategy
+    kwargs = dict(
+        max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, strategy=strategy,
+        precision=precision, logger=loggers, callbacks=callbacks, enable_checkpointing=False,
+        plugins=[NoOverwriteCheckpointIO()], sync_batchnorm=world > 1, log_every_n_steps=1,
+        num_sanity_val_steps=0, use_distributed_sampler=False, default_root_dir=run_dir,
+        limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
+    )
+    kwargs.update(trainer_kwargs or {})
+    trainer = pl.Trainer(**kwargs)
+    module = YOLOModule(cfg.to_dict(), schedule_path=str(schedule_path))
+    started = time.time()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    summary = {
+        "run_dir": str(run_dir), "schedule": str(schedule_path), "checkpoints": str(ckpt_dir),
+        "logs": str(Path(loggers[0].log_dir) / "metrics.csv"), "global_step": trainer.global_step,
+        "epochs": trainer.current_epoch, "seconds": round(time.time() - started, 1),
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+        "schedule_steps": schedule.spec.total_steps,
+    }
+    if module.last_map:
+        summary["ap_per_class_voc07"] = _ap_table(module.last_map["voc07"], cfg.data.classes)
+    if trainer.is_global_zero:
+        _save_plots(summary, run_dir)
+        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _ap_table(result: dict, classes) -> dict:
+    return {name: (None if ap != ap else round(float(ap), 4)) for name, ap in zip(classes, result["ap"])}
+
+
+def _save_plots(summary: dict, run_dir: Path) -> None:
+    try:
+        from .plotting import plot_training_curves
+    except ImportError:
+        return
+    fig = plot_training_curves(summary["logs"])
+    fig.savefig(run_dir / "training_curves.png", dpi=100)
+    summary["plots"] = [str(run_dir / "training_curves.png")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    try:
+        summary = train(cfg, resume=args.resume, lr_find=args.lr_find,
+                        checkpoint_every_steps=args.checkpoint_every_steps)
+    except ScheduleMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print("\nwritten:")
+        for key in ("schedule", "checkpoints", "logs"):
+            print(f"  {key:12s} {summary[key]}")
+        for plot in summary.get("plots", []):
+            print(f"  {'plot':12s} {plot}")
+        print(f"  {'metrics':12s} {Path(summary['run_dir']) / 'metrics.json'}")
+        shown = {k: round(v, 4) for k, v in summary["metrics"].items() if k.startswith("val/")}
+        print(f"final validation metrics: {shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

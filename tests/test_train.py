@@ -1,0 +1,177 @@
+"""Training: a short fit learns, the LR finder leaves no trace, a SIGKILLed run resumes on its schedule
+line for line without rewriting a checkpoint, and 2-process DDP on CPU agrees on image sizes."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers.config import Config, DataConfig, ModelConfig, TrainConfig
+from helpers.schedule import Schedule
+from helpers.synthetic import make_voc_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("voc")
+    return make_voc_dataset(root, n_trainval=24, n_test=8, image_size=(96, 72), seed=3)
+
+
+def tiny_config(data_root, run_dir, epochs=3, **train) -> Config:
+    return Config(
+        model=ModelConfig(num_classes=20, width=0.125),
+        data=DataConfig(root=str(data_root), image_size=64, train_sizes=(64, 96), batch_size=4,
+                        num_workers=0, mosaic=0.5, pin_memory=False),
+        train=TrainConfig(epochs=epochs, max_lr=2e-3, pct_start=0.3, precision="32-true", accelerator="cpu",
+                          run_dir=str(run_dir), **train),
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted(Path(run_dir).glob("logs/version_*/metrics.csv")):
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def lr_by_step(run_dir: Path) -> dict[int, float]:
+    """The LR logged at each optimizer step: Lightning logs step k's values with step = k."""
+    return {int(r["step"]): float(r["lr"]) for r in read_metrics(run_dir) if r.get("lr")}
+
+
+@pytest.mark.slow
+def test_a_short_fit_lowers_the_loss(voc, tmp_path):
+    from helpers.train import train
+
+    cfg = tiny_config(voc, tmp_path / "run", epochs=6, map_every=0)
+    cfg.data.mosaic = 0.0
+    summary = train(cfg)
+    losses = [float(r["train/loss_epoch"]) for r in read_metrics(tmp_path / "run") if r.get("train/loss_epoch")]
+    assert len(losses) == 6
+    assert losses[-1] < 0.7 * losses[0], losses
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["global_step"] == summary["global_step"] == 6 * 6
+    for key in ("val/class_acc", "val/noobj_acc", "val/obj_acc", "val/map50_voc07", "val/map50_all"):
+        assert key in written["metrics"], key
+
+
+def test_the_lr_finder_leaves_model_and_optimizer_exactly_as_they_were(voc):
+    from helpers.datamodule import YOLODataModule
+    from helpers.lr_finder import find_lr
+    from helpers.module import YOLOModule
+
+    cfg = tiny_config(voc, "unused")
+    module = YOLOModule(cfg.to_dict())
+    optimizer = module.configure_optimizers()
+    dm = YOLODataModule(cfg.data, seed=0)
+    dm.setup("fit")
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    opt_before = optimizer.state_dict()
+    result = find_lr(module.model, optimizer, dm.train_dataloader(), num_iter=12, end_lr=1.0)
+    assert len(result.lrs) == len(result.losses) > 0 and result.lrs == sorted(result.lrs)
+    for k, v in module.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert optimizer.state_dict()["state"] == opt_before["state"] == {}
+    assert optimizer.param_groups[0]["lr"] == opt_before["param_groups"][0]["lr"]
+
+
+# A driver run in a fresh process: it trains with the tiny config and, if asked, SIGKILLs itself
+# in the middle of an epoch (right after a given step), as a Colab disconnect would.
+DRIVER = textwrap.dedent("""
+    import json, os, signal, sys
+    import pytorch_lightning as pl
+    from helpers.config import Config
+    from helpers.train import train
+
+    class KillAt(pl.Callback):
+        def __init__(self, step):
+            self.step = step
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    class RecordSizes(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            with open(os.environ["SIZES_OUT"] + f".rank{trainer.global_rank}", "a") as f:
+                f.write(f"{trainer.global_step} {batch[0].shape[-1]}\\n")
+        def on_validation_epoch_end(self, trainer, module):
+            acc = module.val_accuracy
+            if acc.update_count:
+                with acc.sync_context():
+                    counted = int(acc.total_pos + acc.total_neg)
+                with open(os.environ["SIZES_OUT"] + f".cells{trainer.global_rank}", "a") as f:
+                    f.write(f"{counted} {int(acc.total_pos + acc.total_neg)}\\n")
+
+    cfg = Config.from_dict(json.loads(sys.argv[1]))
+    kill_at = int(sys.argv[2])
+    resume = sys.argv[3] if len(sys.argv) > 3 else None
+    extra = [KillAt(kill_at)] if kill_at >= 0 else []
+    if os.environ.get("SIZES_OUT"):
+        extra.append(RecordSizes())
+    train(cfg, resume=resume, checkpoint_every_steps=4, extra_callbacks=extra)
+""")
+
+
+def run_driver(tmp_path, cfg: Config, kill_at: int = -1, resume: str | None = None, env=None, timeout=300):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    args = [sys.executable, str(script), json.dumps(cfg.to_dict()), str(kill_at)] + ([resume] if resume else [])
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_on_its_schedule_line_for_line_and_rewrites_no_checkpoint(voc, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_config(voc, run, epochs=3)
+    steps_per_epoch = 6  # 24 images / batch 4
+    total = 3 * steps_per_epoch
+
+    killed = run_driver(tmp_path, cfg, kill_at=9)  # step 9 is mid-epoch 2 (steps 7..12)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    ckpts = run / "checkpoints"
+    before = {p.name: p.read_bytes() for p in ckpts.glob("*.ckpt")}
+    assert any("step=0000008" in n for n in before), sorted(before)  # a mid-epoch checkpoint (every 4 steps)
+    # A checkpoint cut short by the disconnect (say, a half-synced Drive copy) must be skipped.
+    (ckpts / "epoch=001-step=0000009-lr=1.0000e-03.ckpt").write_bytes(b"PK\x03\x04 truncated")
+
+    resumed = run_driver(tmp_path, cfg, kill_at=-1, resume="latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "truncated or unreadable" in resumed.stderr + resumed.stdout
+
+    for name, data in before.items():  # nothing written before the kill was rewritten
+        assert (ckpts / name).read_bytes() == data, name
+    schedule = Schedule.read(run / "schedule.txt")
+    logged = lr_by_step(run)
+    assert sorted(logged) == list(range(total)), sorted(logged)  # every step logged once, 0..total-1
+    for step, lr in logged.items():
+        assert lr == pytest.approx(schedule.lrs[step], rel=1e-6), step
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["global_step"] == total  # where an uninterrupted run ends (epochs x steps per epoch)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_uses_one_image_size_per_step_and_syncs_accuracies(voc, tmp_path):
+    cfg = tiny_config(voc, tmp_path / "run", epochs=2, strategy="ddp", devices=2)
+    out = tmp_path / "sizes"
+    done = run_driver(tmp_path, cfg, env={"SIZES_OUT": str(out), "MASTER_PORT": "29517"}, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    sizes = [dict(line.split() for line in Path(f"{out}.rank{r}").read_text().splitlines()) for r in (0, 1)]
+    assert sizes[0] == sizes[1] and len(sizes[0]) == 2 * 3  # 24 images / (2 ranks x batch 4) = 3 steps
+    assert len(set(sizes[0].values())) >= 1
+    cells = [Path(f"{out}.cells{r}").read_text().split() for r in (0, 1)]
+    synced0, local0 = map(int, cells[0][-2:])
+    synced1, local1 = map(int, cells[1][-2:])
+    assert synced0 == synced1 == local0 + local1  # both ranks see the whole set's counts
+    assert local0 > 0 and local1 > 0
