@@ -51,11 +51,10 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_load
         finder.range_test(_YoloBatches(train_loader), start_lr=start_lr, end_lr=end_lr, num_iter=num_iter)
         figure = Figure(figsize=(6, 4))
         ax = figure.add_subplot()
-        skip_start = min(10, max(0, len(finder.history["lr"]) - 3))
-        try:
-            _, suggestion = finder.plot(ax=ax, skip_start=skip_start, skip_end=min(5, len(finder.history["lr"]) // 4),
-                                        suggest_lr=True)
-        except (ValueError, IndexError, TypeError):  # too few points for a gradient
+        n = len(finder.history["lr"])
+        try:  # torch-lr-finder's defaults (skip 10 first, 5 last points), shrunk for short tests
+            _, suggestion = finder.plot(ax=ax, skip_start=min(10, n // 4), skip_end=min(5, n // 8), suggest_lr=True)
+        except (RuntimeError, ValueError, IndexError):  # too few points for a gradient
             suggestion = None
         ax.set_title("LR range test" + (f" (suggested max LR {suggestion:.2e})" if suggestion else ""))
         figure.tight_layout()

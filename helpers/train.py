@@ -200,10 +200,12 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
         callbacks.append(pl.callbacks.WeightAveraging())
     callbacks += extra_callbacks or []
     strategy = t.strategy
+    if world > 1 and not torch.cuda.is_available():
+        print("DDP on CPU: BatchNorm statistics stay per process (SyncBatchNorm needs GPUs)")
     kwargs = dict(
         max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, strategy=strategy,
         precision=precision, logger=loggers, callbacks=callbacks, enable_checkpointing=False,
-        plugins=[NoOverwriteCheckpointIO()], sync_batchnorm=world > 1, log_every_n_steps=1,
+        plugins=[NoOverwriteCheckpointIO()], sync_batchnorm=world > 1 and torch.cuda.is_available(), log_every_n_steps=1,
         num_sanity_val_steps=0, use_distributed_sampler=False, default_root_dir=run_dir,
         limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
     )
