@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,9 @@ def read_image(path: str | Path, max_side: int = MAX_SIDE, with_scale: bool = Fa
     if not path.is_file():
         raise ImageError(f"{path}: image file not found")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings(), Image.open(path) as im:
+            # Our own pixel cap below replaces PIL's decompression-bomb warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise ImageError(f"{path}: {w}x{h} pixels is more than this project decodes ({MAX_PIXELS:,})")
