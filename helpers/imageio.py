@@ -34,16 +34,17 @@ def read_image(path: str | Path, max_side: int = MAX_SIDE, with_scale: bool = Fa
     if not path.is_file():
         raise ImageError(f"{path}: image file not found")
     try:
-        with warnings.catch_warnings(), Image.open(path) as im:
+        with warnings.catch_warnings():
             # Our own pixel cap below replaces PIL's decompression-bomb warning.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            w, h = im.size
-            if w * h > MAX_PIXELS:
-                raise ImageError(f"{path}: {w}x{h} pixels is more than this project decodes ({MAX_PIXELS:,})")
-            if max(w, h) > max_side and im.format == "JPEG":
-                im.draft("RGB", (max(1, w * max_side // max(w, h)), max(1, h * max_side // max(w, h))))
-            im.load()
-            array = _to_rgb(im)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise ImageError(f"{path}: {w}x{h} pixels is more than this project decodes ({MAX_PIXELS:,})")
+                if max(w, h) > max_side and im.format == "JPEG":
+                    im.draft("RGB", (max(1, w * max_side // max(w, h)), max(1, h * max_side // max(w, h))))
+                im.load()
+                array = _to_rgb(im)
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
