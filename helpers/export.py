@@ -1,0 +1,234 @@
+"""Model bundle for the app: `model.safetensors` (the weights) + `config.json` (everything else).
+
+A bundle is a folder that loads without unpickling anything: safetensors holds only tensors, JSON
+only plain values. `config.json` says what the app needs to run and to describe the model:
+
+    {"format": "yolov3-voc-bundle", "format_version": 1,
+     "classes": [...20 names], "num_classes": 20, "anchors": 3x3 (w, h) fractions, "strides": [32, 16, 8],
+     "image_size": 416, "width": 1.0, "parameters": 61626049,
+     "config": Config.to_dict(), "training": {epoch, global_step, ...}, "metrics": {...},
+     "hub_repo": "user/name" or null, "weights_sha256": "...", "created": "...Z"}
+
+`python -m helpers.export --checkpoint CKPT --out DIR [--hub-repo ID] [--metrics FILE]` writes one
+from a training checkpoint; the run's `metrics.json` (written by `helpers.train` in the run folder,
+the parent of the checkpoint folder) is read when present. An existing bundle is never replaced:
+the export refuses and asks for a new folder. The folder is assembled under a temporary name and
+renamed into place, so a half-written bundle never carries the final name.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ANCHORS, STRIDES, Config
+from .model import YOLOv3, build_model, count_parameters
+
+FORMAT = "yolov3-voc-bundle"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class BundleError(ValueError):
+    """A bundle (or its source) that cannot be used; the message names the file and the problem."""
+
+
+# --- writing ------------------------------------------------------------------------------------
+def bundle_config(model: YOLOv3, config: Config, *, training: dict | None = None, metrics: dict | None = None,
+                  hub_repo: str | None = None) -> dict[str, Any]:
+    """The `config.json` content for `model` trained with `config` (weights hash added on write)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "classes": list(config.data.classes),
+        "num_classes": config.model.num_classes,
+        "anchors": [[list(a) for a in scale] for scale in ANCHORS],
+        "strides": list(STRIDES),
+        "image_size": config.data.image_size,
+        "width": config.model.width,
+        "parameters": count_parameters(model),
+        "config": config.to_dict(),
+        "training": training or {},
+        "metrics": metrics or {},
+        "hub_repo": hub_repo,
+    }
+
+
+def write_bundle(model: YOLOv3, config: Config, out: str | os.PathLike, *, training: dict | None = None,
+                 metrics: dict | None = None, hub_repo: str | None = None) -> Path:
+    """Write `out/model.safetensors` + `out/config.json`; refuses if `out` exists and is not empty."""
+    out = Path(out)
+    _refuse_existing(out)
+    if len(config.data.classes) != config.model.num_classes:
+        raise BundleError(f"{out}: config has {len(config.data.classes)} class names for "
+                          f"{config.model.num_classes} classes")
+    # contiguous, unshared copies: safetensors refuses tensors that share storage
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    info = bundle_config(model, config, training=training, metrics=metrics, hub_repo=hub_repo)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "bundle_format": FORMAT})
+        info["weights_sha256"] = _sha256(tmp / WEIGHTS)
+        info["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        (tmp / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+        _refuse_existing(out)  # again: someone may have created it meanwhile
+        if out.exists():  # an empty folder: rename onto it is allowed by POSIX only for empty dirs
+            out.rmdir()
+        os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _refuse_existing(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; bundles are never overwritten: choose a new folder")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: cannot read {what} ({e})") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def run_metrics(checkpoint: Path, config: Config) -> tuple[dict, Path | None]:
+    """The training run's `metrics.json` next to the checkpoint folder (or in the config's run_dir)."""
+    for candidate in (checkpoint.parent.parent / "metrics.json", checkpoint.parent / "metrics.json",
+                      Path(config.train.run_dir) / "metrics.json"):
+        if candidate.is_file():
+            return _read_json(candidate, "run metrics"), candidate
+    return {}, None
+
+
+def summarise_run(summary: dict) -> dict:
+    """The parts of `helpers.train`'s summary a model card shows: final metrics and per-class AP."""
+    metrics = {k: float(v) for k, v in (summary.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    if summary.get("ap_per_class_voc07"):
+        metrics["ap_per_class_voc07"] = summary["ap_per_class_voc07"]
+    return metrics
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, hub_repo: str | None = None,
+                      metrics_file: str | os.PathLike | None = None) -> Path:
+    """A bundle from a `helpers.train` checkpoint, with the run's training summary and metrics."""
+    from .checkpoints import load_model
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise BundleError(f"{checkpoint}: checkpoint file not found")
+    _refuse_existing(Path(out))  # before the (slow) load
+    model, config = load_model(checkpoint)
+    # Lightning's own counters; mmap so a 700 MB checkpoint is not read a second time.
+    raw = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    training = {"checkpoint": checkpoint.name, "epoch": raw.get("epoch"), "global_step": raw.get("global_step"),
+                "lightning_version": raw.get("pytorch-lightning_version"),
+                "epochs_planned": config.train.epochs, "image_size": config.data.image_size,
+                "dataset": config.data.root, "train_split": config.data.train_split,
+                "val_split": config.data.val_split}
+    summary, source = run_metrics(checkpoint, config)
+    metrics = summarise_run(summary)
+    if source is not None:
+        training["run_seconds"] = summary.get("seconds")
+        metrics["source"] = str(source.name)
+    if metrics_file is not None:
+        extra = _read_json(Path(metrics_file), "metrics")
+        metrics.update(summarise_run(extra) if "metrics" in extra else extra)
+        metrics["source"] = Path(metrics_file).name
+    return write_bundle(model, config, out, training=training, metrics=metrics, hub_repo=hub_repo)
+
+
+# --- reading ------------------------------------------------------------------------------------
+def read_bundle_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The bundle's `config.json`, checked for the fields the app relies on."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: not a bundle folder (expected {WEIGHTS} and {CONFIG} inside)")
+    info = _read_json(path / CONFIG, "bundle config") if (path / CONFIG).is_file() else None
+    if info is None:
+        raise BundleError(f"{path}: {CONFIG} missing; not a model bundle")
+    if info.get("format") != FORMAT:
+        raise BundleError(f"{path / CONFIG}: format is {info.get('format')!r}, expected {FORMAT!r}")
+    if info.get("format_version", 0) > FORMAT_VERSION:
+        raise BundleError(f"{path / CONFIG}: format version {info['format_version']} is newer than this code "
+                          f"reads ({FORMAT_VERSION}); update the project")
+    missing = [k for k in ("classes", "num_classes", "image_size", "width", "config") if k not in info]
+    if missing:
+        raise BundleError(f"{path / CONFIG}: missing {', '.join(missing)}")
+    return info
+
+
+def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[YOLOv3, Config]:
+    """The YOLOv3 (eval mode) and its Config from a bundle folder; no pickle is read."""
+    path = Path(path)
+    info = read_bundle_config(path)
+    try:
+        config = Config.from_dict(info["config"])
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{path / CONFIG}: bad 'config' ({e})") from None
+    if not (path / WEIGHTS).is_file():
+        raise BundleError(f"{path}: {WEIGHTS} missing")
+    device = str(map_location) if isinstance(map_location, torch.device) else map_location
+    try:
+        state = load_file(str(path / WEIGHTS), device=device)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BundleError(f"{path / WEIGHTS}: cannot read weights ({e})") from None
+    model = build_model(config.model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BundleError(f"{path / WEIGHTS}: weights do not fit a YOLOv3 with {config.model.num_classes} "
+                          f"classes at width {config.model.width} ({str(e).splitlines()[0]})") from None
+    return model.to(map_location).eval(), config
+
+
+# --- command line -------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m helpers.export",
+                                description="Export a training checkpoint as a model bundle for the app "
+                                            "(model.safetensors + config.json).")
+    p.add_argument("--checkpoint", required=True, help="a .ckpt written by helpers.train")
+    p.add_argument("--out", required=True, help="new folder for the bundle (never overwritten)")
+    p.add_argument("--hub-repo", help="Hugging Face model repo id the bundle will be published as (user/name)")
+    p.add_argument("--metrics", help="a JSON file of evaluation metrics to include (e.g. from helpers.evaluate)")
+    args = p.parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, hub_repo=args.hub_repo, metrics_file=args.metrics)
+    except (BundleError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = read_bundle_config(out)
+    print(f"bundle written: {out}")
+    print(f"  {WEIGHTS}  {(out / WEIGHTS).stat().st_size / 1e6:.1f} MB, {info['parameters']:,} parameters")
+    print(f"  {CONFIG}  {info['num_classes']} classes, image size {info['image_size']}, width {info['width']}, "
+          f"metrics: {', '.join(k for k in info['metrics'] if k != 'source') or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""Model bundle: safetensors + JSON, loaded without pickle, same outputs, never overwritten."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from helpers.checkpoints import load_model
+from helpers.config import VOC_CLASSES, Config
+from helpers.export import (
+    CONFIG,
+    WEIGHTS,
+    BundleError,
+    export_checkpoint,
+    load_bundle,
+    main,
+    read_bundle_config,
+    write_bundle,
+)
+from helpers.model import YOLOv3
+
+
+def tiny_config() -> Config:
+    cfg = Config()
+    cfg.model.width = 0.125
+    cfg.data.image_size = 64
+    return cfg
+
+
+def fake_checkpoint(path, model: YOLOv3, cfg: Config, epoch: int = 3, step: int = 42):
+    """What helpers.train's Lightning checkpoint holds that export reads (weights_only-safe types)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": epoch, "global_step": step, "pytorch-lightning_version": "2.6.6",
+                "hyper_parameters": {"config": cfg.to_dict()},
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+@pytest.fixture
+def model_and_config():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = YOLOv3(num_classes=20, width=cfg.model.width).eval()
+    # non-trivial BatchNorm statistics, so a bundle that dropped buffers would give other outputs
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model, cfg
+
+
+def test_bundle_round_trip_gives_identical_outputs(tmp_path, model_and_config):
+    model, cfg = model_and_config
+    out = write_bundle(model, cfg, tmp_path / "bundle")
+    assert sorted(p.name for p in out.iterdir()) == [CONFIG, WEIGHTS]
+    loaded, loaded_cfg = load_bundle(out)
+    assert not loaded.training
+    assert loaded_cfg == cfg
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model(x), loaded(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bundle_config_lists_classes_anchors_size_width(tmp_path, model_and_config):
+    model, cfg = model_and_config
+    info = read_bundle_config(write_bundle(model, cfg, tmp_path / "b", hub_repo="me/yolo"))
+    assert info["classes"] == list(VOC_CLASSES)
+    assert info["num_classes"] == 20 and info["width"] == 0.125 and info["image_size"] == 64
+    assert len(info["anchors"]) == 3 and all(len(s) == 3 for s in info["anchors"])
+    assert info["hub_repo"] == "me/yolo"
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert len(info["weights_sha256"]) == 64
+
+
+def test_load_bundle_never_unpickles(tmp_path, model_and_config, monkeypatch):
+    model, cfg = model_and_config
+    out = write_bundle(model, cfg, tmp_path / "b")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a bundle must load without pickle")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    load_bundle(out)
+
+
+def test_existing_bundle_is_never_overwritten(tmp_path, model_and_config):
+    model, cfg = model_and_config
+    out = write_bundle(model, cfg, tmp_path / "b")
+    before = (out / WEIGHTS).read_bytes()
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        write_bundle(YOLOv3(num_classes=20, width=0.125), cfg, out)
+    assert (out / WEIGHTS).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary folder left behind
+
+
+def test_empty_target_folder_is_used(tmp_path, model_and_config):
+    model, cfg = model_and_config
+    (tmp_path / "empty").mkdir()
+    assert load_bundle(write_bundle(model, cfg, tmp_path / "empty"))[1] == cfg
+
+
+def test_export_from_checkpoint_includes_run_metrics_and_training_summary(tmp_path, model_and_config):
+    model, cfg = model_and_config
+    run = tmp_path / "run"
+    ckpt = fake_checkpoint(run / "checkpoints" / "epoch=003-step=0000042-lr=1.0000e-03.ckpt", model, cfg)
+    (run / "metrics.json").write_text(json.dumps({"seconds": 12.5, "metrics": {"val/map50_voc07": 0.42,
+                                                                                "val/class_acc": 81.0},
+                                                  "ap_per_class_voc07": {"cat": 0.5, "cow": None}}))
+    out = export_checkpoint(ckpt, tmp_path / "bundle", hub_repo="me/yolo")
+    info = read_bundle_config(out)
+    assert info["training"]["epoch"] == 3 and info["training"]["global_step"] == 42
+    assert info["training"]["checkpoint"] == ckpt.name
+    assert info["metrics"]["val/map50_voc07"] == 0.42
+    assert info["metrics"]["ap_per_class_voc07"]["cat"] == 0.5
+    reloaded, _ = load_bundle(out)
+    from_ckpt, _ = load_model(ckpt)
+    for (k, a), (_, b) in zip(reloaded.state_dict().items(), from_ckpt.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_metrics_file_is_merged(tmp_path, model_and_config):
+    model, cfg = model_and_config
+    ckpt = fake_checkpoint(tmp_path / "c" / "x.ckpt", model, cfg)
+    (tmp_path / "eval.json").write_text(json.dumps({"map50_voc07_test": 0.61}))
+    info = read_bundle_config(export_checkpoint(ckpt, tmp_path / "b", metrics_file=tmp_path / "eval.json"))
+    assert info["metrics"]["map50_voc07_test"] == 0.61 and info["metrics"]["source"] == "eval.json"
+
+
+def test_checkpoints_load_model_accepts_a_bundle_folder(tmp_path, model_and_config):
+    model, cfg = model_and_config
+    loaded, loaded_cfg = load_model(write_bundle(model, cfg, tmp_path / "b"))
+    assert loaded_cfg == cfg and isinstance(loaded, YOLOv3)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_config", "config.json missing"),
+    ("bad_json", "cannot read bundle config"),
+    ("wrong_format", "format is"),
+    ("no_weights", "model.safetensors missing"),
+    ("truncated_weights", "cannot read weights"),
+    ("wrong_width", "do not fit"),
+])
+def test_damaged_bundle_gives_a_clear_error_naming_the_file(tmp_path, model_and_config, damage, message):
+    model, cfg = model_and_config
+    out = write_bundle(model, cfg, tmp_path / "b")
+    info = json.loads((out / CONFIG).read_text())
+    if damage == "no_config":
+        (out / CONFIG).unlink()
+    elif damage == "bad_json":
+        (out / CONFIG).write_text("{not json")
+    elif damage == "wrong_format":
+        (out / CONFIG).write_text(json.dumps({**info, "format": "something-else"}))
+    elif damage == "no_weights":
+        (out / WEIGHTS).unlink()
+    elif damage == "truncated_weights":
+        data = (out / WEIGHTS).read_bytes()
+        (out / WEIGHTS).write_bytes(data[: len(data) // 2])
+    elif damage == "wrong_width":
+        info["config"]["model"]["width"] = 0.25
+        (out / CONFIG).write_text(json.dumps(info))
+    with pytest.raises(BundleError, match=message) as e:
+        load_bundle(out)
+    assert str(out) in str(e.value)
+
+
+def test_command_line_export_and_refusal(tmp_path, model_and_config, capsys):
+    model, cfg = model_and_config
+    ckpt = fake_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", model, cfg)
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "b")]) == 0
+    assert "bundle written" in capsys.readouterr().out
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "b")]) == 2
+    assert "never overwritten" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "c")]) == 2
+    assert "not found" in capsys.readouterr().err
