@@ -114,7 +114,7 @@ class PeriodicCheckpoint(pl.Callback):
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else 0.0
         path = free_name(self.dirpath, checkpoint_name(trainer.current_epoch, step, lr))
         # Lightning gathers the state from every rank; rank 0 writes (through NoOverwriteCheckpointIO).
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # full state: optimizer, loops, callbacks
         self._last_step, self._last_time = step, time.monotonic()
         self.saved.append(path)
         if self.keep_last_k and trainer.is_global_zero:

@@ -3,11 +3,16 @@
 A sample is a 4-image mosaic with probability `mosaic` (default 0.75, the course's), otherwise a
 plain sample through the training augmentations. The size comes with the index
 (`dataset[(i, size)]`, from the multi-scale batch sampler) so every sample of a batch shares it.
+
+A mosaic's 3 partner images are drawn from a buffer of the last images this worker decoded (as
+Ultralytics does), which are themselves random draws of the dataset: each sample then decodes one
+image instead of four, the main cost of a mosaic on a 2-core Colab machine.
 """
 from __future__ import annotations
 
 import random
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 
@@ -30,6 +35,20 @@ class YOLODataset(PlainDataset):
         super().__init__(root, split, image_size, **kwargs)
         self.mosaic = mosaic
         self._finish = mosaic_finish()
+        self._recent: OrderedDict[int, tuple] = OrderedDict()  # index -> (image, boxes, labels), per worker
+
+    BUFFER = 64  # decoded images kept per worker for mosaic partners (~40 MB of 640x480 photos)
+
+    def _decoded(self, index: int, size: int, fresh: bool = False) -> tuple:
+        """(image, boxes, labels) of `index` in decoded pixels, remembered for later mosaics."""
+        if index in self._recent and not fresh:
+            return self._recent[index]
+        image, record, scale = self.load(index, longest=round(size * SCALE_JITTER[1]))
+        entry = (image, *self.training_boxes(record, scale))
+        self._recent[index] = entry
+        if len(self._recent) > self.BUFFER:
+            self._recent.popitem(last=False)
+        return entry
 
     def make_transform(self, size: int):
         return train_transform(size)
@@ -49,16 +68,18 @@ class YOLODataset(PlainDataset):
             warnings.warn(f"skipping sample {index} ({self.records[index].image_path}): {e}", stacklevel=2)
             return None
 
+    def mosaic_partners(self, index: int, rng: np.random.Generator) -> list[int]:
+        """3 distinct indices other than `index`: from the decoded buffer when it holds enough."""
+        pool = [i for i in self._recent if i != index]
+        if len(pool) < 3:
+            pool = [i for i in range(len(self)) if i != index]
+        return [int(i) for i in rng.choice(pool, size=3, replace=False)]
+
     def mosaic_sample(self, index: int, size: int, rng: np.random.Generator):
-        others = rng.choice(len(self) - 1, size=3, replace=False)
-        indices = [index] + [int(i) + (i >= index) for i in others]  # 4 distinct images
-        images, boxes, labels = [], [], []
-        for i in indices:
-            image, record, scale = self.load(i, longest=round(size * SCALE_JITTER[1]))
-            b, lab = self.training_boxes(record, scale)
-            images.append(image)
-            boxes.append(b)
-            labels.append(lab)
-        canvas, b, lab = build_mosaic(images, boxes, labels, size, rng)
+        indices = [index] + self.mosaic_partners(index, rng)  # 4 distinct images
+        # The main image is always decoded (its cost is the honest per-sample cost); partners come
+        # from the buffer.
+        images, boxes, labels = zip(*(self._decoded(i, size, fresh=(k == 0)) for k, i in enumerate(indices)))
+        canvas, b, lab = build_mosaic(list(images), list(boxes), list(labels), size, rng)
         out = self._finish(image=canvas, bboxes=b, labels=lab)
         return self.to_tensors(out["image"], out["bboxes"], out["labels"], size)
