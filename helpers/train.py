@@ -195,7 +195,9 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
     except ModuleNotFoundError:
         pass
     callbacks = [PeriodicCheckpoint(ckpt_dir, every_minutes=t.checkpoint_every_minutes,
-                                    every_n_steps=checkpoint_every_steps, keep_last_k=t.keep_last_k)]
+                                    every_n_steps=checkpoint_every_steps, keep_last_k=t.keep_last_k),
+                 # ~20 refreshes an epoch: a logged notebook stays small, a terminal stays lively.
+                 pl.callbacks.TQDMProgressBar(refresh_rate=max(1, steps_per_epoch // 20))]
     if t.ema:
         callbacks.append(pl.callbacks.WeightAveraging())
     callbacks += extra_callbacks or []
