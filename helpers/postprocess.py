@@ -1,0 +1,195 @@
+"""From the model's raw outputs to detections: vectorised decode, class-aware NMS, letterbox undo.
+
+`decode` turns the 3 raw scale tensors into boxes and probabilities for every anchor of every cell,
+for the whole batch at once; `detect` scores them, keeps those above a threshold, caps them per
+image before NMS (as mmdetection's `nms_pre`), runs `torchvision.ops.batched_nms` once over the
+batch (one category per image and class, so boxes of different images or classes never suppress
+each other), caps the survivors per image, and maps them back to original image pixels.
+
+Nothing here writes into the model's outputs: every activation is computed on a float32 copy.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchvision.ops import batched_nms
+
+from .config import ANCHORS
+
+# exp(10) x anchor is far beyond any image, and every box is clipped to the image anyway: clamping
+# the size logits here (as the loss does) keeps extreme or fp16 logits from decoding to inf.
+MAX_LOG_SCALE = 10.0
+
+SCORES = ("obj*cls", "obj")
+
+
+def _as_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    h, w = image_size
+    return int(h), int(w)
+
+
+def _check_outputs(outputs: Sequence[torch.Tensor], anchors) -> None:
+    if len(outputs) != len(anchors):
+        raise ValueError(f"postprocess: expected {len(anchors)} output scales (one per anchor set), "
+                         f"got {len(outputs)}")
+    for s, out in enumerate(outputs):
+        if out.dim() != 5 or out.shape[1] != len(anchors[s]) or out.shape[-1] < 6:
+            raise ValueError(f"postprocess: output {s} must be [B, {len(anchors[s])}, S_h, S_w, 5+C], "
+                             f"got {tuple(out.shape)}")
+        if out.shape[0] != outputs[0].shape[0] or out.shape[-1] != outputs[0].shape[-1]:
+            raise ValueError("postprocess: the output scales disagree on batch size or class count: "
+                             f"{[tuple(o.shape) for o in outputs]}")
+
+
+def decode(
+    outputs: Sequence[torch.Tensor],
+    anchors=ANCHORS,
+    *,
+    image_size: int | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Every anchor of every cell of every scale as a box with probabilities.
+
+    outputs: list of 3 raw tensors [B, 3, S_h, S_w, 5+C], coarse to fine, last axis
+        [obj, tx, ty, tw, th, class logits...] (as `YOLOv3.forward` returns them).
+    anchors: 3 x 3 (w, h) as fractions of the image, coarse to fine.
+    image_size: (H, W) or side of the input images in pixels; None = 32 x the coarse grid.
+    Returns float32 [B, A, 5+C] with A = sum over scales of 3 * S_h * S_w (10,647 at 416), last axis
+    [x1, y1, x2, y2 (input pixels, not clipped), sigmoid(obj), softmax(class logits)...].
+    The class probabilities are a softmax because the loss trains the classes with cross-entropy.
+    """
+    _check_outputs(outputs, anchors)
+    if image_size is None:
+        image_size = (outputs[0].shape[2] * 32, outputs[0].shape[3] * 32)
+    height, width = _as_hw(image_size)
+    batch = outputs[0].shape[0]
+    decoded = []
+    for out, scale_anchors in zip(outputs, anchors):
+        p = out.detach().float()  # a copy whenever it matters: all activations below are out of place
+        _, n_a, sh, sw, _ = p.shape
+        device = p.device
+        jj = torch.arange(sw, device=device, dtype=torch.float32).view(1, 1, 1, sw)
+        ii = torch.arange(sh, device=device, dtype=torch.float32).view(1, 1, sh, 1)
+        anchor_wh = torch.as_tensor(scale_anchors, dtype=torch.float32, device=device).view(1, n_a, 1, 1, 2)
+        cx = (p[..., 1].sigmoid() + jj) * (width / sw)
+        cy = (p[..., 2].sigmoid() + ii) * (height / sh)
+        wh = p[..., 3:5].clamp(max=MAX_LOG_SCALE).exp() * anchor_wh
+        w, h = wh[..., 0] * width, wh[..., 1] * height
+        boxes = torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
+        obj = p[..., :1].sigmoid()
+        cls = p[..., 5:].softmax(dim=-1)
+        decoded.append(torch.cat((boxes, obj, cls), dim=-1).reshape(batch, -1, p.shape[-1]))
+    return torch.cat(decoded, dim=1)
+
+
+def _letterbox_params(letterbox: Sequence[dict], batch: int, device) -> tuple[torch.Tensor, ...]:
+    """Per image (scale [B], pad [B, 2] as left, top, orig size [B, 2] as h, w) from the metas."""
+    if len(letterbox) != batch:
+        raise ValueError(f"postprocess: letterbox has {len(letterbox)} entries for a batch of {batch}")
+    try:
+        scale = torch.tensor([float(m["scale"]) for m in letterbox], device=device)
+        pad = torch.tensor([[float(v) for v in m["pad"]] for m in letterbox], device=device)
+        orig = torch.tensor([[float(v) for v in m["orig_size"]] for m in letterbox], device=device)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError("postprocess: each letterbox entry needs 'scale' (float), 'pad' (left, top) "
+                         f"and 'orig_size' (h, w): {e!r}") from e
+    return scale, pad, orig
+
+
+def detect(
+    outputs: Sequence[torch.Tensor],
+    image_size: int | Sequence[int],
+    conf_threshold: float = 0.05,
+    iou_threshold: float = 0.45,
+    max_detections: int = 100,
+    nms_pre: int | None = 1000,
+    score: str = "obj*cls",
+    letterbox: Sequence[dict] | None = None,
+    anchors=ANCHORS,
+    multi_label: bool = False,
+) -> list[torch.Tensor]:
+    """Detections per image after class-aware NMS.
+
+    outputs: the model's raw list of 3 tensors [B, 3, S_h, S_w, 5+C] (never modified).
+    image_size: side or (H, W) of the input images in pixels.
+    conf_threshold: keep candidates whose score is above it.
+    iou_threshold: NMS suppresses a box overlapping a higher-scoring one of its class by IoU above it.
+    max_detections: at most this many per image (highest scores).
+    nms_pre: at most this many candidates per image enter NMS (highest scores); None = all.
+    score: "obj*cls" = sigmoid(obj) x class probability (default), "obj" = sigmoid(obj) alone,
+        the course's score.
+    letterbox: None (boxes in input pixels, clipped to the input) or one dict per image with "scale",
+        "pad" (left, top) and "orig_size" (h, w): boxes mapped back by (x - left) / scale and
+        clipped to the original image.
+    multi_label: one candidate per (box, class) above the threshold rather than per box with its
+        best class (more candidates, often a little more mAP at low thresholds).
+    Returns a list of B float32 tensors [K, 6]: x1, y1, x2, y2, score, class (as a float), sorted by
+    descending score. Boxes of zero area after clipping are dropped.
+    """
+    if score not in SCORES:
+        raise ValueError(f"postprocess: score must be one of {SCORES}, got {score!r}")
+    height, width = _as_hw(image_size)
+    dec = decode(outputs, anchors, image_size=(height, width))  # [B, A, 5+C]
+    batch, n_anchors, _ = dec.shape
+    device = dec.device
+    boxes = dec[..., :4]
+    obj, cls_prob = dec[..., 4], dec[..., 5:]
+
+    # Candidates: (image, anchor, class, score) above the threshold, at most nms_pre per image
+    # (a batched top-k: no sort of the whole set).
+    n_classes = cls_prob.shape[-1]
+    if multi_label:
+        flat = (obj.unsqueeze(-1) * cls_prob if score == "obj*cls" else obj.unsqueeze(-1).expand_as(cls_prob))
+        flat = flat.reshape(batch, -1)  # [B, A*C]
+    else:
+        best_prob, best_cls = cls_prob.max(dim=-1)
+        flat = obj * best_prob if score == "obj*cls" else obj  # [B, A]
+    if nms_pre is not None and nms_pre < flat.shape[1]:
+        top_scores, top_idx = flat.topk(nms_pre, dim=1)
+        img, pos = torch.nonzero(top_scores > conf_threshold, as_tuple=True)
+        idx, scores = top_idx[img, pos], top_scores[img, pos]
+    else:
+        img, idx = torch.nonzero(flat > conf_threshold, as_tuple=True)
+        scores = flat[img, idx]
+    if multi_label:
+        anchor, cls = idx // n_classes, idx % n_classes
+    else:
+        anchor, cls = idx, best_cls[img, idx]
+
+    cand = boxes[img, anchor]
+    cand = torch.stack((cand[:, 0].clamp(0, width), cand[:, 1].clamp(0, height),
+                        cand[:, 2].clamp(0, width), cand[:, 3].clamp(0, height)), dim=1)
+    keep = batched_nms(cand, scores, img * n_classes + cls, iou_threshold)  # sorted by descending score
+    img, cand, scores, cls = img[keep], cand[keep], scores[keep], cls[keep]
+    img, cand, cls, scores = _top_per_image(max_detections, img, scores, cand, cls)
+
+    if letterbox is not None:
+        scale, pad, orig = _letterbox_params(letterbox, batch, device)
+        s, p, o = scale[img, None], pad[img].repeat(1, 2), orig[img]
+        cand = (cand - p) / s
+        limit = torch.stack((o[:, 1], o[:, 0], o[:, 1], o[:, 0]), dim=1)  # w, h, w, h
+        cand = torch.minimum(cand.clamp(min=0), limit)
+    nonempty = (cand[:, 2] > cand[:, 0]) & (cand[:, 3] > cand[:, 1])
+    img, cand, scores, cls = img[nonempty], cand[nonempty], scores[nonempty], cls[nonempty]
+
+    dets = torch.cat((cand, scores[:, None], cls[:, None].float()), dim=1)
+    counts = torch.bincount(img, minlength=batch).tolist()
+    return list(torch.split(dets, counts))  # img is sorted by _top_per_image
+
+
+def _top_per_image(k: int, img: torch.Tensor, scores: torch.Tensor, *others: torch.Tensor):
+    """The k highest-scoring rows of each image, ordered by image then descending score.
+
+    img [N] image index, scores [N]; others: tensors with N rows, filtered alike.
+    Returns (img, *others, scores), each with the kept rows only.
+    """
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(img[order], stable=True)]  # by image, descending score within it
+    img_sorted = img[order]
+    counts = torch.bincount(img_sorted, minlength=1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(order.numel(), device=img.device) - starts[img_sorted]
+    order = order[rank < k]
+    return (img[order], *(t[order] for t in others), scores[order])
