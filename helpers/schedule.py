@@ -45,17 +45,23 @@ def compute_schedule(spec: OneCycleSpec) -> list[float]:
     """The LR of every optimizer step, as torch.optim.lr_scheduler.OneCycleLR gives it."""
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=spec.max_lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=spec.max_lr, epochs=spec.epochs, steps_per_epoch=spec.steps_per_epoch,
-        pct_start=spec.pct_start, div_factor=spec.div_factor, final_div_factor=spec.final_div_factor,
-        anneal_strategy=spec.anneal_strategy, three_phase=spec.three_phase, cycle_momentum=False,
-    )
     lrs = []
-    for step in range(spec.total_steps):
-        lrs.append(opt.param_groups[0]["lr"])
-        if step + 1 < spec.total_steps:  # OneCycleLR refuses to step past its last step
-            opt.step()
-            sched.step()
+    try:
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=spec.max_lr, epochs=spec.epochs, steps_per_epoch=spec.steps_per_epoch,
+            pct_start=spec.pct_start, div_factor=spec.div_factor, final_div_factor=spec.final_div_factor,
+            anneal_strategy=spec.anneal_strategy, three_phase=spec.three_phase, cycle_momentum=False,
+        )
+        for step in range(spec.total_steps):
+            lrs.append(opt.param_groups[0]["lr"])
+            if step + 1 < spec.total_steps:  # OneCycleLR refuses to step past its last step
+                opt.step()
+                sched.step()
+    except ZeroDivisionError:  # a phase of zero steps inside torch's OneCycleLR
+        raise ValueError(
+            f"OneCycle cannot be computed for {spec.total_steps} steps with pct_start={spec.pct_start}: "
+            f"the warm-up phase has {spec.pct_start * spec.total_steps:.1f} steps; it needs more than 1 "
+            "(train for more steps or raise pct_start)") from None
     return lrs
 
 

@@ -198,8 +198,10 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
                                     every_n_steps=checkpoint_every_steps, keep_last_k=t.keep_last_k),
                  # ~20 refreshes an epoch: a logged notebook stays small, a terminal stays lively.
                  pl.callbacks.TQDMProgressBar(refresh_rate=max(1, steps_per_epoch // 20))]
-    if t.ema:
-        callbacks.append(pl.callbacks.WeightAveraging())
+    if t.ema:  # exponential moving average of the weights, used for validation and the final model
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        callbacks.append(pl.callbacks.WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(0.999)))
     callbacks += extra_callbacks or []
     strategy = t.strategy
     if world > 1 and not torch.cuda.is_available():

@@ -69,3 +69,10 @@ def test_a_different_schedule_is_never_written_over_an_existing_file(tmp_path):
         Schedule.compute(other).write(path)
     assert path.read_bytes() == before
     Schedule.compute(SPEC).write(path)  # the same schedule again is fine (a rerun of the notebook cell)
+
+
+def test_a_schedule_too_short_for_its_warm_up_is_refused_clearly():
+    spec = OneCycleSpec(max_lr=1e-3, epochs=2, steps_per_epoch=4, batch_size=4, dataset_length=16,
+                        pct_start=5 / 40)  # a 1-step warm-up: torch's OneCycleLR divides by zero
+    with pytest.raises(ValueError, match="warm-up phase has 1.0 steps"):
+        Schedule.compute(spec)
