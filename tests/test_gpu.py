@@ -1,0 +1,43 @@
+"""On a CUDA GPU only (skipped elsewhere): Lightning's 16-mixed trains with a finite loss, and its
+checkpoints load back on the CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.checkpoints import find_latest, load_model
+from helpers.config import Config, DataConfig, ModelConfig, TrainConfig
+from helpers.synthetic import make_voc_dataset
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_16_mixed_training_has_a_finite_loss_and_checkpoints_load_on_cpu(tmp_path):
+    from helpers.train import train
+
+    root = make_voc_dataset(tmp_path / "voc", n_trainval=32, n_test=8, seed=0)
+    cfg = Config(model=ModelConfig(width=0.25),
+                 data=DataConfig(root=str(root), image_size=128, train_sizes=(96, 128, 160), batch_size=8,
+                                 num_workers=2),
+                 train=TrainConfig(epochs=3, pct_start=0.3, precision="16-mixed", accelerator="gpu",
+                                   run_dir=str(tmp_path / "run")))
+    summary = train(cfg)
+    assert torch.isfinite(torch.tensor(summary["metrics"]["train/loss_epoch"]))
+    model, loaded = load_model(find_latest(tmp_path / "run" / "checkpoints"), map_location="cpu")
+    assert loaded.train.precision == "16-mixed"
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        assert all(torch.isfinite(o).all() for o in model(torch.rand(1, 3, 128, 128)))
+
+
+def test_the_loss_is_fp32_and_finite_under_cuda_fp16_autocast():
+    from helpers.loss import YoloLoss
+    from helpers.model import YOLOv3
+    from helpers.targets import build_targets
+
+    model = YOLOv3(num_classes=20, width=0.25).cuda()
+    boxes = torch.tensor([[0, 3, 0.5, 0.5, 0.3, 0.2], [1, 7, 0.2, 0.7, 0.05, 0.08]], device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        outputs = model(torch.rand(2, 3, 128, 128, device="cuda"))
+        loss = YoloLoss()(outputs, build_targets(boxes, 2, 128))
+    assert outputs[0].dtype == torch.float16 and loss.dtype == torch.float32 and torch.isfinite(loss)
