@@ -1,0 +1,311 @@
+"""Evaluation metrics: the course's accuracies, PASCAL VOC AP exactly as the devkit defines it, COCO AP.
+
+VOC AP (`voc_map`) follows the official devkit (`VOCevaldet.m`, `VOCap.m`) rule for rule:
+- per class, all detections of that class over the whole set in descending score (a stable sort, so
+  ties keep the order of the input: image by image, then as listed - the devkit's MATLAB `sort` is
+  stable too, and its order is that of the results file);
+- each detection is assigned to the ground truth of that class in its image with the highest IoU
+  (ties: the first listed), whatever that ground truth's state; a ground truth that does not
+  overlap at all is never a candidate (the devkit's `iw>0 & ih>0`);
+- IoU >= threshold (`ovmax>=VOCopts.minoverlap` in the devkit; py-faster-rcnn's Python port uses
+  `>`, which differs only on an exact tie): if that ground truth is difficult the detection counts
+  as neither true nor false positive; else a true positive if the ground truth is not yet matched
+  (and it becomes matched), a false positive if it is (a duplicate). IoU below the threshold, or no
+  ground truth of the class in the image: a false positive;
+- recall = TP / (non-difficult ground truths of the class); precision = TP / (TP + FP);
+- "voc07": mean over t = 0, 0.1, ..., 1 of the highest precision at recall >= t (0 where none);
+  "all" (VOC2010+): area under the precision envelope (precision made monotone from the right),
+  summed where recall changes.
+
+Two choices, stated so the numbers can be compared:
+- Pixel convention. The devkit's boxes are 1-based inclusive pixel indices, so it adds 1 to every
+  width and height. Our boxes are continuous 0-based coordinates with x1 = xmin - 1, x2 = xmax
+  (helpers.annotations maps VOC's XML that way): a pixel run xmin..xmax then has width x2 - x1 =
+  xmax - xmin + 1, and the intersection min(x2) - max(x1) equals the devkit's
+  min(xmax) - max(xmin) + 1. So plain continuous IoU on our boxes *is* the devkit's IoU on the
+  devkit's boxes, and we add nothing. (Adding +1 to continuous boxes would inflate small boxes.)
+- The 11 recall points are the exact tenths k/10. The devkit's `0:0.1:1` and the Python ports'
+  `np.arange(0, 1.1, 0.1)` carry rounding (3 * 0.1 = 0.30000000000000004), so a recall of exactly
+  0.3 misses its own point there; that can only happen when the ground-truth count makes a recall
+  land on a tenth exactly, and we take the definition's intent.
+
+A detection whose ground truth is difficult is dropped from the precision/recall arrays rather than
+kept as a (TP 0, FP 0) step: it repeats the previous point (or gives 0/0 before the first TP/FP),
+so neither AP changes; the arrays just plot cleanly.
+
+Speed: the devkit walks detections one by one. Here the assignment needs no walk at all: which
+ground truth a detection is assigned to never depends on earlier matches, so a detection is a true
+positive exactly when it is the first (in score order) above-threshold detection assigned to its
+non-difficult ground truth. IoUs are computed only for (detection, ground truth) pairs of the same
+image and class, all at once; the first-occurrence test is one scatter. See tests/test_metrics.py
+for the check against a literal loop implementation.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+
+METHODS = ("voc07", "all")
+
+
+# --------------------------------------------------------------------------- course accuracies
+class YoloAccuracy(Metric):
+    """The course's class / no-object / object accuracies as ratios of sums over the whole set.
+
+    update(outputs, targets): outputs the model's 3 raw tensors [B, 3, S_h, S_w, 5+C]; targets the 3
+    tensors of `build_targets` [B, 3, S_h, S_w, 6] (obj 1 positive, 0 negative, -1 ignored).
+    - class accuracy: argmax of the class logits == target class, over positive cells;
+    - object accuracy: sigmoid(obj) > threshold, over positive cells;
+    - no-object accuracy: sigmoid(obj) <= threshold, over negative cells (ignored cells: neither).
+    compute() -> {"class_acc", "noobj_acc", "obj_acc"} in percent (NaN where no cell was counted).
+    States are sums, so the result is the same however the set is batched or split across devices.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, threshold: float = 0.05, **kwargs):
+        super().__init__(**kwargs)
+        self.threshold = threshold
+        for name in ("correct_class", "total_pos", "correct_obj", "correct_noobj", "total_neg"):
+            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> None:
+        if len(outputs) != len(targets):
+            raise ValueError(f"YoloAccuracy: {len(outputs)} output scales but {len(targets)} target scales")
+        for out, tgt in zip(outputs, targets):
+            if out.shape[:-1] != tgt.shape[:-1]:
+                raise ValueError(f"YoloAccuracy: output {tuple(out.shape)} and target {tuple(tgt.shape)} "
+                                 "differ in batch, anchors or grid (targets built for another size?)")
+            out = out.detach()
+            pos, neg = tgt[..., 0] == 1, tgt[..., 0] == 0
+            # sigmoid(x) > t  <=>  x > logit(t): no activation over the whole map.
+            above = out[..., 0].float() > math.log(self.threshold / (1 - self.threshold))
+            self.correct_class += (out[..., 5:][pos].argmax(-1) == tgt[..., 5][pos].long()).sum()
+            self.total_pos += pos.sum()
+            self.correct_obj += (above & pos).sum()
+            self.correct_noobj += (~above & neg).sum()
+            self.total_neg += neg.sum()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        def pct(num, den):
+            return 100.0 * num.double() / den if den > 0 else torch.tensor(float("nan"), dtype=torch.float64)
+
+        return {
+            "class_acc": pct(self.correct_class, self.total_pos),
+            "noobj_acc": pct(self.correct_noobj, self.total_neg),
+            "obj_acc": pct(self.correct_obj, self.total_pos),
+        }
+
+
+# --------------------------------------------------------------------------- VOC AP
+def _gather(detections: Sequence[torch.Tensor], ground_truths: Sequence[Mapping], num_classes: int):
+    """Flatten per-image inputs to whole-set arrays (CPU, float64 boxes)."""
+    if len(detections) != len(ground_truths):
+        raise ValueError(f"voc_map: {len(detections)} images of detections but {len(ground_truths)} "
+                         "of ground truth (one entry per image in both, in the same order)")
+    dets = [torch.as_tensor(d).detach().cpu().double().reshape(-1, 6) for d in detections]
+    d_img = torch.repeat_interleave(torch.arange(len(dets)), torch.tensor([len(d) for d in dets], dtype=torch.long))
+    d = torch.cat(dets) if dets else torch.zeros(0, 6, dtype=torch.float64)
+
+    g_boxes, g_labels, g_diff, g_counts = [], [], [], []
+    for i, gt in enumerate(ground_truths):
+        try:
+            boxes = torch.as_tensor(gt["boxes"]).detach().cpu().double().reshape(-1, 4)
+            labels = torch.as_tensor(gt["labels"]).detach().cpu().long().reshape(-1)
+        except KeyError as e:
+            raise ValueError(f"voc_map: ground truth {i} lacks {e}; expected keys boxes, labels, difficult") from e
+        diff = gt.get("difficult")
+        diff = (torch.zeros(len(labels), dtype=torch.bool) if diff is None
+                else torch.as_tensor(diff).detach().cpu().bool().reshape(-1))
+        if not len(boxes) == len(labels) == len(diff):
+            raise ValueError(f"voc_map: ground truth {i} has {len(boxes)} boxes, {len(labels)} labels, "
+                             f"{len(diff)} difficult flags")
+        g_boxes.append(boxes)
+        g_labels.append(labels)
+        g_diff.append(diff)
+        g_counts.append(len(labels))
+    g_img = torch.repeat_interleave(torch.arange(len(g_counts)), torch.tensor(g_counts, dtype=torch.long))
+    g_box = torch.cat(g_boxes) if g_boxes else torch.zeros(0, 4, dtype=torch.float64)
+    g_cls = torch.cat(g_labels) if g_labels else torch.zeros(0, dtype=torch.long)
+    g_dif = torch.cat(g_diff) if g_diff else torch.zeros(0, dtype=torch.bool)
+
+    d_cls = d[:, 5].round().long()
+    for name, cls in (("detection", d_cls), ("ground-truth", g_cls)):
+        if cls.numel() and (cls.min() < 0 or cls.max() >= num_classes):
+            raise ValueError(f"voc_map: {name} class out of range 0..{num_classes - 1}: "
+                             f"{cls.min().item()}..{cls.max().item()}")
+    return d_img, d[:, :4], d[:, 4], d_cls, g_img, g_box, g_cls, g_dif
+
+
+def match_detections(detections, ground_truths, iou_threshold: float = 0.5, num_classes: int = 20):
+    """The devkit's assignment for every detection of the set (see the module docstring).
+
+    Returns (order, cls, score, tp, fp, npos): `order` [D] detection indices (into the
+    concatenation of all images' detections) in descending score (stable), without the detections
+    of difficult objects; `cls`, `score` [D] theirs; `tp`, `fp` [D] bool (exactly one is true);
+    `npos` [num_classes] non-difficult GT counts.
+    """
+    d_img, d_box, d_score, d_cls, g_img, g_box, g_cls, g_dif = _gather(detections, ground_truths, num_classes)
+    n_det = len(d_score)
+
+    # Pairs (detection, ground truth) of the same image and class: GTs grouped by key, each
+    # detection spans its group's range. GT order inside a group stays as listed (stable sort).
+    g_key = g_img * num_classes + g_cls
+    g_order = torch.argsort(g_key, stable=True)
+    g_key_sorted = g_key[g_order]
+    d_key = d_img * num_classes + d_cls
+    start = torch.searchsorted(g_key_sorted, d_key, right=False)
+    count = torch.searchsorted(g_key_sorted, d_key, right=True) - start
+    pair_det = torch.repeat_interleave(torch.arange(n_det), count)
+    offsets = torch.cumsum(count, 0) - count
+    pair_pos = start[pair_det] + torch.arange(len(pair_det)) - offsets[pair_det]  # position in g_order
+    a, b = d_box[pair_det], g_box[g_order[pair_pos]]
+    iw = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0]))
+    ih = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1]))
+    inter = iw.clamp(min=0) * ih.clamp(min=0)
+    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
+    iou = torch.where((iw > 0) & (ih > 0), inter / union, torch.tensor(-math.inf, dtype=torch.float64))
+
+    # Best GT per detection: highest IoU, first listed on a tie (the devkit's `ov>ovmax`).
+    ovmax = torch.full((n_det,), -math.inf, dtype=torch.float64)
+    ovmax.scatter_reduce_(0, pair_det, iou, reduce="amax")
+    is_best = (iou == ovmax[pair_det]) & (iou > -math.inf)
+    best_pos = torch.full((n_det,), len(g_order), dtype=torch.long)
+    best_pos.scatter_reduce_(0, pair_det[is_best], pair_pos[is_best], reduce="amin")
+    hit = ovmax >= iou_threshold  # implies a best GT exists
+    if len(g_order):
+        jmax = torch.where(hit, g_order[best_pos.clamp(max=len(g_order) - 1)], 0)
+        difficult = hit & g_dif[jmax]
+    else:
+        jmax, difficult = torch.zeros(n_det, dtype=torch.long), torch.zeros(n_det, dtype=torch.bool)
+
+    # Score order over the whole set; the per-class order is this order restricted to the class.
+    order = torch.argsort(d_score, descending=True, stable=True)
+    rank = torch.empty(n_det, dtype=torch.long)
+    rank[order] = torch.arange(n_det)
+    counted = hit & ~difficult  # assigned to a non-difficult GT above the threshold
+    first = torch.full((max(len(g_order), 1),), n_det, dtype=torch.long)
+    first.scatter_reduce_(0, jmax[counted], rank[counted], reduce="amin")
+    tp = counted & (first[jmax] == rank)
+    fp = ~hit | (counted & ~tp)
+
+    keep = order[~difficult[order]]
+    npos = torch.bincount(g_cls[~g_dif], minlength=num_classes)
+    return keep, d_cls[keep], d_score[keep], tp[keep], fp[keep], npos
+
+
+def average_precision(recall: np.ndarray, precision: np.ndarray, method: str = "voc07") -> float:
+    """AP of one class from its cumulative recall / precision arrays (in descending-score order).
+
+    "voc07": 11-point interpolated (VOC2007); "all": area under the monotone envelope (VOC2010+).
+    """
+    if method not in METHODS:
+        raise ValueError(f"average_precision: method must be one of {METHODS}, got {method!r}")
+    if method == "voc07":
+        if len(recall) == 0:
+            return 0.0
+        envelope = np.maximum.accumulate(precision[::-1])[::-1]  # max precision at index >= i
+        idx = np.searchsorted(recall, np.arange(11) / 10, side="left")  # first index with recall >= t
+        return float(np.where(idx < len(recall), envelope[np.minimum(idx, len(recall) - 1)], 0.0).sum() / 11)
+    mrec = np.concatenate(([0.0], recall, [1.0]))
+    mpre = np.concatenate(([0.0], precision, [0.0]))
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    i = np.nonzero(mrec[1:] != mrec[:-1])[0] + 1
+    return float(((mrec[i] - mrec[i - 1]) * mpre[i]).sum())
+
+
+def voc_map(
+    detections: Sequence[torch.Tensor],
+    ground_truths: Sequence[Mapping],
+    iou_threshold: float = 0.5,
+    method: str = "voc07",
+    num_classes: int = 20,
+) -> dict:
+    """PASCAL VOC mean average precision, as the devkit computes it (see the module docstring).
+
+    detections: per image a [K, 6] tensor x1, y1, x2, y2, score, class (as `detect` returns).
+    ground_truths: per image a dict {"boxes": [G, 4] x1y1x2y2, "labels": [G], "difficult": [G] bool}
+        (difficult optional, default False); same pixels as the detections.
+    Returns a dict:
+      "map": mean AP over the classes with at least one non-difficult ground truth (NaN if none);
+      "ap": np.ndarray [C], NaN for classes without non-difficult ground truth;
+      "precision", "recall": per class the PR curve (np arrays, descending score; empty if no GT);
+      "scores": per class the detection scores along the curve (for choosing a threshold);
+      "num_gt": [C] non-difficult GT counts; "num_tp", "num_fp": [C] counts over all detections;
+      "method", "iou_threshold".
+    """
+    if method not in METHODS:
+        raise ValueError(f"voc_map: method must be one of {METHODS}, got {method!r}")
+    _, cls, scores, tp, fp, npos = match_detections(detections, ground_truths, iou_threshold, num_classes)
+    by_class = torch.argsort(cls, stable=True)  # keeps descending score inside each class
+    cls, scores, tp, fp = (t[by_class].numpy() for t in (cls, scores, tp, fp))
+    bounds = np.searchsorted(cls, np.arange(num_classes + 1))
+    npos = npos.numpy()
+
+    ap = np.full(num_classes, np.nan)
+    precisions, recalls, class_scores = [], [], []
+    num_tp, num_fp = np.zeros(num_classes, dtype=np.int64), np.zeros(num_classes, dtype=np.int64)
+    for c in range(num_classes):
+        lo, hi = bounds[c], bounds[c + 1]
+        ctp, cfp = np.cumsum(tp[lo:hi]), np.cumsum(fp[lo:hi])
+        num_tp[c] = ctp[-1] if hi > lo else 0
+        num_fp[c] = cfp[-1] if hi > lo else 0
+        class_scores.append(scores[lo:hi])
+        if npos[c] == 0:
+            precisions.append(np.zeros(0))
+            recalls.append(np.zeros(0))
+            continue
+        rec = ctp / npos[c]
+        prec = ctp / np.maximum(ctp + cfp, 1)  # every kept detection is a TP or an FP: never 0/0
+        precisions.append(prec)
+        recalls.append(rec)
+        ap[c] = average_precision(rec, prec, method)
+    valid = npos > 0
+    return {
+        "map": float(ap[valid].mean()) if valid.any() else float("nan"),
+        "ap": ap,
+        "precision": precisions,
+        "recall": recalls,
+        "scores": class_scores,
+        "num_gt": npos,
+        "num_tp": num_tp,
+        "num_fp": num_fp,
+        "method": method,
+        "iou_threshold": iou_threshold,
+    }
+
+
+# --------------------------------------------------------------------------- COCO AP
+def coco_map(detections: Sequence[torch.Tensor], ground_truths: Sequence[Mapping], num_classes: int = 20) -> dict:
+    """COCO-style AP through torchmetrics' MeanAveragePrecision on the faster-coco-eval backend.
+
+    Same inputs as `voc_map`. Difficult objects are passed as COCO "crowd" regions, COCO's way of
+    saying "neither reward nor punish detections here" (a crowd region is matched by intersection
+    over the detection's area, and may absorb several detections, as a difficult object may).
+    Returns floats: "map_50_95", "map_50", "map_75", "map_small", "map_medium", "map_large",
+    "mar_100" (-1 where COCO has nothing to average, e.g. no ground truth at all).
+    """
+    from torchmetrics.detection import MeanAveragePrecision
+
+    if len(detections) != len(ground_truths):
+        raise ValueError(f"coco_map: {len(detections)} images of detections but {len(ground_truths)} of ground truth")
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
+    preds, targets = [], []
+    for det, gt in zip(detections, ground_truths):
+        det = torch.as_tensor(det).detach().cpu().float().reshape(-1, 6)
+        labels = torch.as_tensor(gt["labels"]).cpu().long().reshape(-1)
+        diff = gt.get("difficult")
+        diff = torch.zeros_like(labels, dtype=torch.bool) if diff is None else torch.as_tensor(diff).cpu().bool()
+        preds.append({"boxes": det[:, :4], "scores": det[:, 4], "labels": det[:, 5].round().long()})
+        targets.append({"boxes": torch.as_tensor(gt["boxes"]).cpu().float().reshape(-1, 4), "labels": labels,
+                        "iscrowd": diff.long().reshape(-1)})
+    metric.update(preds, targets)
+    r = metric.compute()
+    names = {"map": "map_50_95", "map_50": "map_50", "map_75": "map_75", "map_small": "map_small",
+             "map_medium": "map_medium", "map_large": "map_large", "mar_100": "mar_100"}
+    return {ours: float(r[theirs]) for theirs, ours in names.items()}
