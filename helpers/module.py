@@ -137,8 +137,9 @@ class YOLOModule(pl.LightningModule):
             t = self.cfg.train
             dets = detect(outputs, tuple(images.shape[-2:]), conf_threshold=t.conf_threshold,
                           iou_threshold=t.nms_iou, letterbox=metas)
-            # Ids unique across ranks: rank-strided positions in the epoch.
-            start = (batch_idx * self.trainer.world_size + self.global_rank) * b
+            # Ids unique across ranks: rank-strided positions in the epoch (nominal batch size, so a
+            # short last batch cannot reuse an id).
+            start = (batch_idx * self.trainer.world_size + self.global_rank) * self.cfg.data.batch_size
             ids = torch.arange(start, start + b)
             self.val_map_inputs.update(dets, [m["gt"] for m in metas], ids)
 
