@@ -1,0 +1,582 @@
+"""YOLOv3 on PASCAL VOC: a Gradio app (local, or as a Hugging Face Space).
+
+Upload a photo (or pick a sample): the model's boxes, a table of detections, and the Grad-CAM of
+each detection (or EigenCAM). Weights come only from a model bundle (`model.safetensors` +
+`config.json`, see `helpers/export.py`): a local folder (`--bundle PATH`, env `YOLO_BUNDLE`, or
+`bundle/` beside this file) or a Hugging Face model repo (`--hub-repo user/name`, env
+`YOLO_HUB_REPO`). Without one the app still starts and says so; it never invents detections.
+
+    python app/app.py [--bundle DIR | --hub-repo ID] [--port 7860] [--host 127.0.0.1]
+
+The work is in plain functions (`load_source`, `read_upload`, `predict`) that the tests call
+directly; `build_demo` only wires them to the page.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if not (HERE / "helpers").is_dir() and str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))  # run from the repository (python app/app.py): helpers/ is one up
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home; the app works offline
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
+from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection  # noqa: E402
+
+from helpers.config import VOC_CLASSES, Config  # noqa: E402
+from helpers.export import CONFIG, WEIGHTS, BundleError, load_bundle, read_bundle_config  # noqa: E402
+from helpers.imageio import ImageError, read_image  # noqa: E402
+from helpers.model import YOLOv3, fuse_for_inference  # noqa: E402
+from helpers.postprocess import decode, detect  # noqa: E402
+from helpers.transforms import letterbox  # noqa: E402
+
+log = logging.getLogger("yolo-app")
+
+MAX_SIDE = 2048  # every upload is brought down to this longest side before anything else
+MAX_UPLOAD = "20mb"  # Gradio refuses larger uploads
+SIZES = (320, 416, 512, 608)  # input sizes offered (multiples of 32)
+CAM_METHODS = ("Grad-CAM", "EigenCAM")
+DEFAULT_CONF, DEFAULT_IOU, DEFAULT_TOP_K = 0.4, 0.45, 5
+MAX_TOP_K = 10
+TABLE_HEADERS = ["#", "class", "score", "x1", "y1", "x2", "y2"]
+SETTINGS = "space_settings.json"  # written by `python -m helpers.space build`: {"bundle", "hub_repo"}
+
+NO_MODEL = (
+    "**No trained model is loaded, so this app cannot detect anything.** It shows no made-up boxes.\n\n"
+    "To provide one: export a checkpoint with `python -m helpers.export --checkpoint CKPT --out bundle`, "
+    "then start the app with `--bundle bundle` (or env `YOLO_BUNDLE=bundle`), or put the bundle in "
+    "`bundle/` beside `app.py`, or name a Hugging Face model repo holding `model.safetensors` and "
+    "`config.json` with `--hub-repo user/name` (env `YOLO_HUB_REPO`)."
+)
+
+# EXIF orientation tag -> the PIL transpose that shows the photo upright (as PIL's exif_transpose).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+# --- the model --------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    model: YOLOv3  # BatchNorm folded, eval mode: the one every request uses
+    config: Config
+    info: dict  # the bundle's config.json
+    source: str  # folder or hub id, for the page
+    classes: tuple[str, ...] = field(default=VOC_CLASSES)
+
+    @property
+    def hub_url(self) -> str | None:
+        repo = self.info.get("hub_repo")
+        return f"https://huggingface.co/{repo}" if repo else None
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(bundle: str | None, hub_repo: str | None) -> tuple[LoadedModel | None, str]:
+    if bundle:
+        path = Path(bundle)
+        source = str(path)
+    elif hub_repo:
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(repo_id=hub_repo, allow_patterns=[WEIGHTS, CONFIG]))
+        except Exception as e:  # noqa: BLE001 - offline, no such repo, no access: all end the same way
+            log.warning("model download from %s failed: %s", hub_repo, e)
+            return None, (f"Could not download the model from the Hugging Face repo `{hub_repo}` "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}).")
+        source = f"https://huggingface.co/{hub_repo}"
+    else:
+        return None, ""
+    try:
+        model, config = load_bundle(path)
+        info = read_bundle_config(path)
+    except (BundleError, OSError) as e:
+        log.warning("bundle %s not loaded: %s", path, e)
+        return None, f"Could not load the model bundle: {e}"
+    if hub_repo and not info.get("hub_repo"):
+        info["hub_repo"] = hub_repo
+    loaded = LoadedModel(fuse_for_inference(model), config, info, source, tuple(info["classes"]))
+    return loaded, f"Model loaded from `{source}`."
+
+
+_load_lock = threading.Lock()
+
+
+def load_source(bundle: str | os.PathLike | None = None, hub_repo: str | None = None) -> tuple[LoadedModel | None, str]:
+    """The model (loaded once per source, then cached for the process) and a status line for the page."""
+    with _load_lock:  # two sessions starting together load it once
+        return _load_cached(str(bundle) if bundle else None, hub_repo or None)
+
+
+def default_sources(bundle: str | None = None, hub_repo: str | None = None) -> tuple[str | None, str | None]:
+    """Command line, then environment, then the Space's settings file, then `bundle/` beside this file."""
+    settings = {}
+    if (HERE / SETTINGS).is_file():
+        try:
+            settings = json.loads((HERE / SETTINGS).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("%s ignored: %s", HERE / SETTINGS, e)
+    bundle = bundle or os.environ.get("YOLO_BUNDLE") or (
+        str(HERE / settings["bundle"]) if settings.get("bundle") else None)
+    hub_repo = hub_repo or os.environ.get("YOLO_HUB_REPO") or settings.get("hub_repo")
+    if not bundle and not hub_repo and (HERE / "bundle" / WEIGHTS).is_file():
+        bundle = str(HERE / "bundle")
+    return bundle, hub_repo
+
+
+# --- reading an upload ------------------------------------------------------------------------
+@dataclass
+class Upload:
+    image: np.ndarray  # RGB uint8 [h, w, 3], upright, longest side <= MAX_SIDE
+    scale: float  # shown pixels / upright original pixels
+    original_size: tuple[int, int]  # (w, h) of the upright original
+    notes: list[str]
+
+
+def read_upload(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Upload:
+    """Decode an uploaded file to upright RGB, downscaled to `max_side`: any mode, EXIF rotation applied.
+
+    Raises ImageError (a message fit for the page) for anything that is not a usable image.
+    """
+    path = Path(path)
+    notes: list[str] = []
+    orientation, mode, fmt = 1, None, None
+    try:
+        with Image.open(path) as im:  # lazy: header only, to report what the file was
+            mode, fmt = im.mode, im.format
+            orientation = int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - read_image below says what is wrong with the file
+        pass
+    try:
+        image, decode_scale = read_image(path, max_side=max_side, with_scale=True)
+    except ImageError as e:
+        raise ImageError(str(e).replace(str(path), path.name)) from None
+    stored_h, stored_w = round(image.shape[0] / decode_scale), round(image.shape[1] / decode_scale)
+    if mode and mode not in ("RGB", "L"):
+        notes.append(f"converted from {fmt or 'image'} mode {mode} to RGB")
+    if max(image.shape[:2]) > max_side:
+        pil = Image.fromarray(image)
+        pil.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+        image = np.asarray(pil)
+    scale = image.shape[1] / stored_w
+    if max(stored_w, stored_h) > max_side:
+        notes.append(f"downscaled from {stored_w}x{stored_h} to {image.shape[1]}x{image.shape[0]}")
+    original = (stored_w, stored_h)
+    if orientation in _UPRIGHT:
+        image = np.asarray(Image.fromarray(image).transpose(_UPRIGHT[orientation]))
+        if orientation >= 5:  # a quarter turn swaps width and height
+            original = (stored_h, stored_w)
+        notes.append("rotated upright as its EXIF orientation says")
+    return Upload(np.ascontiguousarray(image), scale, original, notes)
+
+
+# --- inference --------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=len(SIZES) + 2)
+def _letterbox(size: int) -> A.Compose:
+    return A.Compose(letterbox(size))  # the evaluation's own letterbox (helpers.transforms)
+
+
+def to_input(image: np.ndarray, size: int) -> tuple[torch.Tensor, dict]:
+    """Letterboxed [1, 3, size, size] float tensor in 0..1 and the meta that maps boxes back."""
+    h, w = image.shape[:2]
+    boxed = _letterbox(size)(image=image)["image"]
+    resize = size / max(h, w)
+    new_h, new_w = round(h * resize), round(w * resize)
+    meta = {"scale": resize, "pad": ((size - new_w) // 2, (size - new_h) // 2), "orig_size": (h, w),
+            "input_size": size}
+    x = torch.from_numpy(boxed).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last), meta
+
+
+@dataclass
+class Result:
+    annotated: Image.Image | None = None
+    rows: list[list] = field(default_factory=list)
+    cams: list[tuple[Image.Image, str]] = field(default_factory=list)
+    message: str = ""
+    detections: torch.Tensor | None = None  # [K, 6] in shown-image pixels
+    timings: dict = field(default_factory=dict)
+
+
+def _check_settings(conf, iou, size, cam_method, top_k) -> tuple[float, float, int, str, int]:
+    try:
+        conf, iou, size, top_k = float(conf), float(iou), int(size), int(top_k)
+    except (TypeError, ValueError):
+        raise ValueError("thresholds, size and top k must be numbers") from None
+    if not (0.0 <= conf <= 1.0 and 0.0 <= iou <= 1.0):
+        raise ValueError(f"confidence and IoU thresholds must lie in 0..1 (got {conf}, {iou})")
+    if size % 32 or not 64 <= size <= 1024:  # the page offers SIZES; API callers may ask for others
+        raise ValueError(f"image size must be a multiple of 32 from 64 to 1024 (got {size})")
+    if cam_method not in CAM_METHODS:
+        raise ValueError(f"CAM method must be one of {', '.join(CAM_METHODS)} (got {cam_method!r})")
+    return conf, iou, size, cam_method, max(0, min(MAX_TOP_K, top_k))
+
+
+def detect_boxes(loaded: LoadedModel, upload: Upload, conf: float, iou: float, size: int):
+    """Forward once (features feeding each scale kept for the CAMs), decode, NMS, letterbox undo.
+
+    Returns (detections [K, 6] in shown-image pixels, the letterboxed input, its meta, the raw
+    outputs, the 3 head-input feature maps).
+    """
+    x, meta = to_input(upload.image, size)
+    features: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: features.append(out)) for m in loaded.model.head_inputs]
+    try:
+        with torch.no_grad():
+            outputs = loaded.model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    dets = detect(outputs, size, conf, iou, max_detections=100, letterbox=[meta])[0]
+    return dets, x, meta, outputs, features
+
+
+def _draw(image: np.ndarray, dets: torch.Tensor, classes, highlight: int | None = None) -> Image.Image:
+    """Boxes with class names and scores, one colour per class."""
+    pil = Image.fromarray(image)
+    draw = ImageDraw.Draw(pil)
+    width = max(2, round(max(pil.size) / 300))
+    font = ImageFont.load_default(size=max(12, round(max(pil.size) / 45)))
+    for k, (x1, y1, x2, y2, score, cls) in enumerate(dets.tolist()):
+        if highlight is not None and k != highlight:
+            continue
+        colour = _colour(int(cls))
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
+        text = f"{classes[int(cls)]} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((x1, y1), text, font=font)
+        ty = y1 - (bottom - top) - 2 * width if y1 - (bottom - top) - 2 * width >= 0 else y1
+        draw.rectangle((x1, ty, x1 + right - left + 2 * width, ty + bottom - top + 2 * width), fill=colour)
+        draw.text((x1 + width, ty + width - (top - y1)), text, fill=(255, 255, 255), font=font)
+    return pil
+
+
+def _colour(c: int) -> tuple[int, int, int]:
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb((c * 0.618034) % 1.0, 0.85, 0.85)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def predict_boxes(loaded: LoadedModel | None, image, conf=DEFAULT_CONF, iou=DEFAULT_IOU, size=416,
+                  cam_method="Grad-CAM", top_k=DEFAULT_TOP_K):
+    """Boxes only: (Result, state for `add_cams`) — the page shows this before the CAMs are ready."""
+    if loaded is None:
+        return Result(message=NO_MODEL), None
+    if image is None:
+        return Result(message="Upload an image or pick one of the samples."), None
+    try:
+        conf, iou, size, cam_method, top_k = _check_settings(conf, iou, size, cam_method, top_k)
+    except ValueError as e:
+        return Result(message=f"**Settings not usable:** {e}."), None
+    started = time.perf_counter()
+    try:
+        upload = image if isinstance(image, Upload) else read_upload(image)
+    except ImageError as e:
+        return Result(message=f"**This file cannot be used as an image:** {e}. "
+                              "Please upload a JPEG, PNG, WebP, BMP, GIF or TIFF photo."), None
+    dets, x, meta, outputs, features = detect_boxes(loaded, upload, conf, iou, size)
+    annotated = _draw(upload.image, dets, loaded.classes)
+    to_original = 1.0 / upload.scale
+    rows = [[k + 1, loaded.classes[int(c)], round(float(s), 3), *[round(float(v) * to_original) for v in box]]
+            for k, (*box, s, c) in enumerate(dets.tolist())]
+    t_boxes = time.perf_counter() - started
+    w, h = upload.original_size
+    summary = (f"**{len(dets)} detection{'s' if len(dets) != 1 else ''}** with score > {conf:g} "
+               f"(NMS IoU {iou:g}, input {size}x{size}) on a {w}x{h} image; boxes in {t_boxes:.2f} s.")
+    if not len(dets):
+        summary += " Try a lower confidence threshold."
+    if upload.notes:
+        summary += " The image was " + "; ".join(upload.notes) + "."
+    result = Result(annotated, rows, [], summary, dets, {"boxes": t_boxes})
+    state = {"upload": upload, "x": x, "meta": meta, "outputs": outputs, "features": features,
+             "cam_method": cam_method, "top_k": top_k, "started": started, "size": size}
+    return result, state
+
+
+def add_cams(loaded: LoadedModel, result: Result, state: dict) -> Result:
+    """The CAM of each of the top-k detections, overlaid on the shown image and titled."""
+    dets, k = result.detections, min(state["top_k"], len(result.detections))
+    if k == 0:
+        return result
+    upload, meta = state["upload"], state["meta"]
+    top = dets[:k]
+    if state["cam_method"] == "Grad-CAM":
+        maps, where = gradcam_maps(loaded, state["x"], state["outputs"], state["features"], top, meta,
+                                   state["size"])
+        title = "Grad-CAM"
+    else:
+        maps, where = eigencam_maps(loaded, state["x"], state["outputs"], state["features"], top, meta,
+                                    state["size"])
+        title = "EigenCAM (class-agnostic)"
+    base = upload.image.astype(np.float32) / 255.0
+    cams = []
+    for i in range(k):
+        heat = cam_to_image(maps[i], meta, upload.image.shape[:2])
+        overlay = overlay_cam(base, heat)
+        cls, score = loaded.classes[int(top[i, 5])], float(top[i, 4])
+        cams.append((_draw(overlay, top, loaded.classes, highlight=i),
+                     f"{i + 1}. {cls} {score:.2f} · {title} at stride {where[i]}"))
+    result.cams = cams
+    t_all = time.perf_counter() - state["started"]
+    result.timings["boxes+cams"] = t_all
+    result.message += f" {title} for the top {k} in {t_all:.2f} s in all."
+    return result
+
+
+def predict(loaded: LoadedModel | None, image, conf=DEFAULT_CONF, iou=DEFAULT_IOU, size=416,
+            cam_method="Grad-CAM", top_k=DEFAULT_TOP_K) -> Result:
+    """Boxes, table and CAMs for one image (path, or an `Upload`); a message instead of any failure."""
+    try:
+        result, state = predict_boxes(loaded, image, conf, iou, size, cam_method, top_k)
+        return add_cams(loaded, result, state) if state else result
+    except Exception as e:  # noqa: BLE001 - the page gets a sentence, the log gets the traceback
+        log.exception("prediction failed")
+        return Result(message=f"**Something went wrong while processing this image** ({type(e).__name__}). "
+                              "Please try another image; the details are in the server log.")
+
+
+# --- CAMs -------------------------------------------------------------------------------------
+def _scale_heads(model: YOLOv3) -> list[torch.nn.Module]:
+    from helpers.model import ScalePrediction
+
+    return [m for m in model.layers if isinstance(m, ScalePrediction)]
+
+
+def locate(outputs: list[torch.Tensor], dets: torch.Tensor, size: int, meta: dict) -> torch.Tensor:
+    """Where each detection sits in the raw outputs: [K, 4] long (scale, anchor, row, col).
+
+    `detect` returns boxes, scores and classes but not the anchors they came from; every decoded
+    anchor is taken through the same steps (clip to the input, undo the letterbox, clip to the
+    image) and each detection is matched to the anchor with the same box, score and class.
+    dets: [K, 6] x1, y1, x2, y2, score, class in image pixels, as `detect(..., letterbox=[meta])` gives.
+    """
+    dec = decode(outputs, image_size=size)[0]  # [A, 5+C]
+    left, top = meta["pad"]
+    h, w = meta["orig_size"]
+    pad = torch.tensor([left, top, left, top], dtype=torch.float32)
+    limit = torch.tensor([w, h, w, h], dtype=torch.float32)
+    boxes = torch.minimum(((dec[:, :4].clamp(0, size) - pad) / meta["scale"]).clamp(min=0), limit)
+    scores = dec[:, 4][None, :] * dec[:, 5:].T[dets[:, 5].long()]  # [K, A]
+    cost = (boxes[None] - dets[:, None, :4]).abs().sum(-1) + (scores - dets[:, 4:5]).abs() * size
+    flat = cost.argmin(dim=1)  # [K]
+    counts = torch.tensor([o.shape[1] * o.shape[2] * o.shape[3] for o in outputs])
+    starts = torch.cumsum(counts, 0) - counts
+    scale = torch.bucketize(flat, starts, right=True) - 1
+    widths = torch.tensor([o.shape[3] for o in outputs])[scale]
+    heights = torch.tensor([o.shape[2] for o in outputs])[scale]
+    rem = flat - starts[scale]
+    cells = heights * widths
+    return torch.stack((scale, rem // cells, (rem % cells) // widths, rem % widths), dim=1)
+
+
+def gradcam_maps(loaded: LoadedModel, x, outputs, features, dets, meta, size):
+    """Grad-CAM of each detection's score (sigmoid(obj) x softmax(class)) with respect to the feature
+    map feeding its scale. Only that scale's head lies between the two, so the gradient comes from
+    re-running the head alone on the kept features (one batched pass per scale, all detections of
+    the scale at once) instead of a backward pass through the whole network per detection.
+    Returns (list of K maps [S, S] in 0..1, list of K strides)."""
+    heads = _scale_heads(loaded.model)
+    where = locate(outputs, dets, size, meta)
+    maps: list[torch.Tensor | None] = [None] * len(where)
+    for s in where[:, 0].unique().tolist():
+        idx = torch.nonzero(where[:, 0] == s).flatten()
+        n = len(idx)
+        feat = features[s].detach()
+        with torch.enable_grad():
+            f = feat.expand(n, *feat.shape[1:]).clone().requires_grad_(True)
+            out = heads[s](f)  # [n, 3, S, S, 5+C]
+            cell = out[torch.arange(n), where[idx, 1], where[idx, 2], where[idx, 3]]  # [n, 5+C]
+            score = cell[:, 0].sigmoid() * cell[:, 5:].softmax(-1)[torch.arange(n), dets[idx, 5].long()]
+            (grads,) = torch.autograd.grad(score.sum(), f)  # the copies are independent: one pass for all
+        weights = grads.mean(dim=(2, 3), keepdim=True)  # Grad-CAM: channel weights = pooled gradients
+        cams = torch.relu((weights * feat).sum(dim=1))  # [n, S, S]
+        for j, k in enumerate(idx.tolist()):
+            maps[k] = _normalise(cams[j])
+    strides = [size // outputs[s].shape[2] for s in where[:, 0].tolist()]
+    return maps, strides
+
+
+def eigencam_maps(loaded: LoadedModel, x, outputs, features, dets, meta, size):
+    """EigenCAM (first principal component of the features feeding each detection's scale);
+    gradient-free and class-agnostic, so detections of one scale share a map."""
+    where = locate(outputs, dets, size, meta)
+    scales = where[:, 0].tolist()
+    per_scale = {}
+    for s in set(scales):
+        proj = get_2d_projection(features[s].detach().float().numpy())[0]
+        per_scale[s] = _normalise(torch.from_numpy(proj).clamp(min=0))
+    return [per_scale[s] for s in scales], [size // outputs[s].shape[2] for s in scales]
+
+
+def _normalise(cam: torch.Tensor) -> torch.Tensor:
+    top = cam.max()
+    return cam / top if top > 0 else cam
+
+
+def cam_to_image(cam: torch.Tensor, meta: dict, shape: tuple[int, int]) -> np.ndarray:
+    """A map over the letterboxed input [S, S], cut to the image's area and resized to `shape` (h, w)."""
+    side = meta["input_size"]
+    full = cv2.resize(cam.float().numpy(), (side, side), interpolation=cv2.INTER_LINEAR)
+    left, top = meta["pad"]
+    h, w = meta["orig_size"]
+    crop = full[top: top + max(1, round(h * meta["scale"])), left: left + max(1, round(w * meta["scale"]))]
+    return cv2.resize(crop, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def overlay_cam(image01: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    return show_cam_on_image(image01, np.clip(heat, 0, 1), use_rgb=True, image_weight=0.55)
+
+
+# --- the page ---------------------------------------------------------------------------------
+def _about(loaded: LoadedModel | None, hub_repo: str | None) -> str:
+    classes = loaded.classes if loaded else VOC_CLASSES
+    lines = [f"### The {len(classes)} classes this model detects", ", ".join(f"`{c}`" for c in classes), ""]
+    if loaded is None:
+        lines += ["### Model", "No trained model is loaded."]
+        if hub_repo:
+            lines.append(f"Configured model repo: [{hub_repo}](https://huggingface.co/{hub_repo})")
+        return "\n".join(lines)
+    info = loaded.info
+    lines += ["### Model",
+              f"YOLOv3 (Darknet-53, width {info['width']}, {info.get('parameters', 0):,} parameters), "
+              f"trained at {info['image_size']}x{info['image_size']}; loaded from `{loaded.source}`."]
+    url = loaded.hub_url or (f"https://huggingface.co/{hub_repo}" if hub_repo else None)
+    lines.append(f"Model page: [{url}]({url})" if url else "Model page: not published (no Hugging Face repo set).")
+    training = info.get("training") or {}
+    if training.get("epoch") is not None:
+        lines.append(f"Training: epoch {training['epoch'] + 1} of {training.get('epochs_planned', '?')}, "
+                     f"{training.get('global_step', '?')} steps, data `{training.get('dataset') or 'synthetic'}`.")
+    metrics = info.get("metrics") or {}
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if numeric:
+        lines += ["", "| metric | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in numeric.items()]
+    else:
+        lines.append("The bundle records no evaluation metrics.")
+    ap = metrics.get("ap_per_class_voc07")
+    if isinstance(ap, dict) and ap:
+        lines += ["", "AP per class (VOC07 11-point): " + ", ".join(
+            f"{c} {v:.3f}" if isinstance(v, (int, float)) else f"{c} n/a" for c, v in ap.items())]
+    return "\n".join(lines)
+
+
+def sample_images(samples_dir: str | os.PathLike | None) -> list[str]:
+    if not samples_dir or not Path(samples_dir).is_dir():
+        return []
+    return [str(p) for p in sorted(Path(samples_dir).iterdir())
+            if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")][:12]
+
+
+class ImageUpload(gr.Image):
+    """gr.Image that hands the uploaded file's path to the app untouched: the app decodes it itself,
+    so a corrupt or odd file becomes a readable message in the page instead of a server error."""
+
+    is_template = True  # same front end as gr.Image
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        if getattr(payload, "path", None):
+            return payload.path
+        try:
+            return super().preprocess(payload)
+        except Exception as e:  # noqa: BLE001
+            raise gr.Error(f"This upload cannot be read as an image ({type(e).__name__}).") from None
+
+
+def build_demo(bundle: str | os.PathLike | None, samples_dir: str | os.PathLike | None,
+               hub_repo: str | None = None) -> gr.Blocks:
+    """The page. Loads the model once (cached for the process); works without one."""
+    loaded, status = load_source(bundle, hub_repo)
+    default_size = loaded.info["image_size"] if loaded and loaded.info["image_size"] in SIZES else 416
+    samples = sample_images(samples_dir)
+
+    def run(image, conf, iou, size, cam_method, top_k):
+        try:
+            result, state = predict_boxes(loaded, image, conf, iou, size, cam_method, top_k)
+            if state is not None and state["top_k"] > 0 and len(result.detections):
+                yield result.annotated, result.rows, [], result.message + " Computing the CAMs…"
+                result = add_cams(loaded, result, state)
+        except Exception as e:  # noqa: BLE001 - never a traceback in the page
+            log.exception("prediction failed")
+            result = Result(message=f"**Something went wrong while processing this image** ({type(e).__name__}). "
+                                    "Please try another image; the details are in the server log.")
+        yield result.annotated, result.rows, result.cams, result.message
+
+    with gr.Blocks(title="YOLOv3 on PASCAL VOC") as demo:
+        gr.Markdown("# YOLOv3 on PASCAL VOC: detections and the Grad-CAM of each one")
+        gr.Markdown(("⚠️ " + NO_MODEL + ("\n\n" + status if status else "")) if loaded is None else status,
+                    elem_id="model-status")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = ImageUpload(label="Image", type="filepath", image_mode=None,
+                                    sources=["upload", "clipboard"], height=360, elem_id="input-image")
+                if samples:
+                    gr.Examples(examples=[[p] for p in samples], inputs=[image], label="Samples (test split)",
+                                examples_per_page=12)
+                conf = gr.Slider(0.01, 0.99, value=DEFAULT_CONF, step=0.01, label="Confidence threshold")
+                iou = gr.Slider(0.05, 0.95, value=DEFAULT_IOU, step=0.05, label="NMS IoU threshold")
+                size = gr.Radio(list(SIZES), value=default_size, label="Input size (pixels)")
+                cam_method = gr.Radio(list(CAM_METHODS), value="Grad-CAM", label="Explanation")
+                top_k = gr.Slider(0, MAX_TOP_K, value=DEFAULT_TOP_K, step=1, label="CAMs for the top k detections")
+                button = gr.Button("Detect", variant="primary", interactive=loaded is not None)
+            with gr.Column(scale=1):
+                annotated = gr.Image(label="Detections", type="pil", format="jpeg", interactive=False,
+                                     elem_id="annotated")
+                message = gr.Markdown(NO_MODEL if loaded is None else "Upload an image or pick a sample.",
+                                      elem_id="message")
+                table = gr.Dataframe(headers=TABLE_HEADERS, label="Detections (original image pixels)",
+                                     interactive=False, elem_id="table")
+                gallery = gr.Gallery(label="Per detection", columns=3, height="auto", format="jpeg",
+                                     elem_id="cams")
+        with gr.Accordion("About the model and its classes", open=loaded is None):
+            gr.Markdown(_about(loaded, hub_repo), elem_id="about")
+        inputs = [image, conf, iou, size, cam_method, top_k]
+        outputs = [annotated, table, gallery, message]
+        button.click(run, inputs, outputs, api_name="predict")
+        image.change(run, inputs, outputs, api_name=False)
+    return demo
+
+
+def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, concurrency: int = 1,
+          max_file_size: str | int = MAX_UPLOAD, block: bool = True):
+    """Queue (at most `concurrency` predictions at once, the rest wait their turn) and launch."""
+    demo.queue(default_concurrency_limit=concurrency, max_size=64)
+    return demo.launch(server_name=host, server_port=port, max_file_size=max_file_size, show_error=True,
+                       prevent_thread_lock=not block, quiet=not block)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="YOLOv3 on PASCAL VOC: Gradio app")
+    p.add_argument("--bundle", help="model bundle folder (model.safetensors + config.json)")
+    p.add_argument("--hub-repo", help="Hugging Face model repo holding a bundle (user/name)")
+    p.add_argument("--samples", default=str(HERE / "examples"), help="folder of sample images")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    p.add_argument("--concurrency", type=int, default=int(os.environ.get("YOLO_CONCURRENCY", "1")),
+                   help="requests run at once; the rest wait in the queue")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    bundle, hub_repo = default_sources(args.bundle, args.hub_repo)
+    demo = build_demo(bundle, args.samples, hub_repo)
+    serve(demo, args.host, args.port, args.concurrency)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,318 @@
+"""A folder ready to push as a Hugging Face Space: the app, the helpers it imports, a bundle, samples.
+
+    python -m helpers.space build OUT --bundle DIR --samples DATASET [--hub-repo ID] [--count 6]
+    python -m helpers.space samples OUT --samples DATASET [--count 6]
+
+`build` writes
+    OUT/app.py                 the app (app/app.py)
+    OUT/helpers/...            exactly the helpers modules the app imports, found by reading the imports
+    OUT/requirements.txt       the third-party packages those files import (CPU torch from PyTorch's index)
+    OUT/README.md              the Spaces front matter (sdk gradio at this Gradio's version) and a model card
+    OUT/bundle/                the model bundle (or, with --hub-repo and no --bundle, only its Hub id)
+    OUT/space_settings.json    where the app finds its model
+    OUT/examples/              sample photos from the dataset's test split, unchanged, with ATTRIBUTION.md
+    OUT/.gitattributes         large files through Git LFS (the Hub's rule for files over 10 MB)
+Nothing existing is overwritten: OUT must be new or empty.
+
+Samples: photos whose licence is known to allow sharing (CC BY, CC BY-SA, no known restrictions; the
+table in app/examples/coco_licences.json) come first, then the most classes for the fewest images.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.metadata as md
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+from .annotations import DatasetError, Record, load_records
+from .config import VOC_CLASSES
+from .export import CONFIG, WEIGHTS, read_bundle_config
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "app" / "app.py"
+KNOWN_LICENCES = ROOT / "app" / "examples" / "coco_licences.json"
+SHAREABLE = ("Attribution License", "Attribution-ShareAlike License", "No known copyright restrictions",
+             "United States Government Work")
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+# packages the Space's base image provides (Gradio at sdk_version) or that come with the interpreter
+PROVIDED = {"gradio", "gradio_client"}
+
+
+# --- what the app needs ---------------------------------------------------------------------------
+def _imports(path: Path, lazy_helpers: bool) -> tuple[set[str], set[str]]:
+    """(helpers modules, third-party top-level modules) that `path` imports.
+
+    Third-party imports count wherever they are (a superset is harmless in requirements.txt);
+    helpers modules imported inside functions count only with `lazy_helpers` (for the app itself):
+    inside helpers they are training-side extras (e.g. export's checkpoint reader, which brings
+    Lightning), and the test that runs the built Space catches any the app really needs.
+    """
+    helpers, external = set(), set()
+    tree = ast.parse(path.read_text(), filename=str(path))
+    in_functions = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    for n in ast.walk(f) if n is not f}
+    for node in ast.walk(tree):
+        names: set[str] = set()
+        if isinstance(node, ast.ImportFrom):
+            parts = (node.module or "").split(".")
+            if node.level or parts[0] == "helpers":
+                inner = parts if node.level else parts[1:]
+                names = {inner[0]} if inner and inner[0] else {a.name for a in node.names}
+            else:
+                external.add(parts[0])
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                parts = a.name.split(".")
+                if parts[0] == "helpers" and len(parts) > 1:
+                    names.add(parts[1])
+                elif parts[0] != "helpers":
+                    external.add(parts[0])
+        if names and (lazy_helpers or id(node) not in in_functions):
+            helpers |= names
+    return helpers, external
+
+
+def app_modules(app: Path = APP) -> tuple[list[Path], set[str]]:
+    """The helpers files the app imports, transitively, and the third-party modules all of them import."""
+    package = ROOT / "helpers"
+    todo, seen, external = [app], set(), set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        mods, ext = _imports(path, lazy_helpers=path == app)
+        external |= ext
+        todo += [package / f"{m}.py" for m in mods if (package / f"{m}.py").is_file()]
+    files = {p for p in seen if p != app} | {package / "__init__.py"}
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    return sorted(files), {m for m in external if m not in stdlib}
+
+
+def requirements(external: set[str]) -> str:
+    """requirements.txt for the third-party modules: distributions found from the installed packages,
+    each at least the version tested here; torch and torchvision from the CPU wheel index."""
+    dists = md.packages_distributions()
+    lines = [f"--extra-index-url {CPU_TORCH_INDEX}"]
+    names = set()
+    for module in sorted(external):
+        if module in PROVIDED:
+            continue
+        for dist in dists.get(module, [module]):
+            names.add(dist)
+    for dist in sorted(names, key=str.lower):
+        try:
+            version = md.version(dist)
+        except md.PackageNotFoundError:
+            lines.append(dist)
+            continue
+        release = ".".join(version.split("+")[0].split(".")[:2])  # 2.14.1+cpu -> 2.14
+        lines.append(f"{dist}>={release}")
+    return "\n".join(lines) + "\n"
+
+
+# --- samples --------------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    record: Record
+    licence: str | None  # the licence name when known
+    credit: str  # one line: where the photo comes from
+
+
+def _known_licences(path: Path = KNOWN_LICENCES) -> dict:
+    return json.loads(path.read_text())["images"] if path.is_file() else {}
+
+
+def _xml_source(record: Record) -> dict:
+    """What a VOC annotation says of the photo's origin (<source>, <owner>), if anything."""
+    if record.label_path is None or record.label_path.suffix != ".xml":
+        return {}
+    try:
+        root = ET.parse(record.label_path).getroot()
+    except (ET.ParseError, OSError):
+        return {}
+    return {k: (root.findtext(p) or "").strip() for k, p in (
+        ("database", "source/database"), ("image", "source/image"), ("flickrid", "source/flickrid"),
+        ("owner", "owner/name"), ("owner_flickrid", "owner/flickrid")) if (root.findtext(p) or "").strip()}
+
+
+def describe(record: Record, known: dict) -> Sample:
+    stem = record.image_path.stem
+    if stem in known:
+        k = known[stem]
+        credit = (f"MS COCO 2017 {k['coco_split']} id {k['coco_id']} ({k['coco_url']}); Flickr photo "
+                  f"{k['flickr_url']} (photographer not recorded by COCO); licence {k['licence']} "
+                  f"({k['licence_url']})")
+        return Sample(record, k["licence"], credit)
+    src = _xml_source(record)
+    parts = [src.get("database", f"dataset folder {record.image_path.parents[1].name}")]
+    if src.get("image"):
+        parts.append(f"image from {src['image']}" + (f" (id {src['flickrid']})" if src.get("flickrid") else ""))
+    if src.get("owner") or src.get("owner_flickrid"):
+        parts.append(f"owner {src.get('owner') or src.get('owner_flickrid')}")
+    parts.append("licence not recorded: the dataset's terms apply")
+    return Sample(record, None, "; ".join(parts))
+
+
+def choose_samples(records: list[Record], count: int, known: dict | None = None) -> list[Sample]:
+    """Up to `count` photos: shareable licences first, then greedily the most new classes, then by name."""
+    known = _known_licences() if known is None else known
+    samples = [describe(r, known) for r in records if len(r.labels)]
+    samples.sort(key=lambda s: s.record.image_path.name)
+    chosen: list[Sample] = []
+    covered: set[int] = set()
+    for tier in (True, False):
+        pool = [s for s in samples if (s.licence in SHAREABLE) == tier]
+        while pool and len(chosen) < count:
+            best = max(pool, key=lambda s: (len(set(s.record.labels.tolist()) - covered), -pool.index(s)))
+            pool.remove(best)
+            chosen.append(best)
+            covered |= set(best.record.labels.tolist())
+    return chosen
+
+
+def write_samples(dataset: str | Path, out: str | Path, split: str = "test", count: int = 6,
+                  classes=VOC_CLASSES) -> list[Path]:
+    """Copy chosen test-split photos (bytes unchanged) into `out` with ATTRIBUTION.md."""
+    out = Path(out)
+    _refuse_existing(out)
+    records = load_records(dataset, split, classes)
+    from .imageio import ImageError, read_image
+
+    usable = []
+    for r in records:
+        try:
+            read_image(r.image_path, max_side=64)
+            usable.append(r)
+        except ImageError as e:
+            print(f"sample skipped: {e}", file=sys.stderr)
+    chosen = choose_samples(usable, count)
+    if not chosen:
+        raise DatasetError(f"{dataset}: no usable image with objects in split {split!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Sample images", "",
+             f"{len(chosen)} photos from the `{split}` split of the dataset `{_dataset_name(dataset)}`, copied unchanged "
+             "(the app shows them as examples). Photos whose licence allows sharing were preferred.", "",
+             "| file | objects | licence | source and credit |", "|---|---|---|---|"]
+    written = []
+    for s in chosen:
+        target = out / s.record.image_path.name
+        shutil.copyfile(s.record.image_path, target)
+        written.append(target)
+        names = sorted({classes[c] for c in s.record.labels.tolist()})
+        lines.append(f"| {target.name} | {', '.join(names)} | {s.licence or 'not recorded'} | {s.credit} |")
+    known = _known_licences()
+    if any(s.record.image_path.stem in known for s in chosen):
+        lines += ["", "Boxes drawn on these photos by the app are the model's, not COCO's. The COCO "
+                  "annotations behind the dataset are CC BY 4.0, (c) COCO Consortium. The images remain "
+                  "under the licences above, as the Flickr terms of use and the COCO terms of use say."]
+    (out / "ATTRIBUTION.md").write_text("\n".join(lines) + "\n")
+    return written
+
+
+def _dataset_name(dataset: str | Path) -> str:
+    path = Path(dataset).resolve()
+    return f"{path.parent.name}/{path.name}" if path.name.lower() == "vocdevkit" else path.name
+
+
+# --- the Space ------------------------------------------------------------------------------------
+def readme(title: str, info: dict | None, hub_repo: str | None, licence: str, gradio_version: str) -> str:
+    front = ["---", f"title: {title}", "emoji: 🔎", "colorFrom: indigo", "colorTo: green", "sdk: gradio",
+             f"sdk_version: {gradio_version}", "app_file: app.py", "pinned: false", f"license: {licence}",
+             "short_description: YOLOv3 on PASCAL VOC with a Grad-CAM for each detection"]
+    if hub_repo:
+        front += ["models:", f"  - {hub_repo}"]
+    front.append("---")
+    body = ["", f"# {title}", "",
+            "YOLOv3 (Darknet-53) trained from scratch on PASCAL VOC with PyTorch Lightning. Upload a photo or "
+            "pick a sample: the app draws the detected objects of the 20 VOC classes, lists them, and shows "
+            "the Grad-CAM of each detection (or EigenCAM).", ""]
+    if info is not None:
+        body.append(f"Model: width {info['width']}, {info.get('parameters', 0):,} parameters, trained at "
+                    f"{info['image_size']} px; weights in `bundle/` (safetensors, no pickle).")
+    if hub_repo:
+        body.append(f"Model repo: https://huggingface.co/{hub_repo}")
+    body += ["", "Sample photos and their licences: `examples/ATTRIBUTION.md`.", ""]
+    return "\n".join(front + body)
+
+
+def _refuse_existing(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; nothing is overwritten: choose a new folder")
+
+
+def build(out: str | Path, bundle: str | Path | None, samples: str | Path | None, hub_repo: str | None = None,
+          split: str = "test", count: int = 6, title: str = "YOLOv3 PASCAL VOC Grad-CAM",
+          licence: str = "other") -> Path:
+    out = Path(out)
+    _refuse_existing(out)
+    if bundle is None and hub_repo is None:
+        raise ValueError("give --bundle DIR, --hub-repo ID, or both: the Space needs a model")
+    info = read_bundle_config(bundle) if bundle is not None else None  # a bad bundle fails before any write
+    if info is not None and not (Path(bundle) / WEIGHTS).is_file():
+        raise ValueError(f"{bundle}: {WEIGHTS} missing")
+    hub_repo = hub_repo or (info or {}).get("hub_repo")
+    import gradio
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(APP, out / "app.py")
+    files, external = app_modules()
+    (out / "helpers").mkdir()
+    for f in files:
+        shutil.copyfile(f, out / "helpers" / f.name)
+    (out / "requirements.txt").write_text(requirements(external))
+    settings = {"bundle": None, "hub_repo": hub_repo}
+    if bundle is not None:
+        (out / "bundle").mkdir()
+        for name in (WEIGHTS, CONFIG):
+            shutil.copyfile(Path(bundle) / name, out / "bundle" / name)
+        settings["bundle"] = "bundle"
+    (out / "space_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    if samples is not None:
+        write_samples(samples, out / "examples", split=split, count=count)
+    (out / "README.md").write_text(readme(title, info, hub_repo, licence, gradio.__version__))
+    (out / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+                                        "*.jpg filter=lfs diff=lfs merge=lfs -text\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m helpers.space", description="Build a Hugging Face Space folder.")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="write a folder ready to push as a Space")
+    b.add_argument("out")
+    b.add_argument("--bundle", help="model bundle folder (helpers.export)")
+    b.add_argument("--hub-repo", help="Hugging Face model repo with the bundle (downloaded by the Space)")
+    b.add_argument("--samples", help="dataset folder (VOCdevkit or course layout) to take sample photos from")
+    b.add_argument("--split", default="test")
+    b.add_argument("--count", type=int, default=6)
+    b.add_argument("--title", default="YOLOv3 PASCAL VOC Grad-CAM")
+    b.add_argument("--license", default="other", help="the Space's licence id for its front matter")
+    s = sub.add_parser("samples", help="only write sample photos and their attribution")
+    s.add_argument("out")
+    s.add_argument("--samples", required=True)
+    s.add_argument("--split", default="test")
+    s.add_argument("--count", type=int, default=6)
+    args = p.parse_args(argv)
+    try:
+        if args.command == "build":
+            out = build(args.out, args.bundle, args.samples, args.hub_repo, args.split, args.count, args.title,
+                        args.license)
+            print(f"Space written: {out}\n  push it with: huggingface-cli upload <user>/<space> {out} . "
+                  "--repo-type space")
+        else:
+            for path in write_samples(args.samples, args.out, args.split, args.count):
+                print(path)
+    except (FileExistsError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

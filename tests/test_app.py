@@ -1,0 +1,430 @@
+"""The app's functions (boxes, table, one CAM per detection), every bad input, no-model mode, the
+Space builder, and the app served on a local port and called with gradio_client."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from app import app as webapp
+from helpers.config import VOC_CLASSES, Config
+from helpers.export import write_bundle
+from helpers.model import ScalePrediction, YOLOv3
+from helpers.synthetic import make_voc_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "app" / "examples"
+SIZE = 128  # tiny model at a small input: the whole file stays fast on 2 CPU cores
+PERSON = VOC_CLASSES.index("person")
+
+
+def tiny_confident_model(seed: int = 0) -> YOLOv3:
+    """A random-init tiny YOLOv3 whose head biases make every cell a confident 'person'.
+
+    An untrained model scores about sigmoid(0) x 1/20 = 0.025 everywhere, so whether anything passes a
+    realistic threshold would depend on the random draw. Objectness bias +6 (sigmoid ~ 0.998) and
+    person bias +5 (softmax ~ 0.89 against 19 zeros) put every candidate near 0.88: detections are
+    certain, NMS decides which survive, and the features still drive the scores (so gradients exist).
+    """
+    torch.manual_seed(seed)
+    model = YOLOv3(num_classes=20, width=0.125).eval()
+    with torch.no_grad():
+        for head in (m for m in model.layers if isinstance(m, ScalePrediction)):
+            bias = head.pred[1].conv.bias.view(3, 25)
+            bias[:, 0] = 6.0
+            bias[:, 5 + PERSON] = 5.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    cfg = Config()
+    cfg.model.width = 0.125
+    cfg.data.image_size = SIZE
+    return write_bundle(tiny_confident_model(), cfg, tmp_path_factory.mktemp("b") / "bundle",
+                        metrics={"val/map50_voc07": 0.123}, hub_repo="someone/yolov3-voc")
+
+
+@pytest.fixture(scope="module")
+def loaded(bundle):
+    model, status = webapp.load_source(bundle)
+    assert model is not None, status
+    return model
+
+
+@pytest.fixture(scope="module")
+def sample() -> Path:
+    return sorted(SAMPLES.glob("*.jpg"))[0]
+
+
+def run(loaded, image, **kw):
+    settings = dict(conf=0.5, iou=0.45, size=SIZE, cam_method="Grad-CAM", top_k=3) | kw
+    return webapp.predict(loaded, image, **settings)
+
+
+# --- the functions ----------------------------------------------------------------------------
+def test_predict_gives_boxes_table_and_one_cam_per_detection(loaded, sample):
+    r = run(loaded, str(sample), top_k=4)
+    w, h = Image.open(sample).size
+    assert r.annotated is not None and r.annotated.size == (w, h)
+    assert len(r.rows) == len(r.detections) >= 4
+    assert len(r.cams) == 4
+    for k, (image, caption) in enumerate(r.cams):
+        assert image.size == (w, h)
+        assert caption.startswith(f"{k + 1}. person {r.rows[k][2]:.2f}") and "Grad-CAM" in caption
+    assert not np.array_equal(np.asarray(r.cams[0][0]), np.asarray(r.annotated))  # a heat map is on it
+
+
+def test_table_rows_are_sorted_scored_classed_and_inside_the_image(loaded, sample):
+    r = run(loaded, str(sample))
+    w, h = Image.open(sample).size
+    rows = np.array([row[2:] for row in r.rows], dtype=float)
+    assert [row[0] for row in r.rows] == list(range(1, len(r.rows) + 1))
+    assert all(row[1] in VOC_CLASSES for row in r.rows)
+    assert (np.diff(rows[:, 0]) <= 0).all() and (rows[:, 0] > 0.5).all()
+    assert (rows[:, 1] >= 0).all() and (rows[:, 3] <= w).all() and (rows[:, 4] <= h).all()
+    assert (rows[:, 3] > rows[:, 1]).all() and (rows[:, 4] > rows[:, 2]).all()
+
+
+def test_top_k_zero_gives_boxes_without_cams_and_threshold_one_gives_none(loaded, sample):
+    assert run(loaded, str(sample), top_k=0).cams == []
+    r = run(loaded, str(sample), conf=1.0)
+    assert r.rows == [] and r.cams == [] and "0 detections" in r.message and "lower" in r.message
+
+
+@pytest.mark.slow
+def test_gradcam_equals_pytorch_grad_cam_on_the_whole_network(loaded, sample):
+    """Our head-only Grad-CAM is the library's Grad-CAM (target layer = the feature map feeding the
+    detection's scale, target = the detection's score), computed on the unfused model end to end."""
+    from pytorch_grad_cam import GradCAM
+
+    upload = webapp.read_upload(sample)
+    result, state = webapp.predict_boxes(loaded, upload, 0.5, 0.45, SIZE, "Grad-CAM", 3)
+    top = result.detections[:3]
+    ours, _ = webapp.gradcam_maps(loaded, state["x"], state["outputs"], state["features"], top, state["meta"], SIZE)
+    where = webapp.locate(state["outputs"], top, SIZE, state["meta"])
+    plain = tiny_confident_model().eval()  # the same weights, BatchNorm not folded
+
+    for k in range(len(top)):
+        s, a, i, j = where[k].tolist()
+        c = int(top[k, 5])
+
+        class OneCell(torch.nn.Module):
+            def __init__(self, where):
+                super().__init__()
+                self.net, self.where = plain, where
+
+            def forward(self, x):
+                s, a, i, j = self.where
+                return self.net(x)[s][:, a, i, j, :]  # [B, 5+C]
+
+        def score(out, c=c):
+            return out[0].sigmoid() * out[5:].softmax(-1)[c]
+
+        with GradCAM(model=OneCell((s, a, i, j)), target_layers=[plain.head_inputs[s]]) as cam:
+            lib = cam(input_tensor=state["x"].contiguous(), targets=[score])[0]
+        # the library min-max scales, resizes to the input, and min-max scales again: do the same
+        mine = cv2.resize(minmax(ours[k].numpy()), (SIZE, SIZE))
+        np.testing.assert_allclose(minmax(mine), lib, atol=1e-4)
+
+
+def minmax(a: np.ndarray) -> np.ndarray:
+    return (a - a.min()) / (1e-7 + a.max() - a.min())
+
+
+def test_eigencam_gives_one_map_per_detection(loaded, sample):
+    r = run(loaded, str(sample), cam_method="EigenCAM", top_k=2)
+    assert len(r.cams) == 2 and all("EigenCAM" in caption for _, caption in r.cams)
+
+
+def test_locate_finds_each_detection_in_the_raw_outputs(loaded, sample):
+    upload = webapp.read_upload(sample)
+    result, state = webapp.predict_boxes(loaded, upload, 0.5, 0.45, SIZE, "Grad-CAM", 3)
+    dets = result.detections
+    where = webapp.locate(state["outputs"], dets, SIZE, state["meta"])
+    for (s, a, i, j), det in zip(where.tolist(), dets):
+        cell = state["outputs"][s][0, a, i, j]
+        score = cell[0].sigmoid() * cell[5:].softmax(-1)[int(det[5])]
+        assert abs(float(score) - float(det[4])) < 1e-5
+
+
+def test_model_is_loaded_once_per_source(bundle, monkeypatch):
+    calls = []
+    real = webapp.load_bundle
+    monkeypatch.setattr(webapp, "load_bundle", lambda *a, **k: calls.append(a) or real(*a, **k))
+    copy = bundle.parent / "same-bundle"
+    copy.symlink_to(bundle, target_is_directory=True)
+    first, _ = webapp.load_source(copy)
+    second, _ = webapp.load_source(copy)
+    assert first is second and len(calls) == 1
+
+
+# --- no model -----------------------------------------------------------------------------------
+def test_without_a_model_predict_says_so_and_shows_nothing(sample):
+    r = webapp.predict(None, str(sample))
+    assert "No trained model is loaded" in r.message and "--bundle" in r.message
+    assert r.annotated is None and r.rows == [] and r.cams == []
+
+
+def test_without_a_model_the_page_builds_and_states_it():
+    demo = webapp.build_demo(None, SAMPLES)
+    texts = json.dumps(demo.config)
+    assert "No trained model is loaded" in texts and "YOLO_HUB_REPO" in texts
+
+
+def test_unreachable_hub_repo_fails_gracefully(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no network anyway; offline makes it instant
+    model, status = webapp.load_source(None, "nobody-here/no-such-yolo-repo")
+    assert model is None and "Could not download" in status and "no-such-yolo-repo" in status
+
+
+def test_broken_bundle_fails_gracefully(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{}")
+    model, status = webapp.load_source(tmp_path / "bad")
+    assert model is None and "Could not load the model bundle" in status
+
+
+# --- bad input ------------------------------------------------------------------------------------
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header claims width x height (a decompression bomb, without the memory)."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8  # signature, then the IHDR chunk: length(4) type(4) width(4) height(4) ...
+    data[ihdr + 8: ihdr + 16] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr + 4: ihdr + 8 + 13]))
+    data[ihdr + 8 + 13: ihdr + 8 + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("notes.txt", b"this is not an image at all\n"),
+    ("empty.jpg", b""),
+    ("garbage.jpg", bytes(range(256)) * 40),
+    ("truncated.jpg", None),  # the first 120 bytes of a real JPEG: header, no image data
+    ("bomb.png", None),
+])
+def test_unusable_files_give_a_readable_message_not_an_error(loaded, sample, tmp_path, name, content):
+    path = tmp_path / name
+    if name == "truncated.jpg":
+        content = sample.read_bytes()[:120]
+    elif name == "bomb.png":
+        content = _png_claiming(30000, 30000)
+    path.write_bytes(content)
+    r = run(loaded, str(path))
+    assert r.annotated is None and r.rows == [] and r.cams == []
+    assert "cannot be used as an image" in r.message and "Traceback" not in r.message
+    assert str(tmp_path) not in r.message  # the server's temporary path is not shown
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "LA"])
+def test_any_image_mode_gives_a_correct_result(loaded, sample, tmp_path, mode):
+    rgb = Image.open(sample).convert("RGB").resize((160, 120))
+    if mode == "I;16":
+        image = Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257).astype(np.uint16))
+        assert image.mode.startswith("I;16")
+    elif mode == "RGBA":
+        image = rgb.convert("RGBA")
+        image.putalpha(Image.linear_gradient("L").resize(rgb.size))
+    else:
+        image = rgb.convert(mode)
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    image.save(path)
+    r = run(loaded, str(path))
+    assert r.annotated is not None and r.annotated.size == (160, 120) and r.annotated.mode == "RGB"
+    assert len(r.rows) > 0 and len(r.cams) == 3
+    if mode not in ("L",):
+        assert "converted from" in r.message
+
+
+def test_exif_rotated_photo_is_shown_upright_with_boxes_on_the_upright_image(loaded, sample, tmp_path):
+    upright = Image.open(sample).convert("RGB").resize((120, 160))  # portrait, as the viewer should see it
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # landscape pixels, as a phone stores them
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    stored.save(tmp_path / "phone.png", exif=exif.tobytes())
+    upright.save(tmp_path / "plain.png")
+    assert ImageOps.exif_transpose(Image.open(tmp_path / "phone.png")).size == (120, 160)
+
+    rotated, plain = run(loaded, str(tmp_path / "phone.png")), run(loaded, str(tmp_path / "plain.png"))
+    assert rotated.annotated.size == (120, 160)
+    assert np.array_equal(np.asarray(webapp.read_upload(tmp_path / "phone.png").image), np.asarray(upright))
+    assert rotated.rows == plain.rows and len(rotated.rows) > 0
+    assert "upright" in rotated.message
+
+    # a JPEG from a phone too (lossy, so only the geometry is compared)
+    stored.save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    assert run(loaded, str(tmp_path / "phone.jpg")).annotated.size == (120, 160)
+
+
+def test_huge_image_is_downscaled_first_and_reported_in_original_pixels(loaded, sample, tmp_path):
+    big = Image.open(sample).convert("RGB").resize((5000, 3000))
+    big.save(tmp_path / "big.jpg", quality=80)
+    r = run(loaded, str(tmp_path / "big.jpg"), top_k=1)
+    assert max(r.annotated.size) == webapp.MAX_SIDE and r.annotated.size == (2048, 1229)
+    assert "downscaled from 5000x3000" in r.message
+    rows = np.array([row[3:] for row in r.rows], dtype=float)
+    assert rows[:, 2].max() <= 5000 and rows[:, 3].max() <= 3000 and rows[:, 2].max() > 2048
+
+
+@pytest.mark.parametrize("settings, expected", [
+    (dict(conf=1.5), "must lie in 0..1"),
+    (dict(iou=-0.1), "must lie in 0..1"),
+    (dict(size=100), "multiple of 32"),
+    (dict(cam_method="LIME"), "CAM method"),
+    (dict(top_k="many"), "must be numbers"),
+])
+def test_bad_settings_give_a_message(loaded, sample, settings, expected):
+    r = run(loaded, str(sample), **settings)
+    assert r.annotated is None and expected in r.message
+
+
+def test_no_image_asks_for_one(loaded):
+    assert "Upload an image" in run(loaded, None).message
+
+
+# --- the Space ------------------------------------------------------------------------------------
+def test_app_requirements_file_is_what_the_space_builder_derives():
+    from helpers.space import app_modules, requirements
+
+    assert (ROOT / "app" / "requirements.txt").read_text() == requirements(app_modules()[1])
+
+
+def test_app_readme_has_the_spaces_front_matter():
+    import gradio
+
+    text = (ROOT / "app" / "README.md").read_text()
+    front = dict(line.split(": ", 1) for line in text.split("---")[1].strip().splitlines() if ": " in line)
+    assert front["sdk"] == "gradio" and front["sdk_version"] == gradio.__version__
+    assert front["app_file"] == "app.py" and {"title", "emoji", "pinned", "license"} <= set(front)
+
+
+def test_app_examples_are_few_real_photos_each_attributed():
+    photos = sorted(SAMPLES.glob("*.jpg"))
+    assert 1 <= len(photos) <= 6
+    attribution = (SAMPLES / "ATTRIBUTION.md").read_text()
+    known = json.loads((SAMPLES / "coco_licences.json").read_text())["images"]
+    for p in photos:
+        assert p.name in attribution and known[p.stem]["licence"] in attribution
+        assert known[p.stem]["licence"] in ("Attribution License", "Attribution-ShareAlike License",
+                                            "No known copyright restrictions")
+
+
+@pytest.mark.slow
+def test_space_build_is_self_contained_and_runs(bundle, tmp_path):
+    from helpers.space import build
+    from helpers.space import main as space_main
+
+    voc = make_voc_dataset(tmp_path / "voc", n_trainval=2, n_test=4, image_size=(96, 72), seed=3)
+    out = build(tmp_path / "space", bundle, voc, count=3)
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"app.py", "requirements.txt", "README.md", "space_settings.json", "bundle/model.safetensors",
+            "bundle/config.json", "examples/ATTRIBUTION.md", "helpers/__init__.py", "helpers/export.py"} <= names
+    assert len([n for n in names if n.startswith("examples/") and n.endswith(".jpg")]) == 3
+    assert "helpers/checkpoints.py" not in names  # training-only modules stay out
+    readme = (out / "README.md").read_text()
+    assert "sdk: gradio" in readme and "app_file: app.py" in readme and "someone/yolov3-voc" in readme
+    assert "download.pytorch.org/whl/cpu" in (out / "requirements.txt").read_text()
+
+    # The Space runs from its own folder only (the repository is not importable there).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "YOLO_BUNDLE", "YOLO_HUB_REPO")}
+    script = ("import sys, app; m, s = app.load_source(*app.default_sources()); assert m is not None, s; "
+              "import pathlib; p = sorted(pathlib.Path('examples').glob('*.jpg'))[0]; "
+              "r = app.predict(m, str(p), conf=0.5, size=128, top_k=2); "
+              "assert len(r.cams) == 2, r.message; "
+              "assert all(mod.__file__.startswith(sys.path[0]) for n, mod in sys.modules.items() "
+              "if n.startswith('helpers')); print('ok', len(r.rows))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=out, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-2000:]
+
+    assert space_main(["build", str(out), "--bundle", str(bundle)]) == 2  # never overwritten
+
+
+def test_space_prefers_shareable_licences_then_class_coverage():
+    from helpers.annotations import Record
+    from helpers.space import choose_samples
+
+    def rec(name, labels):
+        return Record(Path(f"/d/{name}.jpg"), np.zeros((len(labels), 4), np.float32), np.array(labels),
+                      np.zeros(len(labels), bool))
+
+    records = [rec("a", [0]), rec("b", [0, 1]), rec("c", [2]), rec("d", [3, 4, 5]), rec("e", [])]
+    known = {"c": {"licence": "Attribution License", "coco_split": "train2017", "coco_id": 1, "coco_url": "u",
+                   "flickr_url": "f", "licence_url": "l"}}
+    chosen = [s.record.image_path.stem for s in choose_samples(records, 3, known)]
+    assert chosen == ["c", "d", "b"]  # licensed first, then most new classes; empty images never
+
+
+# --- served on a local port -------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    demo = webapp.build_demo(bundle, SAMPLES)
+    port = free_port()
+    webapp.serve(demo, "127.0.0.1", port, concurrency=1, max_file_size="1mb", block=False)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.mark.slow
+def test_served_app_answers_gradio_client_upload_with_thresholds(server, sample):
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    # two requests at once: the queue runs them one after the other, both answer
+    jobs = [client.submit(handle_file(str(sample)), conf, 0.45, 416, "Grad-CAM", 2, api_name="/predict")
+            for conf in (0.5, 0.95)]
+    results = [job.result(timeout=120) for job in jobs]
+    (annotated, table, gallery, message), (_, strict_table, _, _) = results
+    assert Path(annotated).is_file() and Image.open(annotated).size == Image.open(sample).size
+    rows = table["data"]
+    assert table["headers"] == webapp.TABLE_HEADERS and len(rows) >= 2
+    assert len(gallery) == 2 and all(Path(item["image"]).is_file() for item in gallery)
+    assert [item["caption"].split(" · ")[0] for item in gallery] == [f"{r[0]}. {r[1]} {r[2]:.2f}" for r in rows[:2]]
+    assert "detection" in message and "Grad-CAM" in message
+    assert len(strict_table["data"]) <= len(rows)  # a higher threshold keeps fewer boxes
+
+
+@pytest.mark.slow
+def test_served_app_refuses_uploads_over_the_size_limit_and_explains_bad_files(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 800, 3), np.uint8)).save(big)
+    assert big.stat().st_size > 1_000_000
+    with pytest.raises(Exception, match="(?i)size|large|exceed"):
+        client.predict(handle_file(str(big)), 0.5, 0.45, 416, "Grad-CAM", 1, api_name="/predict")
+    bad = tmp_path / "not-a-photo.jpg"
+    bad.write_bytes(b"hello")
+    annotated, table, gallery, message = client.predict(handle_file(str(bad)), 0.5, 0.45, 416, "Grad-CAM", 1,
+                                                         api_name="/predict")
+    assert annotated is None and "cannot be used as an image" in message
+
+
+def test_serve_queues_requests_one_at_a_time_by_default(bundle):
+    demo = webapp.build_demo(bundle, SAMPLES)
+    demo.queue(default_concurrency_limit=1)
+    fns = [fn for fn in demo.fns.values() if fn.api_name == "predict"]
+    assert fns and all(fn.concurrency_limit in (1, "default") for fn in fns)
+    assert threading.active_count() >= 1
