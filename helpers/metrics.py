@@ -104,51 +104,62 @@ class YoloAccuracy(Metric):
 
 # --------------------------------------------------------------------------- VOC AP
 def _gather(detections: Sequence[torch.Tensor], ground_truths: Sequence[Mapping], num_classes: int):
-    """Flatten per-image inputs to whole-set arrays (CPU, float64 boxes)."""
+    """Flatten per-image inputs to whole-set NumPy arrays (float64 boxes and scores).
+
+    One concatenation per field, so the per-image cost is a few list appends (thousands of images).
+    """
     if len(detections) != len(ground_truths):
         raise ValueError(f"voc_map: {len(detections)} images of detections but {len(ground_truths)} "
                          "of ground truth (one entry per image in both, in the same order)")
-    dets = [torch.as_tensor(d).detach().cpu().double().reshape(-1, 6) for d in detections]
-    d_img = torch.repeat_interleave(torch.arange(len(dets)), torch.tensor([len(d) for d in dets], dtype=torch.long))
-    d = torch.cat(dets) if dets else torch.zeros(0, 6, dtype=torch.float64)
+    dets = [torch.as_tensor(d).reshape(-1, 6) for d in detections]
+    d_counts = np.array([len(d) for d in dets], dtype=np.int64)
+    d = torch.cat(dets).detach().cpu().double().numpy() if dets else np.zeros((0, 6))
 
-    g_boxes, g_labels, g_diff, g_counts = [], [], [], []
+    boxes, labels, diffs = [], [], []
     for i, gt in enumerate(ground_truths):
         try:
-            boxes = torch.as_tensor(gt["boxes"]).detach().cpu().double().reshape(-1, 4)
-            labels = torch.as_tensor(gt["labels"]).detach().cpu().long().reshape(-1)
+            boxes.append(torch.as_tensor(gt["boxes"]).reshape(-1, 4))
+            labels.append(torch.as_tensor(gt["labels"]).reshape(-1))
         except KeyError as e:
             raise ValueError(f"voc_map: ground truth {i} lacks {e}; expected keys boxes, labels, difficult") from e
         diff = gt.get("difficult")
-        diff = (torch.zeros(len(labels), dtype=torch.bool) if diff is None
-                else torch.as_tensor(diff).detach().cpu().bool().reshape(-1))
-        if not len(boxes) == len(labels) == len(diff):
-            raise ValueError(f"voc_map: ground truth {i} has {len(boxes)} boxes, {len(labels)} labels, "
-                             f"{len(diff)} difficult flags")
-        g_boxes.append(boxes)
-        g_labels.append(labels)
-        g_diff.append(diff)
-        g_counts.append(len(labels))
-    g_img = torch.repeat_interleave(torch.arange(len(g_counts)), torch.tensor(g_counts, dtype=torch.long))
-    g_box = torch.cat(g_boxes) if g_boxes else torch.zeros(0, 4, dtype=torch.float64)
-    g_cls = torch.cat(g_labels) if g_labels else torch.zeros(0, dtype=torch.long)
-    g_dif = torch.cat(g_diff) if g_diff else torch.zeros(0, dtype=torch.bool)
+        diffs.append(torch.zeros(len(labels[-1]), dtype=torch.bool) if diff is None
+                     else torch.as_tensor(diff).reshape(-1))
+    g_counts = np.array([len(x) for x in labels], dtype=np.int64)
+    for i, (b, d_) in enumerate(zip(boxes, diffs)):
+        if len(b) != g_counts[i] or len(d_) != g_counts[i]:
+            raise ValueError(f"voc_map: ground truth {i} has {len(b)} boxes, {g_counts[i]} labels, "
+                             f"{len(d_)} difficult flags")
+    if boxes:
+        g_box = torch.cat(boxes).detach().cpu().double().numpy()
+        g_cls = torch.cat(labels).detach().cpu().long().numpy()
+        g_dif = torch.cat(diffs).detach().cpu().bool().numpy()
+    else:
+        g_box, g_cls, g_dif = np.zeros((0, 4)), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+    d_img = np.repeat(np.arange(len(d_counts)), d_counts)
+    g_img = np.repeat(np.arange(len(g_counts)), g_counts)
 
-    d_cls = d[:, 5].round().long()
+    d_cls = np.rint(d[:, 5]).astype(np.int64)
     for name, cls in (("detection", d_cls), ("ground-truth", g_cls)):
-        if cls.numel() and (cls.min() < 0 or cls.max() >= num_classes):
-            raise ValueError(f"voc_map: {name} class out of range 0..{num_classes - 1}: "
-                             f"{cls.min().item()}..{cls.max().item()}")
+        if cls.size and (cls.min() < 0 or cls.max() >= num_classes):
+            raise ValueError(f"voc_map: {name} class out of range 0..{num_classes - 1}: {cls.min()}..{cls.max()}")
     return d_img, d[:, :4], d[:, 4], d_cls, g_img, g_box, g_cls, g_dif
+
+
+def _first_of_each(values: np.ndarray) -> np.ndarray:
+    """Indices of the first occurrence of each distinct value (np.unique's are the first ones)."""
+    return np.unique(values, return_index=True)[1]
 
 
 def match_detections(detections, ground_truths, iou_threshold: float = 0.5, num_classes: int = 20):
     """The devkit's assignment for every detection of the set (see the module docstring).
 
-    Returns (order, cls, score, tp, fp, npos): `order` [D] detection indices (into the
+    Returns NumPy arrays (order, cls, score, tp, fp, npos): `order` [D] detection indices (into the
     concatenation of all images' detections) in descending score (stable), without the detections
     of difficult objects; `cls`, `score` [D] theirs; `tp`, `fp` [D] bool (exactly one is true);
     `npos` [num_classes] non-difficult GT counts.
+    NumPy rather than torch: these are 1-D passes over ~1e5 elements, where torch's intra-op threads
+    cost more than they give (7x slower on a busy 2-core machine).
     """
     d_img, d_box, d_score, d_cls, g_img, g_box, g_cls, g_dif = _gather(detections, ground_truths, num_classes)
     n_det = len(d_score)
@@ -156,47 +167,48 @@ def match_detections(detections, ground_truths, iou_threshold: float = 0.5, num_
     # Pairs (detection, ground truth) of the same image and class: GTs grouped by key, each
     # detection spans its group's range. GT order inside a group stays as listed (stable sort).
     g_key = g_img * num_classes + g_cls
-    g_order = torch.argsort(g_key, stable=True)
+    g_order = np.argsort(g_key, kind="stable")
     g_key_sorted = g_key[g_order]
     d_key = d_img * num_classes + d_cls
-    start = torch.searchsorted(g_key_sorted, d_key, right=False)
-    count = torch.searchsorted(g_key_sorted, d_key, right=True) - start
-    pair_det = torch.repeat_interleave(torch.arange(n_det), count)
-    offsets = torch.cumsum(count, 0) - count
-    pair_pos = start[pair_det] + torch.arange(len(pair_det)) - offsets[pair_det]  # position in g_order
+    start = np.searchsorted(g_key_sorted, d_key, side="left")
+    count = np.searchsorted(g_key_sorted, d_key, side="right") - start
+    pair_det = np.repeat(np.arange(n_det), count)  # sorted: pairs of one detection are contiguous
+    offsets = np.cumsum(count) - count
+    pair_pos = start[pair_det] + np.arange(len(pair_det)) - offsets[pair_det]  # position in g_order
     a, b = d_box[pair_det], g_box[g_order[pair_pos]]
-    iw = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0]))
-    ih = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1]))
-    inter = iw.clamp(min=0) * ih.clamp(min=0)
+    iw = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0])
+    ih = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1])
+    overlap = (iw > 0) & (ih > 0)  # the devkit's `iw>0 & ih>0`: only overlapping GTs are candidates
+    inter = np.where(overlap, iw * ih, 0.0)
     union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
-    iou = torch.where((iw > 0) & (ih > 0), inter / union, torch.tensor(-math.inf, dtype=torch.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(overlap, inter / np.where(overlap, union, 1.0), -np.inf)
 
-    # Best GT per detection: highest IoU, first listed on a tie (the devkit's `ov>ovmax`).
-    ovmax = torch.full((n_det,), -math.inf, dtype=torch.float64)
-    ovmax.scatter_reduce_(0, pair_det, iou, reduce="amax")
-    is_best = (iou == ovmax[pair_det]) & (iou > -math.inf)
-    best_pos = torch.full((n_det,), len(g_order), dtype=torch.long)
-    best_pos.scatter_reduce_(0, pair_det[is_best], pair_pos[is_best], reduce="amin")
+    # Best GT per detection: highest IoU, the first listed on a tie (the devkit's `ov>ovmax`).
+    ovmax = np.full(n_det, -np.inf)
+    has = count > 0
+    if len(pair_det):
+        ovmax[has] = np.maximum.reduceat(iou, offsets[has])
+    best = np.flatnonzero((iou == ovmax[pair_det]) & overlap)
+    best = best[_first_of_each(pair_det[best])]
+    best_gt = np.zeros(n_det, dtype=np.int64)
+    best_gt[pair_det[best]] = g_order[pair_pos[best]]
     hit = ovmax >= iou_threshold  # implies a best GT exists
-    if len(g_order):
-        jmax = torch.where(hit, g_order[best_pos.clamp(max=len(g_order) - 1)], 0)
-        difficult = hit & g_dif[jmax]
-    else:
-        jmax, difficult = torch.zeros(n_det, dtype=torch.long), torch.zeros(n_det, dtype=torch.bool)
+    difficult = hit & g_dif[best_gt] if len(g_dif) else np.zeros(n_det, dtype=bool)
 
-    # Score order over the whole set; the per-class order is this order restricted to the class.
-    order = torch.argsort(d_score, descending=True, stable=True)
-    rank = torch.empty(n_det, dtype=torch.long)
-    rank[order] = torch.arange(n_det)
-    counted = hit & ~difficult  # assigned to a non-difficult GT above the threshold
-    first = torch.full((max(len(g_order), 1),), n_det, dtype=torch.long)
-    first.scatter_reduce_(0, jmax[counted], rank[counted], reduce="amin")
-    tp = counted & (first[jmax] == rank)
-    fp = ~hit | (counted & ~tp)
+    # In descending score over the whole set (restricted to a class, this is the class's order):
+    # a counted detection is a TP iff it is the first counted one assigned to its GT.
+    order = np.argsort(-d_score, kind="stable")
+    counted = (hit & ~difficult)[order]
+    idx = np.flatnonzero(counted)
+    tp = np.zeros(n_det, dtype=bool)
+    tp[idx[_first_of_each(best_gt[order][idx])]] = True
+    fp = ~hit[order] | (counted & ~tp)
 
-    keep = order[~difficult[order]]
-    npos = torch.bincount(g_cls[~g_dif], minlength=num_classes)
-    return keep, d_cls[keep], d_score[keep], tp[keep], fp[keep], npos
+    keep = ~difficult[order]
+    npos = np.bincount(g_cls[~g_dif], minlength=num_classes)
+    order = order[keep]
+    return order, d_cls[order], d_score[order], tp[keep], fp[keep], npos
 
 
 def average_precision(recall: np.ndarray, precision: np.ndarray, method: str = "voc07") -> float:
@@ -242,10 +254,9 @@ def voc_map(
     if method not in METHODS:
         raise ValueError(f"voc_map: method must be one of {METHODS}, got {method!r}")
     _, cls, scores, tp, fp, npos = match_detections(detections, ground_truths, iou_threshold, num_classes)
-    by_class = torch.argsort(cls, stable=True)  # keeps descending score inside each class
-    cls, scores, tp, fp = (t[by_class].numpy() for t in (cls, scores, tp, fp))
+    by_class = np.argsort(cls, kind="stable")  # keeps descending score inside each class
+    cls, scores, tp, fp = cls[by_class], scores[by_class], tp[by_class], fp[by_class]
     bounds = np.searchsorted(cls, np.arange(num_classes + 1))
-    npos = npos.numpy()
 
     ap = np.full(num_classes, np.nan)
     precisions, recalls, class_scores = [], [], []

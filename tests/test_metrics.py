@@ -111,6 +111,16 @@ def test_each_detection_goes_to_its_highest_iou_ground_truth_even_if_already_mat
     assert r["num_tp"].tolist() == [1] and r["num_fp"].tolist() == [1]
 
 
+def test_an_iou_tie_goes_to_the_first_listed_ground_truth():
+    # The same box annotated twice (it happens in VOC), first as difficult: the devkit's strict
+    # `ov>ovmax` keeps the first, so the detection is ignored and the normal object stays missed.
+    truths = [gt([A, A], [0, 0], difficult=[True, False])]
+    r = voc_map([dets(A + [0.9, 0])], truths, num_classes=1)
+    assert r["num_tp"].tolist() == [0] and r["num_fp"].tolist() == [0] and r["map"] == 0.0
+    swapped = voc_map([dets(A + [0.9, 0])], [gt([A, A], [0, 0], difficult=[False, True])], num_classes=1)
+    assert swapped["map"] == pytest.approx(1.0)
+
+
 def test_classes_without_ground_truth_get_nan_and_are_left_out_of_the_mean():
     truths = [gt([A, B], [0, 2], difficult=[False, False]), gt([FAR], [3], difficult=[True])]
     # class 0 perfect; class 1 has detections but no objects; class 2 has an object and no
