@@ -150,6 +150,14 @@ def test_eigencam_gives_one_map_per_detection(loaded, sample):
     assert len(r.cams) == 2 and all("EigenCAM" in caption for _, caption in r.cams)
 
 
+def test_eigen_projection_is_pytorch_grad_cams_with_sign_correction():
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
+
+    feat = torch.randn(1, 32, 13, 13) + torch.linspace(0, 3, 13)[None, None, :, None]  # a dominant direction
+    lib = get_2d_projection_with_sign_correction(feat.numpy())[0]
+    np.testing.assert_allclose(webapp.eigen_projection(feat[0]).numpy(), lib, rtol=1e-4, atol=1e-4)
+
+
 def test_locate_finds_each_detection_in_the_raw_outputs(loaded, sample):
     upload = webapp.read_upload(sample)
     result, state = webapp.predict_boxes(loaded, upload, 0.5, 0.45, SIZE, "Grad-CAM", 3)
@@ -275,10 +283,16 @@ def test_huge_image_is_downscaled_first_and_reported_in_original_pixels(loaded, 
     big = Image.open(sample).convert("RGB").resize((5000, 3000))
     big.save(tmp_path / "big.jpg", quality=80)
     r = run(loaded, str(tmp_path / "big.jpg"), top_k=1)
-    assert max(r.annotated.size) == webapp.MAX_SIDE and r.annotated.size == (2048, 1229)
-    assert "downscaled from 5000x3000" in r.message
+    w, h = r.annotated.size
+    assert webapp.MAX_SIDE // 2 <= w <= webapp.MAX_SIDE and abs(h / w - 0.6) < 0.01
+    assert f"downscaled from 5000x3000 to {w}x{h}" in r.message
     rows = np.array([row[3:] for row in r.rows], dtype=float)
-    assert rows[:, 2].max() <= 5000 and rows[:, 3].max() <= 3000 and rows[:, 2].max() > 2048
+    assert rows[:, 2].max() <= 5000 and rows[:, 3].max() <= 3000 and rows[:, 2].max() > w  # original pixels
+
+    png = tmp_path / "big.png"
+    big.resize((4500, 1500)).save(png)
+    w, h = run(loaded, str(png), top_k=0).annotated.size
+    assert webapp.MAX_SIDE // 2 <= w <= webapp.MAX_SIDE and abs(h - w / 3) <= 1
 
 
 @pytest.mark.parametrize("settings, expected", [
@@ -360,8 +374,8 @@ def test_space_prefers_shareable_licences_then_class_coverage():
     from helpers.space import choose_samples
 
     def rec(name, labels):
-        return Record(Path(f"/d/{name}.jpg"), np.zeros((len(labels), 4), np.float32), np.array(labels),
-                      np.zeros(len(labels), bool))
+        return Record(image_path=Path(f"/d/{name}.jpg"), boxes=np.zeros((len(labels), 4), np.float32),
+                      labels=np.array(labels, np.int64), difficult=np.zeros(len(labels), bool), width=96, height=72)
 
     records = [rec("a", [0]), rec("b", [0, 1]), rec("c", [2]), rec("d", [3, 4, 5]), rec("e", [])]
     known = {"c": {"licence": "Attribution License", "coco_split": "train2017", "coco_id": 1, "coco_url": "u",

@@ -1,0 +1,115 @@
+"""Seconds from an uploaded file to boxes, and to boxes + Grad-CAMs of 5 detections, in the app.
+
+Full-size model (width 1.0, random init: the timing does not depend on the weights) at 416, on
+this machine's CPU, next to one forward pass of the same model. "Upload to boxes" is what the
+server does with the uploaded file: decode, EXIF, letterbox, forward, decode + NMS, draw, table.
+The goal: boxes <= 1.2x one forward pass; boxes + 5 CAMs <= 3x one forward pass.
+
+    python benchmarks/app.py [--repeats 5] [--served]
+
+--served also times the whole round trip through a local Gradio server with gradio_client
+(upload over HTTP, queue, JPEG encoding of the outputs, download).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0:1] = [str(ROOT)]  # this file's folder first on the path would make `app` this script
+
+from app import app as webapp  # noqa: E402
+from helpers.config import Config  # noqa: E402
+from helpers.export import write_bundle  # noqa: E402
+from helpers.model import YOLOv3  # noqa: E402
+from helpers.postprocess import detect  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up (first-call allocations, lazy imports)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--size", type=int, default=416)
+    p.add_argument("--served", action="store_true")
+    args = p.parse_args()
+    size = args.size
+    torch.manual_seed(0)
+    cfg = Config()
+    model = YOLOv3(num_classes=20, width=1.0).eval()
+    tmp = Path(tempfile.mkdtemp())
+    loaded, status = webapp.load_source(write_bundle(model, cfg, tmp / "bundle"))
+    assert loaded is not None, status
+    photo = sorted((ROOT / "app" / "examples").glob("*.jpg"))[0]
+    phone = tmp / "phone.jpg"  # a 12-megapixel photo, downscaled to 2048 before anything else
+    Image.open(photo).convert("RGB").resize((4000, 3000)).save(phone, quality=90)
+
+    x = torch.rand(1, 3, size, size)
+    with torch.no_grad():
+        t_forward = timed(lambda: model(x), args.repeats)
+        t_fused = timed(lambda: loaded.model(x.contiguous(memory_format=torch.channels_last)), args.repeats)
+
+    # An untrained model's scores all sit near 0.025: pick the threshold that keeps 10 detections,
+    # so drawing and the table cost what they cost on a real photo, and 5 CAMs have 5 detections.
+    upload = webapp.read_upload(photo)
+    x_in, meta = webapp.to_input(upload.image, size)
+    with torch.no_grad():
+        dets = detect(loaded.model(x_in), size, 0.0, 0.45, letterbox=[meta])[0]
+    conf = float(dets[9, 4]) - 1e-7
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+          f"full model (width 1.0, {sum(p.numel() for p in model.parameters()):,} parameters) at {size}; "
+          f"median of {args.repeats}")
+    print(f"  one forward pass (plain model, batch 1)          {t_forward:7.3f} s   1.00x")
+    print(f"  one forward pass (BatchNorm folded, as the app)  {t_fused:7.3f} s   {t_fused / t_forward:.2f}x")
+    rows = []
+    for name, path in (("640x427 photo", photo), ("4000x3000 photo", phone)):
+        t_boxes = timed(lambda p=path: webapp.predict(loaded, str(p), conf, 0.45, size, "Grad-CAM", 0), args.repeats)
+        r = webapp.predict(loaded, str(path), conf, 0.45, size, "Grad-CAM", 5)
+        assert len(r.cams) == 5, r.message
+        t_cams = timed(lambda p=path: webapp.predict(loaded, str(p), conf, 0.45, size, "Grad-CAM", 5), args.repeats)
+        t_eigen = timed(lambda p=path: webapp.predict(loaded, str(p), conf, 0.45, size, "EigenCAM", 5), args.repeats)
+        rows.append((name, t_boxes, t_cams, t_eigen, len(r.rows)))
+    for name, t_boxes, t_cams, t_eigen, n in rows:
+        print(f"  {name}: upload -> boxes ({n} detections)        {t_boxes:7.3f} s   {t_boxes / t_forward:.2f}x")
+        print(f"  {name}: upload -> boxes + 5 Grad-CAMs            {t_cams:7.3f} s   {t_cams / t_forward:.2f}x")
+        print(f"  {name}: upload -> boxes + 5 EigenCAMs            {t_eigen:7.3f} s   {t_eigen / t_forward:.2f}x")
+
+    if args.served:
+        from gradio_client import Client, handle_file
+
+        demo = webapp.build_demo(tmp / "bundle", None)
+        webapp.serve(demo, "127.0.0.1", 7931, block=False)
+        try:
+            client = Client("http://127.0.0.1:7931/", verbose=False)
+
+            def call(top_k):
+                return client.predict(handle_file(str(photo)), conf, 0.45, size, "Grad-CAM", top_k, api_name="/predict")
+
+            t_served = timed(lambda: call(0), args.repeats)
+            t_served_cams = timed(lambda: call(5), args.repeats)
+        finally:
+            demo.close()
+        print(f"  served round trip (gradio_client, 640x427): boxes {t_served:.3f} s "
+              f"({t_served / t_forward:.2f}x), boxes + 5 Grad-CAMs {t_served_cams:.3f} s "
+              f"({t_served_cams / t_forward:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
