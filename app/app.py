@@ -538,7 +538,7 @@ def build_demo(bundle: str | os.PathLike | None, samples_dir: str | os.PathLike 
                                      interactive=False, elem_id="table")
                 gallery = gr.Gallery(label="Per detection", columns=3, height="auto", format="jpeg",
                                      elem_id="cams")
-        with gr.Accordion("About the model and its classes", open=loaded is None):
+        with gr.Accordion("About the model and its classes", open=True):
             gr.Markdown(_about(loaded, hub_repo), elem_id="about")
         inputs = [image, conf, iou, size, cam_method, top_k]
         outputs = [annotated, table, gallery, message]

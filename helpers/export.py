@@ -127,8 +127,10 @@ def run_metrics(checkpoint: Path, config: Config) -> tuple[dict, Path | None]:
 
 
 def summarise_run(summary: dict) -> dict:
-    """The parts of `helpers.train`'s summary a model card shows: final metrics and per-class AP."""
-    metrics = {k: float(v) for k, v in (summary.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    """The parts of `helpers.train`'s summary a model card shows: the final validation metrics and
+    per-class AP (the training losses and step values stay in the run's logs)."""
+    metrics = {k: float(v) for k, v in (summary.get("metrics") or {}).items()
+               if k.startswith("val/") and isinstance(v, (int, float))}
     if summary.get("ap_per_class_voc07"):
         metrics["ap_per_class_voc07"] = summary["ap_per_class_voc07"]
     return metrics
