@@ -38,6 +38,7 @@ import pytorch_grad_cam.utils.image  # noqa: E402,F401 - its first import takes 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from helpers.cam import cam_to_original, capture, detection_cams, ravel_index  # noqa: E402
 from helpers.config import VOC_CLASSES, Config  # noqa: E402
 from helpers.export import CONFIG, WEIGHTS, BundleError, load_bundle, read_bundle_config  # noqa: E402
 from helpers.imageio import ImageError, read_image  # noqa: E402
@@ -232,22 +233,15 @@ def _check_settings(conf, iou, size, cam_method, top_k) -> tuple[float, float, i
 
 
 def detect_boxes(loaded: LoadedModel, upload: Upload, conf: float, iou: float, size: int):
-    """Forward once (features feeding each scale kept for the CAMs), decode, NMS, letterbox undo.
+    """One forward pass (keeping what the CAMs need: `helpers.cam.capture`), decode, NMS, letterbox undo.
 
-    Returns (detections [K, 6] in shown-image pixels, the letterboxed input, its meta, the raw
-    outputs, the 3 head-input feature maps).
+    Returns (detections [K, 6] in shown-image pixels, the letterboxed input [1, 3, S, S], its meta,
+    the capture).
     """
     x, meta = to_input(upload.image, size)
-    features: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: features.append(out)) for m in loaded.model.head_inputs]
-    try:
-        with torch.no_grad():
-            outputs = loaded.model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    dets = detect(outputs, size, conf, iou, max_detections=100, letterbox=[meta])[0]
-    return dets, x, meta, outputs, features
+    cap = capture(loaded.model, x)
+    dets = detect(cap.outputs, size, conf, iou, max_detections=100, letterbox=[meta])[0]
+    return dets, x, meta, cap
 
 
 def predict_boxes(loaded: LoadedModel | None, image, conf=DEFAULT_CONF, iou=DEFAULT_IOU, size=416,
@@ -267,7 +261,7 @@ def predict_boxes(loaded: LoadedModel | None, image, conf=DEFAULT_CONF, iou=DEFA
     except ImageError as e:
         return Result(message=f"**This file cannot be used as an image:** {e}. "
                               "Please upload a JPEG, PNG, WebP, BMP, GIF or TIFF photo."), None
-    dets, x, meta, outputs, features = detect_boxes(loaded, upload, conf, iou, size)
+    dets, x, meta, cap = detect_boxes(loaded, upload, conf, iou, size)
     annotated = Image.fromarray(annotate(upload.image, dets, loaded.classes))
     to_original = 1.0 / upload.scale
     rows = [[k + 1, loaded.classes[int(c)], round(float(s), 3), *[round(float(v) * to_original) for v in box]]
@@ -281,9 +275,21 @@ def predict_boxes(loaded: LoadedModel | None, image, conf=DEFAULT_CONF, iou=DEFA
     if upload.notes:
         summary += " The image was " + "; ".join(upload.notes) + "."
     result = Result(annotated, rows, [], summary, dets, {"boxes": t_boxes})
-    state = {"upload": upload, "x": x, "meta": meta, "outputs": outputs, "features": features,
+    state = {"upload": upload, "x": x, "meta": meta, "capture": cap,
              "cam_method": cam_method, "top_k": top_k, "started": started, "size": size}
     return result, state
+
+
+def cam_maps(loaded: LoadedModel, state: dict, top: torch.Tensor) -> tuple[np.ndarray, list[int]]:
+    """One map per detection over the letterboxed input (float32 [K, S, S], 0..1), from the forward
+    pass already made (`helpers.cam.detection_cams`: only each scale's head runs again), and the
+    stride of each detection's scale."""
+    cap, size = state["capture"], state["size"]
+    where = locate(cap.outputs, top, size, state["meta"])
+    method = "gradcam" if state["cam_method"] == "Grad-CAM" else "eigencam"
+    maps = detection_cams(loaded.model, state["x"], indices=ravel_index(where, cap.outputs), classes=top[:, 5],
+                          method=method, cache=cap)
+    return maps, [size // cap.outputs[s].shape[2] for s in where[:, 0].tolist()]
 
 
 def add_cams(loaded: LoadedModel, result: Result, state: dict) -> Result:
@@ -293,27 +299,23 @@ def add_cams(loaded: LoadedModel, result: Result, state: dict) -> Result:
         return result
     upload, meta = state["upload"], state["meta"]
     top = dets[:k]
-    if state["cam_method"] == "Grad-CAM":
-        maps, where = gradcam_maps(loaded, state["x"], state["outputs"], state["features"], top, meta,
-                                   state["size"])
-        title = "Grad-CAM"
-    else:
-        maps, where = eigencam_maps(loaded, state["x"], state["outputs"], state["features"], top, meta,
-                                    state["size"])
-        title = "EigenCAM (class-agnostic)"
-    # the gallery shows thumbnails: its panels need not be larger than CAM_SIDE (5 full-size 2048 px
-    # overlays would cost more than the model)
-    shrink = min(1.0, CAM_SIDE / max(upload.image.shape[:2]))
-    base = upload.image if shrink == 1.0 else cv2.resize(
-        upload.image, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
+    maps, strides = cam_maps(loaded, state, top)
+    title = "Grad-CAM" if state["cam_method"] == "Grad-CAM" else "EigenCAM (class-agnostic)"
+    # The gallery shows thumbnails: its panels need not be larger than CAM_SIDE (5 overlays at 2048 px
+    # would cost more than the model). The letterbox meta is restated for the panel's pixels.
+    h, w = upload.image.shape[:2]
+    shrink = min(1.0, CAM_SIDE / max(h, w))
+    base = upload.image if shrink == 1.0 else cv2.resize(upload.image, (round(w * shrink), round(h * shrink)),
+                                                         interpolation=cv2.INTER_AREA)
+    panel = {"scale": meta["scale"] / shrink, "pad": meta["pad"], "orig_size": base.shape[:2]}
+    heat = cam_to_original(maps, panel)  # [K, h', w']
     boxes = top.clone()
     boxes[:, :4] *= shrink
     cams = []
     for i in range(k):
-        heat = overlay(base, cam_to_image(maps[i], meta, base.shape[:2]), image_weight=0.55)
         cls, score = loaded.classes[int(top[i, 5])], float(top[i, 4])
-        cams.append((Image.fromarray(annotate(heat, boxes[i: i + 1], loaded.classes)),
-                     f"{i + 1}. {cls} {score:.2f} · {title} at stride {where[i]}"))
+        image = annotate(overlay(base, heat[i], image_weight=0.55), boxes[i: i + 1], loaded.classes)
+        cams.append((Image.fromarray(image), f"{i + 1}. {cls} {score:.2f} · {title} at stride {strides[i]}"))
     result.cams = cams
     t_all = time.perf_counter() - state["started"]
     result.timings["boxes+cams"] = t_all
@@ -334,18 +336,14 @@ def predict(loaded: LoadedModel | None, image, conf=DEFAULT_CONF, iou=DEFAULT_IO
 
 
 # --- CAMs -------------------------------------------------------------------------------------
-def _scale_heads(model: YOLOv3) -> list[torch.nn.Module]:
-    from helpers.model import ScalePrediction
-
-    return [m for m in model.layers if isinstance(m, ScalePrediction)]
-
-
 def locate(outputs: list[torch.Tensor], dets: torch.Tensor, size: int, meta: dict) -> torch.Tensor:
     """Where each detection sits in the raw outputs: [K, 4] long (scale, anchor, row, col).
 
     `detect` returns boxes, scores and classes but not the anchors they came from; every decoded
     anchor is taken through the same steps (clip to the input, undo the letterbox, clip to the
     image) and each detection is matched to the anchor with the same box, score and class.
+    (`helpers.cam.locate_detections` maps the detections to the input instead, which misses for a
+    box clipped at the image's edge next to the padding: there the two clippings differ.)
     dets: [K, 6] x1, y1, x2, y2, score, class in image pixels, as `detect(..., letterbox=[meta])` gives.
     """
     dec = decode(outputs, image_size=size)[0]  # [A, 5+C]
@@ -365,69 +363,6 @@ def locate(outputs: list[torch.Tensor], dets: torch.Tensor, size: int, meta: dic
     rem = flat - starts[scale]
     cells = heights * widths
     return torch.stack((scale, rem // cells, (rem % cells) // widths, rem % widths), dim=1)
-
-
-def gradcam_maps(loaded: LoadedModel, x, outputs, features, dets, meta, size):
-    """Grad-CAM of each detection's score (sigmoid(obj) x softmax(class)) with respect to the feature
-    map feeding its scale. Only that scale's head lies between the two, so the gradient comes from
-    re-running the head alone on the kept features (one batched pass per scale, all detections of
-    the scale at once) instead of a backward pass through the whole network per detection.
-    Returns (list of K maps [S, S] in 0..1, list of K strides)."""
-    heads = _scale_heads(loaded.model)
-    where = locate(outputs, dets, size, meta)
-    maps: list[torch.Tensor | None] = [None] * len(where)
-    for s in where[:, 0].unique().tolist():
-        idx = torch.nonzero(where[:, 0] == s).flatten()
-        n = len(idx)
-        feat = features[s].detach()
-        with torch.enable_grad():
-            f = feat.expand(n, *feat.shape[1:]).clone().requires_grad_(True)
-            out = heads[s](f)  # [n, 3, S, S, 5+C]
-            cell = out[torch.arange(n), where[idx, 1], where[idx, 2], where[idx, 3]]  # [n, 5+C]
-            score = cell[:, 0].sigmoid() * cell[:, 5:].softmax(-1)[torch.arange(n), dets[idx, 5].long()]
-            (grads,) = torch.autograd.grad(score.sum(), f)  # the copies are independent: one pass for all
-        weights = grads.mean(dim=(2, 3), keepdim=True)  # Grad-CAM: channel weights = pooled gradients
-        cams = torch.relu((weights * feat).sum(dim=1))  # [n, S, S]
-        for j, k in enumerate(idx.tolist()):
-            maps[k] = _normalise(cams[j])
-    strides = [size // outputs[s].shape[2] for s in where[:, 0].tolist()]
-    return maps, strides
-
-
-def eigencam_maps(loaded: LoadedModel, x, outputs, features, dets, meta, size):
-    """EigenCAM (the features feeding each detection's scale projected on their first principal
-    component); gradient-free and class-agnostic, so detections of one scale share a map."""
-    where = locate(outputs, dets, size, meta)
-    scales = where[:, 0].tolist()
-    per_scale = {s: _normalise(eigen_projection(features[s][0]).clamp(min=0)) for s in set(scales)}
-    return [per_scale[s] for s in scales], [size // outputs[s].shape[2] for s in scales]
-
-
-def eigen_projection(feat: torch.Tensor) -> torch.Tensor:
-    """[C, H, W] features -> [H, W]: their projection on the first principal component, signed so the
-    salient side is positive (pytorch-grad-cam's `get_2d_projection_with_sign_correction`; the
-    thin SVD here skips the [HW, HW] matrix the library's full SVD builds, ~10x faster at 52x52)."""
-    c, h, w = feat.shape
-    a = feat.detach().float().reshape(c, h * w).T
-    a = torch.nan_to_num(a) - a.mean(dim=0)
-    _, _, vh = torch.linalg.svd(a, full_matrices=False)
-    projection = (a @ vh[0]).reshape(h, w)
-    return -projection if projection.min().abs() > projection.max().abs() else projection
-
-
-def _normalise(cam: torch.Tensor) -> torch.Tensor:
-    top = cam.max()
-    return cam / top if top > 0 else cam
-
-
-def cam_to_image(cam: torch.Tensor, meta: dict, shape: tuple[int, int]) -> np.ndarray:
-    """A map over the letterboxed input [S, S], cut to the image's area and resized to `shape` (h, w)."""
-    side = meta["input_size"]
-    full = cv2.resize(cam.float().numpy(), (side, side), interpolation=cv2.INTER_LINEAR)
-    left, top = meta["pad"]
-    h, w = meta["orig_size"]
-    crop = full[top: top + max(1, round(h * meta["scale"])), left: left + max(1, round(w * meta["scale"]))]
-    return cv2.resize(crop, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
 
 
 # --- the page ---------------------------------------------------------------------------------
