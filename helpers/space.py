@@ -14,8 +14,9 @@
     OUT/.gitattributes         large files through Git LFS (the Hub's rule for files over 10 MB)
 Nothing existing is overwritten: OUT must be new or empty.
 
-Samples: photos whose licence is known to allow sharing (CC BY, CC BY-SA, no known restrictions; the
-table in app/examples/coco_licences.json) come first, then the most classes for the fewest images.
+Samples: only photos whose licence is known to allow sharing (CC BY, CC BY-SA, no known restrictions;
+the table in app/examples/coco_licences.json) where the dataset has any; then the most classes for
+the fewest images.
 """
 from __future__ import annotations
 
@@ -160,19 +161,20 @@ def describe(record: Record, known: dict) -> Sample:
 
 
 def choose_samples(records: list[Record], count: int, known: dict | None = None) -> list[Sample]:
-    """Up to `count` photos: shareable licences first, then greedily the most new classes, then by name."""
+    """Up to `count` photos with objects, greedily the most new classes first, then by name. Where
+    some photos have a licence known to allow sharing, only those are taken (a public Space should
+    not carry photos of unknown terms); where none is known (e.g. PASCAL VOC itself, Flickr photos
+    under the VOC terms), the photos are taken as they come, with what their annotations say."""
     known = _known_licences() if known is None else known
-    samples = [describe(r, known) for r in records if len(r.labels)]
-    samples.sort(key=lambda s: s.record.image_path.name)
+    samples = sorted((describe(r, known) for r in records if len(r.labels)), key=lambda s: s.record.image_path.name)
+    pool = [s for s in samples if s.licence in SHAREABLE] or samples
     chosen: list[Sample] = []
     covered: set[int] = set()
-    for tier in (True, False):
-        pool = [s for s in samples if (s.licence in SHAREABLE) == tier]
-        while pool and len(chosen) < count:
-            best = max(pool, key=lambda s: (len(set(s.record.labels.tolist()) - covered), -pool.index(s)))
-            pool.remove(best)
-            chosen.append(best)
-            covered |= set(best.record.labels.tolist())
+    while pool and len(chosen) < count:
+        best = max(pool, key=lambda s: (len(set(s.record.labels.tolist()) - covered), -pool.index(s)))
+        pool.remove(best)
+        chosen.append(best)
+        covered |= set(best.record.labels.tolist())
     return chosen
 
 
@@ -197,7 +199,8 @@ def write_samples(dataset: str | Path, out: str | Path, split: str = "test", cou
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Sample images", "",
              f"{len(chosen)} photos from the `{split}` split of the dataset `{_dataset_name(dataset)}`, copied unchanged "
-             "(the app shows them as examples). Photos whose licence allows sharing were preferred.", "",
+             "(the app shows them as examples). Where licences are known, only photos whose licence allows "
+             "sharing were taken.", "",
              "| file | objects | licence | source and credit |", "|---|---|---|---|"]
     written = []
     for s in chosen:

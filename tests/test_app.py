@@ -104,7 +104,6 @@ def test_top_k_zero_gives_boxes_without_cams_and_threshold_one_gives_none(loaded
     assert r.rows == [] and r.cams == [] and "0 detections" in r.message and "lower" in r.message
 
 
-@pytest.mark.slow
 def test_gradcam_equals_pytorch_grad_cam_on_the_whole_network(loaded, sample):
     """Our head-only Grad-CAM is the library's Grad-CAM (target layer = the feature map feeding the
     detection's scale, target = the detection's score), computed on the unfused model end to end."""
@@ -356,7 +355,7 @@ def test_space_build_is_self_contained_and_runs(bundle, tmp_path):
     assert space_main(["build", str(out), "--bundle", str(bundle)]) == 2  # never overwritten
 
 
-def test_space_prefers_shareable_licences_then_class_coverage():
+def test_space_takes_only_shareable_photos_where_known_then_class_coverage():
     from helpers.annotations import Record
     from helpers.space import choose_samples
 
@@ -367,8 +366,9 @@ def test_space_prefers_shareable_licences_then_class_coverage():
     records = [rec("a", [0]), rec("b", [0, 1]), rec("c", [2]), rec("d", [3, 4, 5]), rec("e", [])]
     known = {"c": {"licence": "Attribution License", "coco_split": "train2017", "coco_id": 1, "coco_url": "u",
                    "flickr_url": "f", "licence_url": "l"}}
-    chosen = [s.record.image_path.stem for s in choose_samples(records, 3, known)]
-    assert chosen == ["c", "d", "b"]  # licensed first, then most new classes; empty images never
+    assert [s.record.image_path.stem for s in choose_samples(records, 3, known)] == ["c"]  # shareable only
+    chosen = [s.record.image_path.stem for s in choose_samples(records, 3, {})]
+    assert chosen == ["d", "b", "c"]  # no licence known: most new classes first; empty images never
 
 
 # --- served on a local port -------------------------------------------------------------------------
