@@ -55,6 +55,7 @@ SIZES = (320, 416, 512, 608)  # input sizes offered (multiples of 32)
 CAM_METHODS = ("Grad-CAM", "EigenCAM")
 DEFAULT_CONF, DEFAULT_IOU, DEFAULT_TOP_K = 0.4, 0.45, 5
 MAX_TOP_K = 10
+MAX_DETECTIONS = 100  # per image, after NMS
 CAM_SIDE = 800  # longest side of each CAM panel in the gallery
 TABLE_HEADERS = ["#", "class", "score", "x1", "y1", "x2", "y2"]
 SETTINGS = "space_settings.json"  # written by `python -m helpers.space build`: {"bundle", "hub_repo"}
@@ -202,8 +203,7 @@ def to_input(image: np.ndarray, size: int) -> tuple[torch.Tensor, dict]:
     boxed = _letterbox(size)(image=image)["image"]
     resize = size / max(h, w)
     new_h, new_w = round(h * resize), round(w * resize)
-    meta = {"scale": resize, "pad": ((size - new_w) // 2, (size - new_h) // 2), "orig_size": (h, w),
-            "input_size": size}
+    meta = {"scale": resize, "pad": ((size - new_w) // 2, (size - new_h) // 2), "orig_size": (h, w)}
     x = torch.from_numpy(boxed).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
     return x.contiguous(memory_format=torch.channels_last), meta
 
@@ -240,7 +240,7 @@ def detect_boxes(loaded: LoadedModel, upload: Upload, conf: float, iou: float, s
     """
     x, meta = to_input(upload.image, size)
     cap = capture(loaded.model, x)
-    dets = detect(cap.outputs, size, conf, iou, max_detections=100, letterbox=[meta])[0]
+    dets = detect(cap.outputs, size, conf, iou, max_detections=MAX_DETECTIONS, letterbox=[meta])[0]
     return dets, x, meta, cap
 
 
@@ -272,6 +272,8 @@ def predict_boxes(loaded: LoadedModel | None, image, conf=DEFAULT_CONF, iou=DEFA
                f"(NMS IoU {iou:g}, input {size}x{size}) on a {w}x{h} image; boxes in {t_boxes:.2f} s.")
     if not len(dets):
         summary += " Try a lower confidence threshold."
+    elif len(dets) == MAX_DETECTIONS:
+        summary += f" (Only the {MAX_DETECTIONS} best are kept: try a higher confidence threshold.)"
     if upload.notes:
         summary += " The image was " + "; ".join(upload.notes) + "."
     result = Result(annotated, rows, [], summary, dets, {"boxes": t_boxes})

@@ -142,6 +142,15 @@ def test_eigencam_gives_one_map_per_detection(loaded, sample):
     assert len(r.cams) == 2 and all("EigenCAM" in caption for _, caption in r.cams)
 
 
+@pytest.mark.parametrize("h, w", [(427, 640), (640, 427), (333, 500), (100, 101), (128, 128)])
+def test_letterbox_meta_describes_where_the_image_lands(h, w):
+    x, meta = webapp.to_input(np.full((h, w, 3), 255, np.uint8), SIZE)
+    rows, cols = np.nonzero(x[0, 0].numpy() > 0.5)
+    left, top = meta["pad"]
+    assert (cols.min(), rows.min()) == (left, top)
+    assert (cols.max() + 1 - left, rows.max() + 1 - top) == (round(w * meta["scale"]), round(h * meta["scale"]))
+
+
 def test_locate_finds_each_detection_in_the_raw_outputs(loaded, sample):
     upload = webapp.read_upload(sample)
     result, state = webapp.predict_boxes(loaded, upload, 0.5, 0.45, SIZE, "Grad-CAM", 3)
