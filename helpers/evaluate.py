@@ -161,6 +161,7 @@ def evaluate(
         "images": len(dets),
         "detections": int(sum(len(d) for d in dets)),
         "ground_truths": int(sum(len(g["labels"]) for g in truths)),
+        "difficult": int(sum(int(torch.as_tensor(g.get("difficult", [])).sum()) for g in truths)),
         **({k: num(v) for k, v in acc.items()} if acc else {"class_acc": None, "noobj_acc": None, "obj_acc": None}),
         "map50_voc07": num(v07["map"]),
         "map50_all": num(vall["map"]),
@@ -181,7 +182,8 @@ def format_report(result: dict) -> str:
     def ap(x):
         return "   n/a" if x is None else f"{100 * x:6.2f}"
 
-    lines = [f"images {result['images']}, ground truths {result['ground_truths']}, detections {result['detections']}",
+    lines = [f"images {result['images']}, ground truths {result['ground_truths']} ({result['difficult']} difficult, "
+             f"ignored), detections {result['detections']}",
              f"class accuracy {pct(result['class_acc'])} %   no-object accuracy {pct(result['noobj_acc'])} %   "
              f"object accuracy {pct(result['obj_acc'])} %", "",
              f"{'class':14s} {'GT':>6s} {'TP':>6s} {'FP':>7s} {'AP07':>6s} {'AP all':>6s}"]
