@@ -2,9 +2,9 @@
 
 `decode` turns the 3 raw scale tensors into boxes and probabilities for every anchor of every cell,
 for the whole batch at once; `detect` scores them, keeps those above a threshold, caps them per
-image before NMS (as mmdetection's `nms_pre`), runs `torchvision.ops.batched_nms` once over the
-batch (one category per image and class, so boxes of different images or classes never suppress
-each other), caps the survivors per image, and maps them back to original image pixels.
+image before NMS (as mmdetection's `nms_pre`, one batched top-k), runs `torchvision.ops.batched_nms`
+per image (class-aware: boxes of different classes never suppress each other), caps the survivors
+per image, and maps them back to original image pixels.
 
 Nothing here writes into the model's outputs: every activation is computed on a float32 copy.
 """
@@ -161,9 +161,18 @@ def detect(
     cand = boxes[img, anchor]
     cand = torch.stack((cand[:, 0].clamp(0, width), cand[:, 1].clamp(0, height),
                         cand[:, 2].clamp(0, width), cand[:, 3].clamp(0, height)), dim=1)
-    keep = batched_nms(cand, scores, img * n_classes + cls, iou_threshold)  # sorted by descending score
+    # Candidates come grouped by image (nonzero's row-major order). One class-aware NMS per image:
+    # on a 2-core CPU that is 2x faster than one batch-wide call, whose per-(image, class) loop
+    # masks the whole batch each time.
+    counts = torch.bincount(img, minlength=batch).tolist()
+    keep, start = [], 0
+    for n in counts:
+        if n:
+            k = batched_nms(cand[start:start + n], scores[start:start + n], cls[start:start + n], iou_threshold)
+            keep.append(k[:max_detections] + start)  # sorted by descending score
+        start += n
+    keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long, device=device)
     img, cand, scores, cls = img[keep], cand[keep], scores[keep], cls[keep]
-    img, cand, cls, scores = _top_per_image(max_detections, img, scores, cand, cls)
 
     if letterbox is not None:
         scale, pad, orig = _letterbox_params(letterbox, batch, device)
@@ -176,20 +185,4 @@ def detect(
 
     dets = torch.cat((cand, scores[:, None], cls[:, None].float()), dim=1)
     counts = torch.bincount(img, minlength=batch).tolist()
-    return list(torch.split(dets, counts))  # img is sorted by _top_per_image
-
-
-def _top_per_image(k: int, img: torch.Tensor, scores: torch.Tensor, *others: torch.Tensor):
-    """The k highest-scoring rows of each image, ordered by image then descending score.
-
-    img [N] image index, scores [N]; others: tensors with N rows, filtered alike.
-    Returns (img, *others, scores), each with the kept rows only.
-    """
-    order = torch.argsort(scores, descending=True, stable=True)
-    order = order[torch.argsort(img[order], stable=True)]  # by image, descending score within it
-    img_sorted = img[order]
-    counts = torch.bincount(img_sorted, minlength=1)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(order.numel(), device=img.device) - starts[img_sorted]
-    order = order[rank < k]
-    return (img[order], *(t[order] for t in others), scores[order])
+    return list(torch.split(dets, torch.bincount(img, minlength=batch).tolist()))  # img is sorted
