@@ -1,26 +1,35 @@
 """Read a dataset into records: VOCdevkit XML or the course's Kaggle CSV + YOLO-txt layout.
 
-A `Record` is one image: its path, boxes in pixels (x1, y1, x2, y2, 0-based, continuous: VOC's
-1-based inclusive `xmin` becomes `xmin - 1`, `xmax` stays), class indices and difficult flags.
+A `Record` is one image: its path, its size, boxes in pixels (x1, y1, x2, y2, 0-based and
+continuous: VOC's 1-based inclusive `xmin` becomes `xmin - 1`, `xmax` stays, so a box covering
+pixel columns 1..W of the devkit spans 0..W), class indices and difficult flags.
 
 Layouts, recognised from the folder's contents:
 - VOCdevkit: `VOC2007/` and/or `VOC2012/`, each with `Annotations/*.xml`, `JPEGImages/`,
-  `ImageSets/Main/<split>.txt`. `root` may be the VOCdevkit folder or one VOC20xx folder.
-  For a devkit holding both years, `trainval` is 07+12 trainval and `test` is 07 test.
+  `ImageSets/Main/<split>.txt`. `root` may be the VOCdevkit folder, one VOC20xx folder, or the
+  folder holding `VOCdevkit/`. With both years, `trainval` is 07+12 trainval and `test` is
+  07 test (the standard protocol); other lists come from every year that has them.
 - course/Kaggle: `images/`, `labels/` (`class cx cy w h` normalised, one object a line),
-  `<split>.csv` with columns `image,text` (`train`, `test`, `100examples`).
+  `<split>.csv` with columns `image,text` (`train`, `test`, `100examples`). Image sizes come from
+  the image headers (no decode), so the records hold pixels like VOC's.
 
-Problems are reported with the file they concern. Boxes outside the image are clipped with a
-warning (the course layout's 6-digit rounding puts edges a hair outside 0..1: those are clipped
-silently); zero-area boxes are dropped with a warning; an empty label file is a valid background
-image. `python -m helpers.annotations check PATH` lists every problem of a dataset.
+Problems name their file. Errors (malformed or empty XML, unknown class, a bad label line, a
+missing annotation or image) make `load_records` raise, listing all of them, unless
+`on_error="skip"`, which leaves those records out with a warning each. Fixable box problems are
+warnings: boxes outside the image are clipped, zero-area boxes dropped. The course layout rounds
+to 6 digits, so edges a hair outside 0..1 are normal there and clipped silently. An empty label
+file, or an XML without objects, is a valid background image. A corrupt image is found only
+when it is decoded (the datasets skip it then); `python -m helpers.annotations check PATH`
+decodes everything and lists every problem.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.etree import ElementTree as ET
@@ -28,33 +37,49 @@ from xml.etree import ElementTree as ET
 import numpy as np
 
 from .config import VOC_CLASSES
+from .imageio import ImageError, decoded_size, read_image, read_size
 
-ROUNDING_SLACK = 1e-4  # normalised; the course's labels are rounded to 6 digits
+# Normalised; the course's labels are rounded to 6 digits, so their edges may sit ~1e-6 outside 0..1.
+ROUNDING_SLACK = 1e-4
+ERROR, WARNING = "error", "warning"
+SHOWN_ERRORS = 20  # errors listed in a DatasetError's message (the check command lists them all)
 
 
 class DatasetError(ValueError):
-    """A dataset file that cannot be used; the message names the file and the problem."""
+    """A dataset that cannot be used as it is; the message names the files and the problems."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Record:
     image_path: Path
-    boxes: np.ndarray  # [n, 4] float32 x1, y1, x2, y2 in pixels
-    labels: np.ndarray  # [n] int64
+    boxes: np.ndarray  # [n, 4] float32 x1, y1, x2, y2 in pixels (0-based, continuous)
+    labels: np.ndarray  # [n] int64 class indices
     difficult: np.ndarray  # [n] bool
-    width: int | None = None  # from the annotation, when it says
-    height: int | None = None
-    label_path: Path | None = field(default=None, compare=False)
+    width: int  # of the stored image (from the annotation, or the image header)
+    height: int
+    label_path: Path | None = field(default=None)  # the XML or txt the boxes came from
 
     def without_difficult(self) -> Record:
         keep = ~self.difficult
+        if keep.all():
+            return self
         return Record(self.image_path, self.boxes[keep], self.labels[keep], self.difficult[keep],
                       self.width, self.height, self.label_path)
 
 
+@dataclass(frozen=True)
+class Problem:
+    level: str  # ERROR (the record is unusable) or WARNING (fixed: boxes clipped or dropped)
+    path: Path  # the file concerned
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
 # --- layout detection ---------------------------------------------------------------------------
 def detect_layout(root: str | Path) -> str:
-    """'voc' or 'course'; a clear error for anything else."""
+    """'voc' or 'course'; a DatasetError saying what was expected for anything else."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder")
@@ -64,190 +89,276 @@ def detect_layout(root: str | Path) -> str:
         return "course"
     raise DatasetError(
         f"{root}: not a dataset folder this project reads. Expected either a VOCdevkit (VOC2007/ and/or "
-        "VOC2012/ with Annotations/, JPEGImages/, ImageSets/Main/) or the course/Kaggle layout "
-        "(images/, labels/ and train.csv / test.csv with columns image,text).")
+        "VOC2012/, each with Annotations/, JPEGImages/ and ImageSets/Main/<split>.txt) or the course/Kaggle "
+        "layout (images/, labels/ and train.csv / test.csv with columns image,text); found: "
+        f"{sorted(p.name for p in root.iterdir())[:12]}")
+
+
+def _is_year(p: Path) -> bool:
+    return (p / "Annotations").is_dir() and (p / "JPEGImages").is_dir()
 
 
 def _voc_years(root: Path) -> list[Path]:
-    if (root / "Annotations").is_dir() and (root / "JPEGImages").is_dir():
+    if _is_year(root):
         return [root]
-    return [p for p in sorted(root.glob("VOC20*")) if (p / "Annotations").is_dir() and (p / "JPEGImages").is_dir()]
+    for base in (root, root / "VOCdevkit"):
+        years = [p for p in sorted(base.glob("VOC20*")) if _is_year(p)]
+        if years:
+            return years
+    return []
 
 
 # --- VOC ----------------------------------------------------------------------------------------
-def parse_voc_xml(path: Path, classes=VOC_CLASSES) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None, int | None]:
-    """(boxes [n,4] 0-based pixels, labels, difficult, width, height) of one VOC annotation file."""
+def parse_voc_xml(path: Path, classes: tuple[str, ...] = VOC_CLASSES):
+    """(boxes [n,4] 0-based pixels, labels [n], difficult [n], width, height) of one VOC annotation.
+
+    width/height are None when the XML does not give a positive size. Raises DatasetError.
+    """
     try:
-        tree = ET.parse(path)
-    except (ET.ParseError, OSError) as e:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
         raise DatasetError(f"{path}: malformed XML ({e})") from None
-    root = tree.getroot()
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e})") from None
     if root.tag != "annotation":
         raise DatasetError(f"{path}: root element is <{root.tag}>, expected <annotation>")
-    width = _int_or_none(root.findtext("size/width"))
-    height = _int_or_none(root.findtext("size/height"))
-    boxes, labels, difficult = [], [], []
+    width, height = _positive_int(root.findtext("size/width")), _positive_int(root.findtext("size/height"))
     index = {c: i for i, c in enumerate(classes)}
+    boxes, labels, difficult = [], [], []
     for k, obj in enumerate(root.iter("object")):
         name = (obj.findtext("name") or "").strip()
         if name not in index:
             raise DatasetError(f"{path}: object {k} has unknown class {name!r} (known: {', '.join(classes)})")
-        bb = obj.find("bndbox")
         try:
-            xmin, ymin, xmax, ymax = (float(bb.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax"))
-        except (AttributeError, TypeError, ValueError):
+            coords = [float(obj.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax")]
+        except (TypeError, ValueError):
             raise DatasetError(f"{path}: object {k} ({name}) has a missing or non-numeric bndbox") from None
+        if not all(map(math.isfinite, coords)):
+            raise DatasetError(f"{path}: object {k} ({name}) has a non-finite bndbox {coords}")
+        xmin, ymin, xmax, ymax = coords
         boxes.append([xmin - 1, ymin - 1, xmax, ymax])
         labels.append(index[name])
-        difficult.append((obj.findtext("difficult") or "0").strip() == "1")
-    return (np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64),
-            np.array(difficult, bool), width, height)
+        difficult.append((obj.findtext("difficult") or "0").strip() in ("1", "true", "True"))
+    return (np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64), np.array(difficult, bool),
+            width, height)
 
 
-def _int_or_none(text):
+def _positive_int(text) -> int | None:
     try:
-        return int(float(text))
+        v = int(float(text))
     except (TypeError, ValueError):
         return None
+    return v if v > 0 else None
 
 
 def _voc_split_ids(year: Path, split: str) -> list[str]:
     path = year / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
-        raise DatasetError(f"{path}: split list not found (splits here: "
-                           f"{sorted(p.stem for p in (year / 'ImageSets' / 'Main').glob('*.txt') if '_' not in p.stem)})")
+        raise DatasetError(f"{path}: split list not found (splits here: {voc_splits(year)})")
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_voc(root: Path, split: str, classes=VOC_CLASSES) -> list[Record]:
+def voc_splits(year: Path) -> list[str]:
+    """The whole-dataset split lists of one VOC year (not the per-class `<class>_<split>.txt`)."""
+    return sorted(p.stem for p in (year / "ImageSets" / "Main").glob("*.txt") if "_" not in p.stem)
+
+
+def _voc_years_for(root: Path, split: str) -> list[Path]:
     years = _voc_years(root)
-    if split == "test" and len(years) > 1:  # the standard protocol: 07 test only
-        years = [y for y in years if y.name == "VOC2007"] or years
-    records = []
-    for year in years:
-        if split != "trainval" and not (year / "ImageSets" / "Main" / f"{split}.txt").is_file() and len(years) > 1:
-            continue  # e.g. VOC2012 has no public test list
+    if len(years) == 1:
+        return years
+    if split == "test":  # the standard protocol: 07 test (VOC2012 has no public test annotations)
+        return [y for y in years if y.name == "VOC2007"] or years
+    having = [y for y in years if (y / "ImageSets" / "Main" / f"{split}.txt").is_file()]
+    if split == "trainval" and len(having) < len(years):  # 07+12 means both: say which is missing
+        missing = [y for y in years if y not in having]
+        raise DatasetError(f"{missing[0] / 'ImageSets' / 'Main' / 'trainval.txt'}: split list not found "
+                           f"(trainval of a devkit with {', '.join(y.name for y in years)} is their union)")
+    return having or years
+
+
+def _scan_voc(root: Path, split: str, classes) -> Iterable[Record | Problem]:
+    for year in _voc_years_for(root, split):
         for image_id in _voc_split_ids(year, split):
             xml = year / "Annotations" / f"{image_id}.xml"
-            if not xml.is_file():
-                raise DatasetError(f"{xml}: annotation listed in {split}.txt is missing")
-            boxes, labels, difficult, w, h = parse_voc_xml(xml, classes)
             image = year / "JPEGImages" / f"{image_id}.jpg"
-            records.append(_clean(Record(image, boxes, labels, difficult, w, h, xml), xml))
-    return records
+            if not xml.is_file():
+                yield Problem(ERROR, xml, f"annotation listed in {split}.txt is missing")
+                continue
+            try:
+                boxes, labels, difficult, w, h = parse_voc_xml(xml, classes)
+            except DatasetError as e:
+                yield Problem(ERROR, xml, str(e).removeprefix(f"{xml}: "))
+                continue
+            if not image.is_file():
+                yield Problem(ERROR, image, f"image for {xml.name} is missing")
+                continue
+            if w is None or h is None:  # the XML gives no usable size: the image header does
+                try:
+                    w, h = read_size(image)
+                except ImageError as e:
+                    yield Problem(ERROR, image, str(e).removeprefix(f"{image}: "))
+                    continue
+            yield from _finish(Record(image, boxes, labels, difficult, w, h, xml), quiet_within=0.0)
 
 
 # --- course / Kaggle ----------------------------------------------------------------------------
 def parse_yolo_txt(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(normalised cx, cy, w, h [n,4], labels [n]); an empty file is a background image."""
+    """(normalised cx, cy, w, h [n,4] float32, labels [n] int64); an empty file is a background image."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read ({e})") from None
     rows, labels = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in enumerate(text.splitlines(), 1):
         parts = line.split()
+        if not parts:
+            continue
         try:
-            c, cx, cy, w, h = int(float(parts[0])), *map(float, parts[1:5])
             if len(parts) != 5:
                 raise ValueError
-        except (ValueError, IndexError):
-            raise DatasetError(f"{path}, line {n}: expected 'class cx cy w h', got {line!r}") from None
-        if not 0 <= c < num_classes:
-            raise DatasetError(f"{path}, line {n}: class {c} outside 0..{num_classes - 1}")
-        rows.append([cx, cy, w, h])
-        labels.append(c)
+            c_float, *values = map(float, parts)
+        except ValueError:
+            raise DatasetError(f"{path}, line {n}: expected 'class cx cy w h', got {line.strip()!r}") from None
+        if c_float != int(c_float) or not 0 <= c_float < num_classes:
+            raise DatasetError(f"{path}, line {n}: class {parts[0]} is not one of 0..{num_classes - 1}")
+        if not all(map(math.isfinite, values)):
+            raise DatasetError(f"{path}, line {n}: non-finite coordinates {values}")
+        rows.append(values)
+        labels.append(int(c_float))
     return np.array(rows, np.float32).reshape(-1, 4), np.array(labels, np.int64)
 
 
-def load_course(root: Path, split: str, classes=VOC_CLASSES) -> list[Record]:
+def _csv_rows(csv_path: Path) -> Iterable[tuple[int, list[str]]]:
+    """(line number, [image, label]) of a course CSV; a header row (`image,text`) is skipped."""
+    with open(csv_path, newline="") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            row = [c.strip() for c in row]
+            if not any(row):
+                continue
+            if n == 1 and not row[0].lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".webp")):
+                continue  # the header (the course's is "image,text")
+            yield n, row
+
+
+def _scan_course(root: Path, split: str, classes) -> Iterable[Record | Problem]:
     csv_path = root / f"{split}.csv"
     if not csv_path.is_file():
         raise DatasetError(f"{csv_path}: split CSV not found (CSVs here: {sorted(p.stem for p in root.glob('*.csv'))})")
-    records = []
-    with open(csv_path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["image", "text"]:
-            raise DatasetError(f"{csv_path}: expected a header 'image,text', got {header}")
-        for row in reader:
-            if not row:
-                continue
-            image, label = root / "images" / row[0].strip(), root / "labels" / row[1].strip()
-            if not label.is_file():
-                raise DatasetError(f"{label}: label file listed in {csv_path.name} is missing")
+    for n, row in _csv_rows(csv_path):
+        if len(row) < 2 or not row[0] or not row[1]:
+            yield Problem(ERROR, csv_path, f"line {n}: expected 'image,text' (two file names), got {row}")
+            continue
+        image, label = root / "images" / row[0], root / "labels" / row[1]
+        if not label.is_file():
+            yield Problem(ERROR, label, f"label file listed in {csv_path.name} is missing")
+            continue
+        try:
             norm, labels = parse_yolo_txt(label, len(classes))
-            records.append(Record(image, norm, labels, np.zeros(len(labels), bool), None, None, label))
+        except DatasetError as e:
+            yield Problem(ERROR, label, str(e).removeprefix(f"{label}: ").removeprefix(f"{label}, "))
+            continue
+        try:
+            w, h = read_size(image)
+        except ImageError as e:
+            yield Problem(ERROR, image, f"image for {label.name}: " + str(e).removeprefix(f"{image}: "))
+            continue
+        cx, cy, bw, bh = norm.T
+        boxes = np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], 1)
+        record = Record(image, boxes.astype(np.float32), labels, np.zeros(len(labels), bool), w, h, label)
+        yield from _finish(record, quiet_within=ROUNDING_SLACK * max(w, h))
+
+
+# --- box fixes ----------------------------------------------------------------------------------
+def _finish(record: Record, quiet_within: float) -> Iterable[Record | Problem]:
+    """Clip boxes to the image (a warning unless within `quiet_within` px), drop zero-area ones (warning)."""
+    b = record.boxes
+    if len(b):
+        limits = np.array([record.width, record.height] * 2, np.float32)
+        clipped = np.clip(b, 0, limits)
+        moved = np.abs(clipped - b).max(1)
+        source = record.label_path or record.image_path
+        if (moved > quiet_within).any():
+            yield Problem(WARNING, source, f"{int((moved > quiet_within).sum())} box(es) outside the "
+                                           f"{record.width}x{record.height} image clipped (by up to {moved.max():.1f} px)")
+        keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+        if not keep.all():
+            yield Problem(WARNING, source, f"{int((~keep).sum())} box(es) with zero area dropped")
+        record = Record(record.image_path, clipped[keep], record.labels[keep], record.difficult[keep],
+                        record.width, record.height, record.label_path)
+    yield record
+
+
+# --- public entry points ------------------------------------------------------------------------
+def scan(root: str | Path, split: str, classes: tuple[str, ...] = VOC_CLASSES) -> tuple[list[Record], list[Problem]]:
+    """(usable records, problems) of `split`; raises DatasetError only when the split itself is missing."""
+    root = Path(root)
+    items = (_scan_voc if detect_layout(root) == "voc" else _scan_course)(root, split, classes)
+    records, problems = [], []
+    for item in items:
+        (records if isinstance(item, Record) else problems).append(item)
+    return records, problems
+
+
+def load_records(root: str | Path, split: str, classes: tuple[str, ...] = VOC_CLASSES,
+                 on_error: str = "raise") -> list[Record]:
+    """Every record of `split` in the dataset at `root` (layout found from its contents).
+
+    Warnings (clipped or dropped boxes) are issued as Python warnings naming the file. Errors raise
+    one DatasetError listing them all (`on_error="raise"`), or leave those records out with a
+    warning each (`on_error="skip"`).
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    records, problems = scan(root, split, classes)
+    errors = [p for p in problems if p.level == ERROR]
+    if errors and on_error == "raise":
+        shown = "\n  ".join(map(str, errors[:SHOWN_ERRORS]))
+        more = f"\n  ... and {len(errors) - SHOWN_ERRORS} more" if len(errors) > SHOWN_ERRORS else ""
+        raise DatasetError(f"{root} ({split}): {len(errors)} file(s) cannot be used:\n  {shown}{more}\n"
+                           f"Fix them, or load with on_error='skip' to leave them out "
+                           f"(`python -m helpers.annotations check {root}` lists every problem).")
+    for p in problems:
+        text = f"{p} (left out)" if p.level == ERROR else str(p)
+        warnings.warn(text, stacklevel=2)
     return records
 
 
-def to_pixels(record: Record, width: int, height: int) -> Record:
-    """A course-layout record (normalised cx, cy, w, h) in pixels once the image size is known."""
-    if record.width is not None:  # already in pixels
-        return record
-    cx, cy, w, h = record.boxes.T
-    boxes = np.stack([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], 1)
-    slack = ROUNDING_SLACK * max(width, height)
-    return _clean(Record(record.image_path, boxes.astype(np.float32), record.labels, record.difficult, width, height,
-                         record.label_path), record.label_path, quiet_within=slack)
-
-
-# --- validation ---------------------------------------------------------------------------------
-def _clean(record: Record, source, quiet_within: float = 0.0) -> Record:
-    """Clip boxes to the image (warn unless within rounding slack), drop zero-area boxes (warn)."""
-    if record.width is None or record.height is None or not len(record.boxes):
-        return record
-    b = record.boxes
-    limits = np.array([record.width, record.height, record.width, record.height], np.float32)
-    clipped = np.clip(b, 0, limits)
-    moved = np.abs(clipped - b).max(initial=0)
-    if moved > quiet_within:
-        warnings.warn(f"{source}: {int((np.abs(clipped - b) > quiet_within).any(1).sum())} box(es) outside the "
-                      f"{record.width}x{record.height} image clipped (by up to {moved:.1f} px)", stacklevel=3)
-    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-    if not keep.all():
-        warnings.warn(f"{source}: {int((~keep).sum())} box(es) with zero area dropped", stacklevel=3)
-    return Record(record.image_path, clipped[keep], record.labels[keep], record.difficult[keep], record.width,
-                  record.height, record.label_path)
-
-
-def load_records(root: str | Path, split: str, classes=VOC_CLASSES) -> list[Record]:
-    """Every record of `split` in the dataset at `root` (layout found from its contents)."""
-    root = Path(root)
-    layout = detect_layout(root)
-    return load_voc(root, split, classes) if layout == "voc" else load_course(root, split, classes)
-
-
-# --- the check command --------------------------------------------------------------------------
-def check(root: str | Path, splits: list[str] | None = None, classes=VOC_CLASSES) -> list[str]:
-    """Every problem found in the dataset, one line each naming the file; decodes every image."""
-    from .imageio import ImageError, read_image
+def check(root: str | Path, splits: list[str] | None = None, classes: tuple[str, ...] = VOC_CLASSES,
+          decode: bool = True) -> list[Problem]:
+    """Every problem of the dataset, each naming its file; with `decode`, every image is decoded too
+    (reduced, so it stays quick) and its size compared with its annotation's."""
 
     root = Path(root)
-    problems: list[str] = []
     try:
         layout = detect_layout(root)
     except DatasetError as e:
-        return [str(e)]
+        return [Problem(ERROR, root, str(e).removeprefix(f"{root}: "))]
     if splits is None:
-        splits = ["trainval", "test"] if layout == "voc" else [p.stem for p in sorted(root.glob("*.csv"))]
+        splits = (sorted({s for y in _voc_years(root) for s in voc_splits(y)}) if layout == "voc"
+                  else [p.stem for p in sorted(root.glob("*.csv"))])
+    problems: list[Problem] = []
+    seen: set[Path] = set()
     for split in splits:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                records = load_records(root, split, classes)
-            except DatasetError as e:
-                problems.append(str(e))
+        try:
+            records, found = scan(root, split, classes)
+        except DatasetError as e:
+            problems.append(Problem(ERROR, root, f"split {split!r}: {e}"))
+            continue
+        problems += [p for p in found if p not in problems]  # a file in two splits is reported once
+        for r in records:
+            if not decode or r.image_path in seen:
                 continue
-            for r in records:
-                try:
-                    img = read_image(r.image_path)
-                except ImageError as e:
-                    problems.append(str(e))
-                    continue
-                if r.width is not None and (r.width, r.height) != (img.shape[1], img.shape[0]):
-                    problems.append(f"{r.label_path}: says {r.width}x{r.height} but {r.image_path} is "
-                                    f"{img.shape[1]}x{img.shape[0]}")
-                to_pixels(r, img.shape[1], img.shape[0])
-        problems += [str(w.message) for w in caught]
+            seen.add(r.image_path)
+            try:
+                image, scale = read_image(r.image_path, max_side=64, with_scale=True)
+            except ImageError as e:
+                problems.append(Problem(ERROR, r.image_path, str(e).removeprefix(f"{r.image_path}: ")))
+                continue
+            if (image.shape[1], image.shape[0]) != decoded_size(r.width, r.height, scale):
+                w, h = read_size(r.image_path)
+                problems.append(Problem(ERROR, r.label_path or r.image_path,
+                                        f"says {r.width}x{r.height} but {r.image_path.name} is {w}x{h}"))
     return problems
 
 
@@ -255,15 +366,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m helpers.annotations",
                                 description="Check a dataset (VOCdevkit or course layout) and list its problems.")
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("check", help="scan a dataset and list every problem with its file")
+    c = sub.add_parser("check", help="scan a dataset, decode every image, list every problem with its file")
     c.add_argument("path")
-    c.add_argument("--split", action="append", help="split(s) to check (default: all)")
+    c.add_argument("--split", action="append", help="split(s) to check (repeatable; default: every list found)")
+    c.add_argument("--no-decode", action="store_true", help="read annotations only (fast)")
     args = p.parse_args(argv)
-    problems = check(args.path, args.split)
-    for line in problems:
-        print(line)
-    print(f"{len(problems)} problem(s) found in {args.path}", file=sys.stderr)
-    return 1 if problems else 0
+    problems = check(args.path, args.split, decode=not args.no_decode)
+    for problem in problems:
+        print(f"{problem.level}: {problem}")
+    errors = sum(p.level == ERROR for p in problems)
+    print(f"{args.path}: {errors} error(s), {len(problems) - errors} warning(s)", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,19 @@
 """The LightningDataModule: datasets, multi-resolution batches, collate.
 
-Training batches each have one size drawn from `DataConfig.train_sizes` by a generator seeded with
-(seed, epoch, batch number), so every DDP rank draws the same size for the same step; val/test use
-`DataConfig.image_size`. With `DataConfig.root = None` it trains on generated data (coloured
-shapes with VOC class names) written once under $YOLO_DATA_CACHE or ~/.cache/yolov3-lightning.
+Training batches each have one size drawn from `DataConfig.train_sizes` by a generator seeded
+with (seed, epoch, batch number), so every DDP rank draws the same size for the same step;
+val/test use `DataConfig.image_size`, in a fixed order. Under DDP the training set is split by a
+DistributedSampler (equal shares, so every rank runs the same number of steps) and the
+evaluation set by rank-strided shards without padding (no image is evaluated twice).
+
+With `DataConfig.root = None` it trains on generated data (coloured shapes with VOC class names,
+`helpers.synthetic`), written once to `$YOLO_DATA_CACHE/synthetic-v2-seed<seed>/VOCdevkit`, by
+default `~/.cache/yolov3-lightning/synthetic-v2-seed<seed>/VOCdevkit`.
+
+Annotation errors (a malformed XML, an unknown class, a missing image...) leave those records out
+with a warning naming each file (`DataConfig.on_error`, default "skip"; "raise" refuses the
+dataset instead); an image that turns out unreadable during training is skipped and counted by
+`collate`, and the LightningModule reports the count at the end of the epoch.
 """
 from __future__ import annotations
 
@@ -15,40 +25,53 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .config import DataConfig
 from .dataset import YOLODataset as TrainDataset
 from .dataset_org import YOLODataset as PlainDataset
 from .synthetic import make_voc_dataset
 
+SYNTHETIC_VERSION = "v2"  # bump when helpers.synthetic draws differently
 SYNTHETIC = {"n_trainval": 256, "n_test": 64, "image_size": (160, 120)}
 
 
+# --- collate ------------------------------------------------------------------------------------
 def collate(batch):
-    """(images [B,3,S,S], boxes [N,6] = image index, class, cx, cy, w, h, skipped: 0-d int64)."""
+    """(images [B,3,S,S], boxes [N,6] = image index, class, cx, cy, w, h, skipped: 0-d int64 tensor =
+    samples of this batch that could not be read, dropped here)."""
     good = [b for b in batch if b is not None]
     skipped = torch.tensor(len(batch) - len(good), dtype=torch.int64)
     if not good:
         return torch.zeros(0, 3, 1, 1), torch.zeros(0, 6), skipped
     images = torch.stack([b[0] for b in good])
-    boxes = torch.cat([torch.cat([torch.full((len(b[1]), 1), float(i)), b[1]], 1) for i, b in enumerate(good)])
+    index = torch.repeat_interleave(torch.arange(len(good), dtype=torch.float32),
+                                    torch.tensor([len(b[1]) for b in good]))
+    boxes = torch.cat([index[:, None], torch.cat([b[1] for b in good])], 1)
     return images, boxes, skipped
 
 
 def collate_with_meta(batch):
-    """(images, boxes [N,6], metas: list of per-image dicts) for evaluation; unreadable samples dropped."""
+    """(images [B,3,S,S], boxes [N,6], metas: one dict per image) for evaluation; unreadable samples dropped."""
     good = [b for b in batch if b is not None]
-    images, boxes, _ = collate([(b[0], b[1]) for b in good] or [None])
+    images, boxes, _ = collate([(b[0], b[1]) for b in good])
     return images, boxes, [b[2] for b in good]
 
 
+# --- samplers -----------------------------------------------------------------------------------
 class MultiScaleBatchSampler(Sampler):
-    """Batches of (index, size): one size per batch, the same on every rank for the same step."""
+    """Batches of (index, size): one size per batch, the same on every rank for the same step.
+
+    The size of batch k in epoch e is drawn from a generator seeded with (seed, e, k), so it needs
+    no communication between ranks and repeats exactly on resume. Call `set_epoch` each epoch
+    (Lightning does it for samplers that have it); it is passed on to the wrapped sampler.
+    """
 
     def __init__(self, sampler, batch_size: int, sizes, drop_last: bool = True, seed: int = 0):
-        self.sampler, self.batch_size, self.sizes = sampler, batch_size, tuple(sizes)
-        self.drop_last, self.seed, self.epoch = drop_last, seed, 0
+        self.sizes = tuple(int(s) for s in sizes)
+        if not self.sizes or any(s <= 0 or s % 32 for s in self.sizes):
+            raise ValueError(f"image sizes must be positive multiples of 32 (the model's stride), got {sizes}")
+        self.sampler, self.batch_size, self.drop_last, self.seed, self.epoch = sampler, batch_size, drop_last, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -56,13 +79,15 @@ class MultiScaleBatchSampler(Sampler):
             self.sampler.set_epoch(epoch)
 
     def size_of(self, batch_number: int) -> int:
+        if len(self.sizes) == 1:
+            return self.sizes[0]
         rng = np.random.default_rng([self.seed, self.epoch, batch_number])
-        return int(self.sizes[rng.integers(len(self.sizes))])
+        return self.sizes[int(rng.integers(len(self.sizes)))]
 
     def __iter__(self):
         batch, number = [], 0
         for index in self.sampler:
-            batch.append(index)
+            batch.append(int(index))
             if len(batch) == self.batch_size:
                 size = self.size_of(number)
                 yield [(i, size) for i in batch]
@@ -76,33 +101,51 @@ class MultiScaleBatchSampler(Sampler):
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
 
+class ShardSampler(Sampler):
+    """Indices rank, rank + world, ... in order: each image on exactly one rank (no padding)."""
+
+    def __init__(self, n: int, world: int = 1, rank: int = 0):
+        self.n, self.world, self.rank = n, world, rank
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Training batches per epoch and rank: DistributedSampler's equal share, then full batches only
+    (a share smaller than one batch makes one short batch)."""
+    share = math.ceil(n / world_size)
+    return share // batch_size if share >= batch_size else 1
+
+
+# --- synthetic default data ---------------------------------------------------------------------
 def synthetic_root(seed: int = 0) -> Path:
-    """The generated dataset (made on first use); deterministic for a seed."""
+    """The generated dataset's VOCdevkit (made on first use, atomically); deterministic for a seed."""
     cache = Path(os.environ.get("YOLO_DATA_CACHE", Path.home() / ".cache" / "yolov3-lightning"))
-    root = cache / f"synthetic-v1-seed{seed}"
+    root = cache / f"synthetic-{SYNTHETIC_VERSION}-seed{seed}"
     devkit = root / "VOCdevkit"
     if not (devkit / "VOC2007" / "ImageSets" / "Main" / "test.txt").is_file():
-        tmp = cache / f".synthetic-v1-seed{seed}.{os.getpid()}"
+        tmp = cache / f".{root.name}.{os.getpid()}"
         make_voc_dataset(tmp, seed=seed, **SYNTHETIC)
-        root.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.rename(tmp, root)  # atomic: another process may have made it meanwhile
+            os.rename(tmp, root)  # atomic; if another process made it meanwhile, theirs stays
         except OSError:
-            pass
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
     return devkit
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
+# --- the DataModule -----------------------------------------------------------------------------
 class YOLODataModule(pl.LightningDataModule):
     def __init__(self, cfg: DataConfig, seed: int = 0):
         super().__init__()
         self.cfg, self.seed = cfg, seed
-        self.train_dataset = self.val_dataset = None
+        self.train_dataset: TrainDataset | None = None
+        self.val_dataset: PlainDataset | None = None
 
     @property
     def root(self) -> Path:
@@ -113,17 +156,29 @@ class YOLODataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         c = self.cfg
+        on_error = getattr(c, "on_error", "skip")
         if self.train_dataset is None:
             self.train_dataset = TrainDataset(self.root, c.train_split, c.image_size, mosaic=c.mosaic,
-                                              classes=c.classes, keep_difficult=c.keep_difficult)
+                                              classes=c.classes, keep_difficult=c.keep_difficult, on_error=on_error)
+        if self.val_dataset is None:
             self.val_dataset = PlainDataset(self.root, c.val_split, c.image_size, classes=c.classes,
-                                            keep_difficult=c.keep_difficult, return_meta=True)
+                                            keep_difficult=c.keep_difficult, return_meta=True, on_error=on_error)
 
-    def num_training_batches(self, world_size: int = 1) -> int:
-        """Optimizer steps per epoch for `world_size` processes (needed before fitting, for the schedule)."""
+    def world(self) -> tuple[int, int]:
+        """(world size, rank): from the Trainer when attached, else torch.distributed, else (1, 0)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.world_size, trainer.global_rank
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def num_training_batches(self, world_size: int | None = None) -> int:
+        """Optimizer steps per epoch with `world_size` processes (default: the current one); known
+        before fitting, so the LR schedule can be written first."""
         self.setup("fit")
-        per_rank = math.ceil(len(self.train_dataset) / world_size) if world_size > 1 else len(self.train_dataset)
-        return max(1, per_rank // self.cfg.batch_size) if per_rank >= self.cfg.batch_size else 1
+        world = world_size or self.world()[0]
+        return steps_per_epoch(len(self.train_dataset), self.cfg.batch_size, world)
 
     def _loader(self, dataset, batch_sampler, collate_fn) -> DataLoader:
         workers = self.cfg.num_workers
@@ -132,24 +187,25 @@ class YOLODataModule(pl.LightningDataModule):
                           persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        world, rank = _distributed()
+        self.setup("fit")
+        world, rank = self.world()
         ds = self.train_dataset
-        sampler = (DistributedSampler(ds, world, rank, shuffle=True, seed=self.seed) if world > 1
-                   else RandomSampler(ds, generator=torch.Generator().manual_seed(self.seed)))
+        # Also on one process: its permutation is a function of (seed, epoch), so a resumed run
+        # sees the same order as an uninterrupted one.
+        sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=self.seed)
         drop_last = len(sampler) >= self.cfg.batch_size
         batches = MultiScaleBatchSampler(sampler, self.cfg.batch_size, self.cfg.train_sizes, drop_last, self.seed)
         return self._loader(ds, batches, collate)
 
-    def _eval_loader(self, dataset) -> DataLoader:
-        world, rank = _distributed()
-        sampler = (DistributedSampler(dataset, world, rank, shuffle=False) if world > 1
-                   else SequentialSampler(dataset))
-        size = self.cfg.image_size
-        batches = MultiScaleBatchSampler(sampler, self.cfg.batch_size, (size,), drop_last=False)
-        return self._loader(dataset, batches, collate_with_meta)
+    def _eval_loader(self) -> DataLoader:
+        self.setup("validate")
+        world, rank = self.world()
+        sampler = ShardSampler(len(self.val_dataset), world, rank)
+        batches = MultiScaleBatchSampler(sampler, self.cfg.batch_size, (self.cfg.image_size,), drop_last=False)
+        return self._loader(self.val_dataset, batches, collate_with_meta)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_dataset)
+        return self._eval_loader()
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_dataset)
+        return self._eval_loader()

@@ -1,95 +1,60 @@
 """YOLODataset (the course's `dataset_org` name): plain samples for validation and test.
 
-Never mosaics, deterministic: the image letterboxed to `image_size` (or the size passed with the
-index: `dataset[(i, size)]`), scaled to 0..1. Item: (image float32 [3, S, S], boxes float32 [n, 5] =
-class, cx, cy, w, h normalised to the input). With `return_meta=True` a third element says how to
-map predictions back to the original image and holds its full ground truth (difficult included):
-{"path", "orig_size": (h, w), "scale", "pad": (left, top), "gt": {"boxes" [G,4] x1y1x2y2 original
-pixels, "labels" [G], "difficult" [G]}}; a box in input pixels maps back as (x - left) / scale.
+Never mosaics, deterministic: the image letterboxed to `image_size` (or to the size passed with
+the index, `dataset[(i, size)]`), scaled to 0..1. Item: (image float32 [3, S, S], boxes float32
+[n, 5] = class, cx, cy, w, h normalised to the input; difficult objects only with
+`keep_difficult`). With `return_meta=True` a third element says how to map predictions back to
+the stored image and holds its full ground truth, difficult objects always included (the
+evaluation ignores them): {"path", "orig_size": (h, w), "scale", "pad": (left, top), "gt":
+{"boxes" [G,4] x1y1x2y2 in stored pixels, "labels" [G] int64, "difficult" [G] bool}}. A point x in
+input pixels maps back as (x - left) / scale, y as (y - top) / scale (see
+`transforms.letterbox_meta` for the precision).
 
-A sample that cannot be read gives None after a warning naming the file (the collate drops it and
-counts it), so one bad file never stops a run.
+A sample that cannot be read gives None after a warning naming the file and the problem (the
+collate drops it and counts it), so one bad file never stops a run.
 """
 from __future__ import annotations
 
 import os
+import random
 import warnings
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
-from .annotations import DatasetError, Record, load_records, to_pixels
+from .annotations import Record, load_records
 from .config import VOC_CLASSES
-from .imageio import MAX_SIDE, ImageError, read_image
-from .transforms import eval_transform
+from .imageio import decoded_size, read_image, read_size
+from .transforms import eval_transform, letterbox_meta
 
-BAD_SAMPLE_ERRORS = (ImageError, DatasetError, cv2.error, ValueError)
+# What a bad file can raise on its way through decode and transforms (ImageError and DatasetError
+# are ValueErrors). The warning names the exception, so a bug would not hide behind a skip.
+BAD_SAMPLE_ERRORS = (ValueError, OSError, cv2.error, MemoryError)
 
 
 class YOLODataset(Dataset):
     def __init__(self, root: str | os.PathLike | None, split: str = "test", image_size: int = 416,
                  classes: tuple[str, ...] = VOC_CLASSES, keep_difficult: bool = False, return_meta: bool = False,
-                 records: list[Record] | None = None):
-        self.records = records if records is not None else load_records(root, split, classes)
+                 records: list[Record] | None = None, on_error: str = "raise"):
+        self.records = records if records is not None else load_records(root, split, classes, on_error=on_error)
         self.root, self.split, self.image_size, self.classes = root, split, image_size, classes
         self.keep_difficult, self.return_meta = keep_difficult, return_meta
         self._transforms: dict[int, object] = {}
+        self._process: int | None = None  # pid the random state belongs to
+        self._rng: np.random.Generator | None = None
 
     def __len__(self) -> int:
         return len(self.records)
 
-    # --- pieces the training dataset shares ---------------------------------------------------
-    def load(self, index: int, longest: int | None = None):
-        """(RGB uint8 image, record in the decoded image's pixels, decode scale), decoded no smaller than
-        `longest` on its longest side (a big JPEG is decoded reduced)."""
-        record = self.records[index]
-        image, scale = read_image(record.image_path, max_side=longest or MAX_SIDE, with_scale=True)
-        if record.width is None:  # course layout: normalised labels, size known only now
-            record = to_pixels(record, round(image.shape[1] / scale), round(image.shape[0] / scale))
-        elif (record.width, record.height) != (round(image.shape[1] / scale), round(image.shape[0] / scale)):
-            warnings.warn(f"{record.label_path}: says {record.width}x{record.height} but {record.image_path} is "
-                          f"{round(image.shape[1] / scale)}x{round(image.shape[0] / scale)}; using the image's size",
-                          stacklevel=2)
-        return image, record, scale
-
-    def training_boxes(self, record: Record, scale: float) -> tuple[np.ndarray, np.ndarray]:
-        """Boxes and labels that become targets (difficult ones left out unless asked), in decoded pixels."""
-        r = record if self.keep_difficult else record.without_difficult()
-        return r.boxes * scale, r.labels
-
-    def transform_for(self, size: int):
-        if size not in self._transforms:
-            self._transforms[size] = self.make_transform(size)
-        return self._transforms[size]
-
-    def make_transform(self, size: int):
-        return eval_transform(size)
-
-    @staticmethod
-    def to_tensors(image: np.ndarray, boxes, labels, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-        b = np.asarray(boxes, np.float32).reshape(-1, 4)
-        out = np.zeros((len(b), 5), np.float32)
-        if len(b):
-            out[:, 0] = np.asarray(labels)
-            out[:, 1] = (b[:, 0] + b[:, 2]) / 2 / size
-            out[:, 2] = (b[:, 1] + b[:, 3]) / 2 / size
-            out[:, 3] = (b[:, 2] - b[:, 0]) / size
-            out[:, 4] = (b[:, 3] - b[:, 1]) / size
-        return img, torch.from_numpy(out)
-
-    def _key(self, key) -> tuple[int, int]:
-        return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), self.image_size)
-
-    # --- the plain sample ---------------------------------------------------------------------
     def __getitem__(self, key):
         index, size = self._key(key)
+        self._per_process_setup()
         try:
             return self.sample(index, size)
         except BAD_SAMPLE_ERRORS as e:
-            warnings.warn(f"skipping sample {index} ({self.records[index].image_path}): {e}", stacklevel=2)
+            self.warn_skip(index, e)
             return None
 
     def sample(self, index: int, size: int):
@@ -100,16 +65,98 @@ class YOLODataset(Dataset):
         if not self.return_meta:
             return img, target
         h, w = image.shape[:2]
-        resize = size / max(h, w)
-        new_h, new_w = round(h * resize), round(w * resize)
+        resize, pad = letterbox_meta(h, w, size)
         meta = {
             "path": str(record.image_path),
-            "orig_size": (round(h / scale), round(w / scale)),
+            "orig_size": (record.height, record.width),
             "scale": resize * scale,
-            "pad": ((size - new_w) // 2, (size - new_h) // 2),
+            "pad": pad,
             "gt": {"boxes": torch.from_numpy(record.boxes.astype(np.float32)).reshape(-1, 4),
                    "labels": torch.from_numpy(record.labels.astype(np.int64)),
                    "difficult": torch.from_numpy(record.difficult.astype(bool))},
         }
         return img, target, meta
 
+    # --- pieces the training dataset shares ---------------------------------------------------
+    def _key(self, key) -> tuple[int, int]:
+        if isinstance(key, tuple):
+            return int(key[0]), int(key[1])
+        return int(key), self.image_size
+
+    def _per_process_setup(self) -> None:
+        """Random state and thread use of this process (a DataLoader worker, or the main process).
+
+        The generators are seeded from Python's `random`, which PyTorch seeds differently in every
+        worker (from the loader's seed, so `seed_everything` makes runs repeat); albumentations'
+        own generators are replaced by them, since a pipeline built before the workers fork would
+        otherwise give every worker the same augmentations. OpenCV is kept to one thread in workers:
+        the loader's processes are the parallelism.
+        """
+        if self._process == os.getpid():
+            return
+        self._process = os.getpid()
+        seed = random.getrandbits(64)
+        self._rng = np.random.default_rng(seed)
+        self._py_random = random.Random(seed)
+        for t in self._transforms.values():
+            self._seed_transform(t)
+        if get_worker_info() is not None:
+            cv2.setNumThreads(1)
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """This process's generator (see `_per_process_setup`)."""
+        self._per_process_setup()
+        return self._rng
+
+    def _seed_transform(self, t) -> None:
+        if self._rng is not None and hasattr(t, "set_random_state"):
+            t.set_random_state(self._rng, self._py_random)
+
+    def transform_for(self, size: int):
+        self._per_process_setup()
+        if size not in self._transforms:
+            self._transforms[size] = self.make_transform(size)
+            self._seed_transform(self._transforms[size])
+        return self._transforms[size]
+
+    def make_transform(self, size: int):
+        return eval_transform(size)
+
+    def load(self, index: int, longest: int) -> tuple[np.ndarray, Record, float]:
+        """(RGB uint8 image, its record, decode scale = decoded / stored pixels). A JPEG at least twice
+        `longest` is decoded reduced. The record's boxes stay in stored pixels."""
+        record = self.records[index]
+        image, scale = read_image(record.image_path, max_side=longest, with_scale=True)
+        if (image.shape[1], image.shape[0]) != decoded_size(record.width, record.height, scale):
+            w, h = read_size(record.image_path)
+            # The boxes were drawn for the annotation's size: rescale them to the pixels we have.
+            warnings.warn(f"{record.label_path or record.image_path}: says {record.width}x{record.height} but "
+                          f"{record.image_path.name} is {w}x{h}; boxes rescaled to the image", stacklevel=2)
+            gain = np.array([w / record.width, h / record.height] * 2, np.float32)
+            record = Record(record.image_path, record.boxes * gain, record.labels, record.difficult, w, h,
+                            record.label_path)
+        return image, record, scale
+
+    def training_boxes(self, record: Record, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """(boxes [n, 4] in decoded pixels, labels [n]) that become targets: difficult objects left out
+        unless `keep_difficult`."""
+        r = record if self.keep_difficult else record.without_difficult()
+        return r.boxes * np.float32(scale), r.labels
+
+    @staticmethod
+    def to_tensors(image: np.ndarray, boxes, labels, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image float32 [3, S, S] in 0..1, boxes float32 [n, 5] class, cx, cy, w, h normalised)."""
+        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        b = np.asarray(boxes, np.float32).reshape(-1, 4)
+        out = np.empty((len(b), 5), np.float32)
+        out[:, 0] = np.asarray(labels, np.float32).reshape(-1)
+        out[:, 1:3] = (b[:, :2] + b[:, 2:]) / (2 * size)
+        out[:, 3:5] = (b[:, 2:] - b[:, :2]) / size
+        return img, torch.from_numpy(out)
+
+    def warn_skip(self, index: int, error: BaseException) -> None:
+        message = str(error)
+        path = str(self.records[index].image_path)
+        where = "" if path in message else f"{path}: "
+        warnings.warn(f"skipping sample {index}: {where}{message} ({type(error).__name__})", stacklevel=3)

@@ -44,23 +44,40 @@ def _draw(img: np.ndarray, cls: int, x1: int, y1: int, x2: int, y2: int) -> None
 
 def make_image(rng: np.random.Generator, width: int, height: int, classes: int, max_objects: int = 4,
                empty: bool = False):
-    """(RGB uint8 [H,W,3], boxes [n,4] x1,y1,x2,y2 pixels (0-based, exclusive end), labels [n], difficult [n])."""
+    """(RGB uint8 [H,W,3], boxes [n,4] x1,y1,x2,y2 pixels (0-based, exclusive end), labels [n], difficult [n]).
+
+    Objects overlap little (IoU <= 0.2 with those already drawn), so a later shape never hides most
+    of an earlier one and every box shows its object.
+    """
     base = rng.integers(20, 90, size=3)
     img = np.clip(rng.normal(0, 12, (height, width, 3)) + base, 0, 255).astype(np.uint8)
     boxes, labels, difficult = [], [], []
     n = 0 if empty else int(rng.integers(1, max_objects + 1))
+    side = min(width, height)
     for _ in range(n):
-        side = min(width, height)
-        w = int(rng.integers(max(6, side // 8), max(7, side // 2)))
-        h = int(np.clip(w * rng.uniform(0.6, 1.6), 6, height - 1))
-        x1 = int(rng.integers(0, width - w))
-        y1 = int(rng.integers(0, height - h))
+        for _attempt in range(10):
+            w = int(rng.integers(max(6, side // 8), max(7, side // 2)))
+            h = int(np.clip(w * rng.uniform(0.6, 1.6), 6, height - 1))
+            x1, y1 = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+            box = np.array([x1, y1, x1 + w, y1 + h], np.float32)
+            if not boxes or _iou(box, np.array(boxes, np.float32)).max() <= 0.2:
+                break
+        else:
+            continue  # no room left for another object
         c = int(rng.integers(0, classes))
         _draw(img, c, x1, y1, x1 + w, y1 + h)
-        boxes.append([x1, y1, x1 + w, y1 + h])
+        boxes.append(box)
         labels.append(c)
         difficult.append(bool(rng.random() < 0.05))
     return img, np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64), np.array(difficult, bool)
+
+
+def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """IoU of one box [4] with others [n, 4]."""
+    lt, rb = np.maximum(box[:2], others[:, :2]), np.minimum(box[2:], others[:, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), 1)
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+    return inter / (area(box) + area(others) - inter)
 
 
 def _voc_xml(filename: str, width: int, height: int, boxes, labels, difficult, classes) -> bytes:
@@ -77,7 +94,8 @@ def _voc_xml(filename: str, width: int, height: int, boxes, labels, difficult, c
         obj = ET.SubElement(root, "object")
         ET.SubElement(obj, "name").text = classes[c]
         ET.SubElement(obj, "pose").text = "Unspecified"
-        ET.SubElement(obj, "truncated").text = "0"
+        touches = x1 <= 0 or y1 <= 0 or x2 >= width or y2 >= height
+        ET.SubElement(obj, "truncated").text = str(int(touches))
         ET.SubElement(obj, "difficult").text = str(int(d))
         bb = ET.SubElement(obj, "bndbox")
         # VOC: 1-based inclusive pixel coordinates.

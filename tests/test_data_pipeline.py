@@ -1,72 +1,162 @@
-"""Pipeline: mosaic properties, plain samples never mosaic, letterbox meta maps back exactly,
-multi-resolution batches agree across ranks, bad samples are skipped and counted."""
+"""Pipeline: transforms and mosaic keep boxes on their pixels, mosaic properties, plain samples never
+mosaic, letterbox meta maps back exactly, multi-resolution batches agree across ranks, random
+state per worker, bad samples skipped and counted, the DataModule's loaders."""
 from __future__ import annotations
+
+import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import voc_xml
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
-from helpers.config import DataConfig
-from helpers.datamodule import MultiScaleBatchSampler, YOLODataModule, collate
+from helpers.annotations import Record
+from helpers.config import VOC_CLASSES, DataConfig
+from helpers.datamodule import (
+    MultiScaleBatchSampler,
+    ShardSampler,
+    YOLODataModule,
+    collate,
+    collate_with_meta,
+    steps_per_epoch,
+    synthetic_root,
+)
 from helpers.dataset import YOLODataset as TrainDataset
 from helpers.dataset_org import YOLODataset as PlainDataset
-from helpers.mosaic import box_candidates, mosaic
-from helpers.synthetic import make_voc_dataset
-from helpers.transforms import FILL
+from helpers.mosaic import mosaic
+from helpers.transforms import (
+    FILL,
+    Affine,
+    HSVJitter,
+    box_candidates,
+    hflip,
+    letterbox_meta,
+    random_affine,
+    warp,
+)
 
-
-@pytest.fixture(scope="module")
-def voc(tmp_path_factory):
-    return make_voc_dataset(tmp_path_factory.mktemp("voc"), n_trainval=40, n_test=8, image_size=(160, 120), seed=2)
+VOC_DOG, VOC_CAT = float(VOC_CLASSES.index("dog")), float(VOC_CLASSES.index("cat"))
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
 
 
 def solid(color, h=120, w=160):
     return np.full((h, w, 3), color, np.uint8)
 
 
+def mask_box(canvas: np.ndarray, colour) -> np.ndarray | None:
+    """x1, y1, x2, y2 (continuous) of the pixels that are clearly `colour`, or None."""
+    on = np.all((canvas > 128) == (np.array(colour) > 128), axis=2) & (canvas.max(2) > 128)
+    ys, xs = np.nonzero(on)
+    if not len(xs):
+        return None
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+
+
+def png_records(tmp_path: Path, sizes, colour=(200, 200, 200), boxes=None) -> list[Record]:
+    """Records over solid-colour PNGs of the given (w, h), each with one box (default: the whole image)."""
+    records = []
+    for k, (w, h) in enumerate(sizes):
+        path = tmp_path / f"{k}.png"
+        c = colour if isinstance(colour[0], int) else colour[k]
+        Image.new("RGB", (w, h), c).save(path)
+        b = np.array([boxes[k] if boxes else [0, 0, w, h]], np.float32)
+        records.append(Record(path, b, np.array([k % 20]), np.zeros(1, bool), w, h))
+    return records
+
+
+# --- geometry -------------------------------------------------------------------------------------
+def test_the_warp_puts_boxes_exactly_on_their_pixels_after_scale_shift_and_flip():
+    img = solid(30)
+    img[40:80, 60:100] = 255
+    box = np.array([[60, 40, 100, 80]], np.float32)
+    for s, flip, shift in [(1.0, 1, (0, 0)), (0.8, -1, (7.3, -4.1)), (1.37, 1, (-20, 12)), (0.55, -1, (3, 3))]:
+        m = np.diag([s * flip, s])
+        affine = Affine(m, np.array([64.0, 64.0]) + shift - m @ np.array([80.0, 60.0]))
+        canvas, b, keep = warp(img, box, affine, 128)
+        assert keep.tolist() == [True]
+        np.testing.assert_allclose(b[0], mask_box(canvas, (255, 255, 255)), atol=1.0)
+
+
+def test_random_affine_boxes_enclose_their_rotated_objects_and_stay_on_the_canvas():
+    rng = np.random.default_rng(0)
+    img = solid(30)
+    img[30:90, 50:110] = 255
+    box = np.array([[50, 30, 110, 90]], np.float32)
+    for _ in range(40):
+        canvas, b, keep = warp(img, box, random_affine(120, 160, 128, rng), 128)
+        seen = mask_box(canvas, (255, 255, 255))
+        if keep.any():
+            assert (b >= 0).all() and (b <= 128).all()
+            assert (b[0, :2] <= seen[:2] + 1).all() and (b[0, 2:] >= seen[2:] - 1).all()  # encloses
+            # and hugs it: a 5-degree turn of a square widens its box by at most ~10%
+            assert (b[0, 2:] - b[0, :2] <= (seen[2:] - seen[:2]) * 1.12 + 2).all()
+
+
+def test_box_candidates_keep_ten_percent_of_area_and_two_pixels():
+    before = np.array([[0, 0, 100, 100]] * 4, np.float32)
+    after = np.array([[0, 0, 100, 11], [0, 0, 100, 9], [0, 0, 1.5, 100], [0, 0, 100, 100]], np.float32)
+    assert box_candidates(before, after).tolist() == [True, False, False, True]
+
+
+def test_hflip_mirrors_boxes_with_their_pixels():
+    img = solid(0, 20, 30)
+    img[5:10, 2:8] = 255
+    out, b = hflip(img, np.array([[2, 5, 8, 10]], np.float32))
+    np.testing.assert_array_equal(b[0], mask_box(out, (255, 255, 255)))
+
+
+def test_hsv_jitter_keeps_greys_grey_and_changes_colours():
+    t = HSVJitter(p=1.0)
+    t.set_random_seed(0)
+    img = np.concatenate([solid((90, 90, 90), 8, 8), solid((200, 60, 30), 8, 8)], 1)
+    outs = [t(image=img)["image"] for _ in range(5)]
+    for out in outs:
+        assert out.shape == img.shape and out.dtype == np.uint8
+        assert np.ptp(out[:, :8].astype(int), axis=2).max() <= 1  # grey stays grey
+    assert len({tuple(o[0, 12]) for o in outs}) > 1
+
+
+# --- mosaic ---------------------------------------------------------------------------------------
 def test_a_mosaic_shows_four_distinct_sources_on_one_fill_colour():
     rng = np.random.default_rng(0)
-    colors = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0)]
     empty = [np.zeros((0, 4), np.float32)] * 4
     seen_fill = False
     for _ in range(20):
-        canvas, _, _ = mosaic([solid(c) for c in colors], empty, [np.zeros(0, np.int64)] * 4, 128, rng)
+        canvas, _, _ = mosaic([solid(c) for c in COLOURS], empty, [np.zeros(0, np.int64)] * 4, 128, rng)
         pixels = {tuple(p) for p in canvas.reshape(-1, 3)}
-        assert {tuple(c) for c in colors} <= pixels  # all four images visible
-        assert pixels <= {tuple(c) for c in colors} | {(FILL,) * 3}  # and nothing but them and the fill
+        assert {tuple(c) for c in COLOURS} <= pixels  # all four images visible
+        assert pixels <= {tuple(c) for c in COLOURS} | {(FILL,) * 3}  # nothing but them and the fill
         seen_fill |= (FILL,) * 3 in pixels
     assert seen_fill
 
 
-def test_mosaic_boxes_stay_on_their_objects_and_slivers_are_dropped():
+def test_mosaic_boxes_follow_the_resized_pixels_exactly():
     rng = np.random.default_rng(1)
-    images, boxes, labels = [], [], []
-    for k in range(4):
+    images, boxes = [], []
+    for k, colour in enumerate(COLOURS):
         img = solid(30)
-        img[40:80, 60:100] = 250
+        x1, y1 = 30 + 10 * k, 20 + 5 * k
+        img[y1:y1 + 60, x1:x1 + 70] = colour
         images.append(img)
-        boxes.append(np.array([[60, 40, 100, 80]], np.float32))
-        labels.append(np.array([k]))
-    for _ in range(30):
-        canvas, b, lab = mosaic(images, boxes, labels, 128, rng)
-        for x1, y1, x2, y2 in b.round().astype(int):
-            assert x2 - x1 >= 2 and y2 - y1 >= 2
-            inner = canvas[y1 + 1:y2 - 1, x1 + 1:x2 - 1]
-            assert inner.size and inner.mean() > 200  # the box covers the bright object
-
-
-def test_box_candidates_keep_ten_percent_of_area_and_two_pixels():
-    before = np.array([[0, 0, 100, 100]] * 3, np.float32)
-    after = np.array([[0, 0, 100, 11], [0, 0, 100, 9], [0, 0, 1.5, 100]], np.float32)
-    assert box_candidates(before, after).tolist() == [True, False, False]
+        boxes.append(np.array([[x1, y1, x1 + 70, y1 + 60]], np.float32))
+    checked = 0
+    for _ in range(40):
+        canvas, b, lab = mosaic(images, boxes, [np.array([k]) for k in range(4)], 128, rng)
+        for box, k in zip(b, lab):
+            assert box[2] - box[0] >= 2 and box[3] - box[1] >= 2
+            np.testing.assert_allclose(box, mask_box(canvas, COLOURS[k]), atol=1.0)
+            checked += 1
+    assert checked > 100
 
 
 def test_objects_in_mosaics_keep_the_scale_of_plain_samples():
     # The course builds mosaics at 2x the size and shrinks them, halving every object; ours places
     # each image at the scale a plain sample gets (longest side = output size, same jitter range).
-    # A 40x40 object in a 160x120 image is 32 px in a plain 128 sample (median over the jitter).
-    # Each object sits in the corner of its image that touches the mosaic's centre, so it is never
-    # cut by the canvas and its size shows the scale alone.
+    # A 40x40 object in a 160x120 image is 32 px in a plain 128 sample (median over the jitter);
+    # each sits in the corner that touches the mosaic's centre, so only the scale sets its size.
     corners = [[120, 80, 160, 120], [0, 80, 40, 120], [120, 0, 160, 40], [0, 0, 40, 40]]
     images = []
     for x1, y1, x2, y2 in corners:
@@ -83,35 +173,140 @@ def test_objects_in_mosaics_keep_the_scale_of_plain_samples():
     assert 24 - 1 <= min(sides) and max(sides) <= 40 + 1  # the plain pipeline's 0.75-1.25 jitter
 
 
-def test_mosaic_outside_0_1_is_an_error_and_outside_half_to_three_quarters_a_warning(voc):
+def test_box_sizes_in_mosaic_and_plain_training_samples_match(voc_shared):
+    random.seed(0)
+    plain = TrainDataset(voc_shared, "trainval", 128, mosaic=0.5)
+    sides = {True: [], False: []}
+    for i in range(240):
+        use_mosaic = i % 2 == 0
+        item = (plain.mosaic_sample if use_mosaic else plain.plain_sample)(i % len(plain), 128)
+        w, h = item[1][:, 3] * 128, item[1][:, 4] * 128
+        sides[use_mosaic] += torch.sqrt(w * h).tolist()
+    ratio = np.median(sides[True]) / np.median(sides[False])
+    assert 0.8 < ratio < 1.2, ratio  # the course's mosaic: ~0.5
+
+
+def test_the_training_dataset_mosaics_the_asked_fraction_of_samples_with_distinct_partners(voc_shared):
+    random.seed(1)
+    ds = TrainDataset(voc_shared, "trainval", 96, mosaic=0.75)
+    calls = []
+    build = ds.mosaic_sample
+
+    def spy(index, size):
+        calls.append(index)
+        return build(index, size)
+
+    ds.mosaic_sample = spy
+    for i in range(300):
+        ds[i % len(ds)]
+    assert 0.67 < len(calls) / 300 < 0.83
+    for i in range(50):
+        partners = ds.mosaic_partners(i % len(ds))
+        assert len(set(partners)) == 3 and i % len(ds) not in partners
+
+
+def test_mosaic_outside_0_1_is_an_error_and_outside_half_to_three_quarters_a_warning(voc_shared):
     with pytest.raises(ValueError, match="expected 0..1"):
-        TrainDataset(voc, "trainval", 128, mosaic=1.5)
-    with pytest.warns(UserWarning, match="mosaic=0.9"):
-        TrainDataset(voc, "trainval", 128, mosaic=0.9)
+        TrainDataset(voc_shared, "trainval", 128, mosaic=1.5)
+    with pytest.warns(UserWarning, match="mosaic=0.9: .*starves large objects"):
+        TrainDataset(voc_shared, "trainval", 128, mosaic=0.9)
+    with pytest.warns(UserWarning, match="mosaic=0.2: "):
+        TrainDataset(voc_shared, "trainval", 128, mosaic=0.2)
 
 
-def test_the_plain_dataset_never_mosaics_and_is_deterministic(voc):
-    ds = PlainDataset(voc, "trainval", 128)
-    for i in range(6):
+# --- datasets -------------------------------------------------------------------------------------
+def test_training_samples_have_the_batch_size_and_valid_boxes_in_both_layouts(voc, course):
+    for root, split in ((voc, "trainval"), (course, "train")):
+        ds = TrainDataset(root, split, 128, mosaic=0.75)
+        for i in range(len(ds)):
+            size = (64, 96, 128)[i % 3]
+            img, boxes = ds[(i, size)]
+            assert img.shape == (3, size, size) and img.dtype == torch.float32
+            assert 0 <= img.min() and img.max() <= 1
+            assert boxes.dtype == torch.float32 and boxes.shape[1] == 5
+            assert ((boxes[:, 1:] >= 0) & (boxes[:, 1:] <= 1)).all() and (boxes[:, 3:] > 0).all()
+            assert ((boxes[:, 0] >= 0) & (boxes[:, 0] < 20) & (boxes[:, 0] == boxes[:, 0].round())).all()
+        assert ds[0][0].shape == (3, 128, 128)  # a plain index: image_size
+
+
+def test_the_plain_dataset_never_mosaics_and_is_deterministic(tmp_path):
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    ds = PlainDataset(None, records=png_records(tmp_path, [(160, 120), (90, 130), (64, 64), (100, 40)],
+                                                colour=colours), image_size=96)
+    for i in range(4):
         a, b = ds[i], ds[i]
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-        # Letterboxed: the padding band is pure fill (a 160x120 image in 128: 96 rows of picture).
-        assert (a[0][:, :16] == FILL / 255).all() and (a[0][:, -16:] == FILL / 255).all()
+        pixels = {tuple(p) for p in (a[0] * 255).round().byte().permute(1, 2, 0).reshape(-1, 3).tolist()}
+        assert pixels <= {colours[i], (FILL,) * 3}  # its own image and the padding, nothing else
 
 
-def test_meta_maps_input_boxes_back_to_original_pixels_exactly(voc):
-    ds = PlainDataset(voc, "test", 224, return_meta=True, keep_difficult=True)
-    for i in range(len(ds)):
-        _, boxes, meta = ds[i]
-        if not len(boxes):
-            continue
-        cx, cy, w, h = (boxes[:, 1:] * 224).T
-        back = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-        back = (back - torch.tensor(meta["pad"] * 2)) / meta["scale"]
-        torch.testing.assert_close(back, meta["gt"]["boxes"], atol=0.6, rtol=0)
-        assert meta["orig_size"] == (120, 160)
+def test_difficult_objects_stay_out_of_targets_but_always_in_the_evaluation_truth(voc, write_voc):
+    write_voc(voc, "d", voc_xml([("dog", 0, (1, 1, 40, 30)), ("cat", 1, (50, 10, 90, 60))]),
+              Image.new("RGB", (96, 72)))
+    _, boxes, meta = PlainDataset(voc, "trainval", 96, return_meta=True)[0]
+    assert boxes[:, 0].tolist() == [VOC_DOG] and meta["gt"]["difficult"].tolist() == [False, True]
+    _, boxes, _ = PlainDataset(voc, "trainval", 96, return_meta=True, keep_difficult=True)[0]
+    assert len(boxes) == 2
+    random.seed(0)
+    train = TrainDataset(voc, "trainval", 96, mosaic=0.5)
+    assert all(VOC_CAT not in train.plain_sample(0, 96)[1][:, 0].tolist() for _ in range(5))
 
 
+@pytest.mark.parametrize("w,h", [(160, 120), (157, 93), (93, 157), (301, 199), (50, 50), (1000, 37)])
+def test_meta_maps_input_pixels_back_to_stored_pixels_exactly(tmp_path, w, h):
+    size = 128
+    box = [w * 0.13, h * 0.21, w * 0.77, h * 0.9]
+    ds = PlainDataset(None, records=png_records(tmp_path, [(w, h)], boxes=[box]), image_size=size, return_meta=True)
+    image, boxes, meta = ds[0]
+    scale, (left, top) = meta["scale"], meta["pad"]
+    reduced = max(w, h) >= 2 * size  # decoded at 1/2, 1/4... first (cheaper, same result)
+    if not reduced:
+        assert (scale, (left, top)) == letterbox_meta(h, w, size)
+    assert meta["orig_size"] == (h, w)
+    # The padding ends exactly where meta says the picture starts, and the picture spans w * scale.
+    content = image.sum(0) > 0
+    cols, rows = np.nonzero(content.any(0).numpy())[0], np.nonzero(content.any(1).numpy())[0]
+    assert (cols.min(), rows.min()) == (left, top)
+    # Boxes map back: exactly on the long side of a full decode, within half an input pixel on the
+    # short side (the resize rounds it to whole pixels); after a reduced decode within one input
+    # pixel (its last block of pixels is partial).
+    px = 1.0 if reduced else 0.5
+    assert abs(cols.max() + 1 - (left + w * scale)) <= px and abs(rows.max() + 1 - (top + h * scale)) <= px
+    cx, cy, bw, bh = (boxes[0, 1:] * size).tolist()
+    back = np.array([cx - bw / 2 - left, cy - bh / 2 - top, cx + bw / 2 - left, cy + bh / 2 - top]) / scale
+    off = px / scale + 1e-3
+    tol = np.array([off] * 4) if reduced else np.array([1e-3, off] * 2 if w >= h else [off, 1e-3] * 2)
+    assert (np.abs(back - np.array(box)) <= tol).all(), (back, box)
+    np.testing.assert_allclose(meta["gt"]["boxes"].numpy(), [box], atol=1e-4)
+
+
+def test_same_seed_same_samples_and_every_worker_its_own_augmentations(voc_shared):
+    def run(seed):
+        random.seed(seed)
+        ds = TrainDataset(voc_shared, "trainval", 96, mosaic=0.75)
+        return [ds[i] for i in range(6)]
+
+    a, b, c = run(5), run(5), run(6)
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, c))
+
+    class Draws(Dataset):  # what each worker's colour pipeline would draw next
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return int(self.ds.transform_for(96).random_generator.integers(1 << 62))
+
+    ds = TrainDataset(voc_shared, "trainval", 96, mosaic=0.75)
+    ds[0]  # the pipeline is built before the workers fork
+    draws = list(DataLoader(Draws(ds), batch_size=None, num_workers=2))
+    assert draws[0] != draws[1]  # the first draw of worker 0 and of worker 1
+
+
+# --- batches --------------------------------------------------------------------------------------
 def test_multiscale_sizes_are_from_the_set_equal_within_a_batch_and_equal_across_ranks():
     sizes = (64, 96, 128)
     a = MultiScaleBatchSampler(range(40), 4, sizes, seed=7)
@@ -120,6 +315,7 @@ def test_multiscale_sizes_are_from_the_set_equal_within_a_batch_and_equal_across
         a.set_epoch(epoch)
         b.set_epoch(epoch)
         batches_a, batches_b = list(a), list(b)
+        assert len(batches_a) == len(a) == 10
         for ba, bb in zip(batches_a, batches_b):
             assert len({s for _, s in ba}) == 1 and ba[0][1] in sizes
             assert ba[0][1] == bb[0][1]
@@ -127,29 +323,115 @@ def test_multiscale_sizes_are_from_the_set_equal_within_a_batch_and_equal_across
     first = [batch[0][1] for batch in a]
     a.set_epoch(1)
     assert first != [batch[0][1] for batch in a]  # a new draw every epoch
-    assert len(set(first)) > 1
+    assert set(first) == set(sizes)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        MultiScaleBatchSampler(range(4), 2, (100,))
+
+
+def test_a_short_last_batch_is_kept_or_dropped_as_asked():
+    assert [len(b) for b in MultiScaleBatchSampler(range(10), 4, (64,), drop_last=False)] == [4, 4, 2]
+    assert [len(b) for b in MultiScaleBatchSampler(range(10), 4, (64,), drop_last=True)] == [4, 4]
 
 
 def test_collate_drops_unreadable_samples_and_counts_them():
-    good = (torch.zeros(3, 32, 32), torch.tensor([[1, 0.5, 0.5, 0.2, 0.2]]))
-    images, boxes, skipped = collate([good, None, good])
-    assert images.shape == (2, 3, 32, 32) and int(skipped) == 1
-    assert boxes[:, 0].tolist() == [0.0, 1.0]
+    one = (torch.zeros(3, 32, 32), torch.tensor([[1, 0.5, 0.5, 0.2, 0.2]]))
+    two = (torch.ones(3, 32, 32), torch.tensor([[2, 0.5, 0.5, 0.2, 0.2], [3, 0.1, 0.1, 0.1, 0.1]]))
+    empty = (torch.zeros(3, 32, 32), torch.zeros(0, 5))
+    images, boxes, skipped = collate([one, None, empty, two, None])
+    assert images.shape == (3, 3, 32, 32) and skipped.dtype == torch.int64 and skipped.ndim == 0
+    assert int(skipped) == 2
+    assert boxes[:, 0].tolist() == [0.0, 2.0, 2.0] and boxes[:, 1].tolist() == [1.0, 2.0, 3.0]
+    images, boxes, skipped = collate([None])
+    assert images.shape[0] == 0 and boxes.shape == (0, 6) and int(skipped) == 1
+    images, boxes, metas = collate_with_meta([(*one, {"path": "a"}), None])
+    assert images.shape[0] == 1 and metas == [{"path": "a"}]
 
 
-def test_a_run_over_a_corrupt_file_completes_and_reports_it(voc, tmp_path):
+def test_shards_cover_the_evaluation_set_once_in_order():
+    shards = [list(ShardSampler(10, 3, r)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(10)) and shards[1] == [1, 4, 7]
+    assert [len(ShardSampler(10, 3, r)) for r in range(3)] == [4, 3, 3]
+
+
+# --- the DataModule -------------------------------------------------------------------------------
+def small_config(root, **kw) -> DataConfig:
+    settings = dict(batch_size=4, num_workers=0, pin_memory=False, train_sizes=(64, 96), image_size=64, mosaic=0.5)
+    return DataConfig(root=str(root) if root else None, **{**settings, **kw})
+
+
+def test_a_run_over_a_corrupt_file_completes_and_counts_it(tmp_path):
+    from helpers.synthetic import make_voc_dataset
+
     root = make_voc_dataset(tmp_path / "v", n_trainval=8, n_test=2, seed=4)
     jpg = sorted((root / "VOC2007" / "JPEGImages").glob("*.jpg"))[0]
     jpg.write_bytes(b"broken")
-    dm = YOLODataModule(DataConfig(root=str(root), batch_size=4, num_workers=0, train_sizes=(64,), mosaic=0.5,
-                                   pin_memory=False))
+    dm = YOLODataModule(small_config(root))
     dm.setup("fit")
-    with pytest.warns(UserWarning, match=jpg.name):
-        skipped = sum(int(batch[2]) for batch in dm.train_dataloader())
-    assert skipped >= 1
+    for epoch in range(2):
+        loader = dm.train_dataloader()
+        loader.batch_sampler.set_epoch(epoch)
+        with pytest.warns(UserWarning, match=jpg.name):
+            batches = list(loader)
+        assert sum(int(b[2]) for b in batches) == 1 and sum(len(b[0]) for b in batches) == 7
 
 
-def test_steps_per_epoch_are_known_before_fitting(voc):
-    dm = YOLODataModule(DataConfig(root=str(voc), batch_size=4, num_workers=0, pin_memory=False))
-    assert dm.num_training_batches(1) == 10 == len(dm.train_dataloader())
-    assert dm.num_training_batches(2) == 5
+def test_steps_per_epoch_are_known_before_fitting_for_any_world_size(voc_shared, monkeypatch):
+    dm = YOLODataModule(small_config(voc_shared))
+    assert dm.num_training_batches(1) == 10 == len(dm.train_dataloader()) == len(list(dm.train_dataloader()))
+    for world in (2, 3):
+        for rank in range(world):
+            monkeypatch.setattr(dm, "world", lambda w=world, r=rank: (w, r))
+            loader = dm.train_dataloader()
+            assert len(loader) == len(list(loader.batch_sampler)) == dm.num_training_batches(world)
+    assert steps_per_epoch(3, 4, 1) == 1  # fewer images than a batch: one short batch
+
+
+def test_ranks_draw_the_same_sizes_and_split_the_evaluation_set(voc_shared, monkeypatch):
+    dm = YOLODataModule(small_config(voc_shared, train_sizes=(64, 96, 128, 160)), seed=3)
+    sizes, seen = [], []
+    for rank in (0, 1):
+        monkeypatch.setattr(dm, "world", lambda r=rank: (2, r))
+        sizes.append([batch[0][1] for batch in dm.train_dataloader().batch_sampler])
+        seen.append([m["path"] for _, _, metas in dm.val_dataloader() for m in metas])
+    assert sizes[0] == sizes[1] and len(set(sizes[0])) > 1
+    all_paths = [str(r.image_path) for r in dm.val_dataset.records]
+    assert sorted(seen[0] + seen[1]) == sorted(all_paths) and seen[0] == all_paths[0::2]
+
+
+def test_validation_batches_carry_meta_at_the_fixed_size(voc_shared):
+    dm = YOLODataModule(small_config(voc_shared))
+    dm.setup("fit")
+    for images, boxes, metas in dm.val_dataloader():
+        assert images.shape[-2:] == (64, 64) and len(metas) == len(images)
+        assert boxes.shape[1] == 6 and {"path", "orig_size", "scale", "pad", "gt"} <= set(metas[0])
+
+
+def test_bad_annotations_are_left_out_with_a_warning_by_the_datamodule(voc, write_voc):
+    write_voc(voc, "bad", "<annotation>", Image.new("RGB", (96, 72)), append=True)
+    with pytest.warns(UserWarning, match=r"bad.xml: malformed XML.*\(left out\)"):
+        YOLODataModule(small_config(voc)).setup("fit")
+
+
+def test_without_a_root_it_generates_synthetic_data_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("YOLO_DATA_CACHE", str(tmp_path / "cache"))
+    root = synthetic_root(seed=0)
+    assert root == tmp_path / "cache" / "synthetic-v2-seed0" / "VOCdevkit"
+    stamp = (root / "VOC2007" / "ImageSets" / "Main" / "test.txt").stat().st_mtime_ns
+    dm = YOLODataModule(small_config(None), seed=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.root == root and len(dm.train_dataset) == 256 and len(dm.val_dataset) == 64
+    assert (root / "VOC2007" / "ImageSets" / "Main" / "test.txt").stat().st_mtime_ns == stamp  # reused
+
+
+@pytest.mark.slow
+def test_the_training_loader_runs_with_worker_processes(voc_shared):
+    cfg = small_config(voc_shared)
+    cfg.num_workers = 2
+    dm = YOLODataModule(cfg)
+    loader = dm.train_dataloader()
+    assert loader.persistent_workers
+    for epoch in range(2):
+        loader.batch_sampler.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == 10 and all(b[0].shape[-1] in (64, 96) for b in batches)
