@@ -40,8 +40,8 @@ def letterbox(size: int) -> list[A.BasicTransform]:
 
 def letterbox_meta(height: int, width: int, size: int) -> tuple[float, tuple[int, int]]:
     """(scale, (left, top)) of `letterbox(size)` on a height x width image: a point x of the image
-    lands at x * scale + left. The long side is exact; the short side's resized length is rounded
-    to whole pixels by the resize, so there the mapping is exact to within half an input pixel."""
+    lands at x * scale + left, y at y * scale + top. Exact on the long side; the resize rounds the
+    short side's length to whole pixels, so there it holds to within half an input pixel."""
     scale = size / max(height, width)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
     return scale, (int((size - new_w) / 2.0), int((size - new_h) / 2.0))  # PadIfNeeded's centre split

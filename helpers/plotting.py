@@ -1,0 +1,548 @@
+"""Figures: boxes on images, example grids, CAM overlays, LR-finder, schedule, PR and training curves,
+and a gallery of the worst mistakes.
+
+Every figure is a `matplotlib.figure.Figure` built directly (never through pyplot), so nothing is
+registered in pyplot's figure list: calling these in a loop never grows memory (the course's
+`plot_couple_of_examples` leaked one pyplot figure per call), and `plt.get_fignums()` stays empty.
+Save one with `fig.savefig(path)`; a notebook shows a returned figure as the cell's value. No
+backend is selected here, so notebooks keep theirs.
+
+`annotate` draws boxes straight into a uint8 array with PIL (for the Gradio app: no matplotlib).
+
+Images may be an HxWx3 uint8 or float (0..1) array, or a [3,H,W] tensor (0..1, as the datasets give).
+Boxes are pixel x1, y1, x2, y2 in the image's own pixels: [K,6] detections (x1, y1, x2, y2, score,
+class, as `helpers.postprocess.detect` returns), [K,5] ground truth (x1, y1, x2, y2, class) or [K,4]
+bare boxes.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from matplotlib.colors import hsv_to_rgb
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from PIL import Image, ImageDraw, ImageFont
+
+from .config import VOC_CLASSES
+
+GOLDEN = 0.618033988749895
+
+
+# --- colours, images, boxes -------------------------------------------------------------------
+def class_colors(num_classes: int) -> np.ndarray:
+    """[num_classes, 3] float RGB in 0..1. Class c's colour depends on c only (not on num_classes):
+    hues stepped by the golden ratio, so neighbouring classes differ strongly."""
+    c = np.arange(num_classes)
+    hsv = np.stack(((c * GOLDEN) % 1.0, np.full(num_classes, 0.85), np.where(c % 2, 0.95, 0.8)), axis=1)
+    return hsv_to_rgb(hsv.reshape(-1, 1, 3)).reshape(-1, 3)
+
+
+def _color(c: int) -> tuple[float, float, float]:
+    return tuple(class_colors(int(c) + 1)[int(c)])
+
+
+def to_image(image) -> np.ndarray:
+    """HxWx3 uint8 from an HxWx3 (or HxW) uint8/float 0..1 array or a [3,H,W] / [1,3,H,W] tensor."""
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.dim() == 4 and t.shape[0] == 1:
+            t = t[0]
+        if t.dim() != 3 or t.shape[0] not in (1, 3):
+            raise ValueError(f"plotting: an image tensor must be [3,H,W] (or [1,3,H,W]), got {tuple(image.shape)}")
+        t = t.expand(3, -1, -1).permute(1, 2, 0)
+        arr = t.numpy()
+    else:
+        arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ValueError(f"plotting: an image array must be HxWx3 (uint8 or float 0..1), got shape {arr.shape}")
+    arr = arr[..., :3]
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"plotting: image dtype must be uint8 or float, got {arr.dtype}")
+    return np.ascontiguousarray((np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+
+
+def split_boxes(boxes) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(xyxy [K,4], scores [K] or None, classes [K] int or None) from [K,6], [K,5] or [K,4] boxes."""
+    if isinstance(boxes, torch.Tensor):
+        boxes = boxes.detach().cpu().numpy()
+    b = np.asarray(boxes if boxes is not None else np.zeros((0, 4)), dtype=np.float64)
+    if b.size == 0:
+        b = b.reshape(0, b.shape[-1] if b.ndim == 2 and b.shape[-1] in (4, 5, 6) else 4)
+    if b.ndim != 2 or b.shape[1] not in (4, 5, 6):
+        raise ValueError("plotting: boxes must be [K,6] (x1,y1,x2,y2,score,class), [K,5] (x1,y1,x2,y2,class) "
+                         f"or [K,4], got shape {b.shape}")
+    if b.shape[1] == 6:
+        return b[:, :4], b[:, 4], b[:, 5].round().astype(np.int64)
+    if b.shape[1] == 5:
+        return b[:, :4], None, b[:, 4].round().astype(np.int64)
+    return b, None, None
+
+
+def yolo_to_pixels(boxes, height: int, width: int) -> np.ndarray:
+    """Dataset boxes [n,5] (class, cx, cy, w, h normalised) -> [n,5] (x1, y1, x2, y2, class) in pixels."""
+    b = np.asarray(boxes.detach().cpu() if isinstance(boxes, torch.Tensor) else boxes, np.float64).reshape(-1, 5)
+    cx, cy, w, h = b[:, 1] * width, b[:, 2] * height, b[:, 3] * width, b[:, 4] * height
+    return np.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, b[:, 0]), axis=1)
+
+
+def _label(classes, scores, k: int, class_names) -> str:
+    if classes is None:
+        return ""
+    c = int(classes[k])
+    name = class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
+    return name if scores is None else f"{name} {scores[k]:.2f}"
+
+
+def _draw_on_axes(ax, boxes, class_names, linestyle: str = "-", linewidth: float = 2.0, color=None) -> None:
+    xyxy, scores, classes = split_boxes(boxes)
+    for k, (x1, y1, x2, y2) in enumerate(xyxy):
+        col = color or (_color(classes[k]) if classes is not None else (1.0, 1.0, 0.0))
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=col, linewidth=linewidth,
+                               linestyle=linestyle))
+        text = _label(classes, scores, k, class_names)
+        if text:
+            ax.text(x1, y1, text, color="white", fontsize=7, va="bottom", ha="left", clip_on=True,
+                    bbox={"facecolor": col, "edgecolor": "none", "pad": 1.0, "alpha": 0.85})
+
+
+def _figure(rows: int, cols: int, panel: float = 3.2, aspect: float = 1.0) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(cols * panel, rows * panel * aspect + 0.3 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).reshape(-1)
+    return fig, axes
+
+
+def _image_axes(ax, image: np.ndarray, title: str | None = None) -> None:
+    ax.imshow(image)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def draw_boxes(image, boxes, class_names: Sequence[str] | None = VOC_CLASSES, ax=None, title: str | None = None,
+               truth=None) -> Figure:
+    """The image with its boxes, each labelled with class name (and score), one colour per class.
+
+    boxes: [K,6] detections, [K,5] ground truth or [K,4] (pixels of `image`); truth: optional
+    ground truth [G,5]/[G,4] drawn dashed under the boxes. ax: draw into this Axes (its figure is
+    returned) instead of a new figure.
+    """
+    img = to_image(image)
+    if ax is None:
+        h, w = img.shape[:2]
+        fig = Figure(figsize=(5.0, 5.0 * h / w), layout="constrained")
+        ax = fig.add_subplot()
+    _image_axes(ax, img, title)
+    if truth is not None:
+        _draw_on_axes(ax, truth, None, linestyle="--", linewidth=1.2, color=(1.0, 1.0, 1.0))
+    _draw_on_axes(ax, boxes, class_names)
+    return ax.figure
+
+
+def annotate(image, detections, class_names: Sequence[str] | None = VOC_CLASSES, highlight: int | None = None,
+             line_width: int | None = None) -> np.ndarray:
+    """A copy of the image (HxWx3 uint8) with labelled boxes drawn in, no matplotlib (for the app).
+
+    detections: [K,6] / [K,5] / [K,4] in the image's pixels. highlight: index of one box drawn
+    thicker while the others are thin.
+    """
+    img = Image.fromarray(to_image(image))
+    draw = ImageDraw.Draw(img)
+    xyxy, scores, classes = split_boxes(detections)
+    side = max(img.size)
+    width = line_width or max(2, round(side / 250))
+    font = ImageFont.load_default(size=max(10, round(side / 45)))
+    for k, (x1, y1, x2, y2) in enumerate(xyxy):
+        col = _color(classes[k]) if classes is not None else (1.0, 1.0, 0.0)
+        rgb = tuple(int(round(v * 255)) for v in col)
+        lw = width if highlight is None else (2 * width if k == highlight else max(1, width // 2))
+        draw.rectangle((x1, y1, x2, y2), outline=rgb, width=lw)
+        text = _label(classes, scores, k, class_names)
+        if text:
+            _, t, _, b = draw.textbbox((x1, y1), text, font=font)
+            y = y1 - (b - t) - 2 if y1 - (b - t) - 2 >= 0 else y1  # above the box, or inside at the top
+            left, t, right, b = draw.textbbox((x1, y), text, font=font)
+            draw.rectangle((left - 1, t - 1, right + 1, b + 1), fill=rgb)
+            draw.text((x1, y), text, fill=(255, 255, 255), font=font)
+    return np.asarray(img)
+
+
+# --- the model on examples --------------------------------------------------------------------
+def _examples(data, n: int):
+    """(images [n,3,H,W] float, truths: list of [G,5] pixel boxes or None) from a dataset or batch."""
+    if isinstance(data, torch.Tensor):
+        images = data if data.dim() == 4 else data[None]
+        return images[:n], [None] * min(n, len(images))
+    if isinstance(data, (tuple, list)) and len(data) >= 2 and isinstance(data[0], torch.Tensor) and data[0].dim() == 4:
+        images, boxes = data[0][:n], data[1]  # a collated batch: images, boxes [N,6] (image index first)
+        h, w = images.shape[-2:]
+        truths = [yolo_to_pixels(boxes[boxes[:, 0] == i][:, 1:], h, w) for i in range(len(images))]
+        return images, truths
+    images, truths = [], []
+    for i in range(min(n, len(data))):
+        item = data[i]
+        if item is None:
+            continue
+        img, boxes = item[0], item[1]
+        images.append(img)
+        truths.append(yolo_to_pixels(boxes, img.shape[-2], img.shape[-1]))
+    if not images:
+        raise ValueError("plot_examples: no readable sample among the first items of the dataset")
+    if len({tuple(i.shape) for i in images}) > 1:
+        raise ValueError("plot_examples: the dataset's images differ in size; pass one size (dataset[(i, size)])")
+    return torch.stack(images), truths
+
+
+def plot_examples(model: torch.nn.Module, data, class_names: Sequence[str] = VOC_CLASSES, n: int = 4,
+                  conf_threshold: float = 0.5, iou_threshold: float = 0.45, ncols: int = 2,
+                  device: str | torch.device | None = None) -> Figure:
+    """The model's detections on a few examples (the course's `plot_couple_of_examples`).
+
+    data: a dataset (items (image [3,S,S], boxes [n,5] class cx cy w h normalised, ...)), a collated
+    batch (images [B,3,S,S], boxes [N,6] image index first, ...) or images [B,3,S,S]. Ground truth,
+    where known, is drawn dashed white. The model's train/eval mode is restored afterwards.
+    """
+    from .postprocess import detect
+
+    images, truths = _examples(data, n)
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            outputs = model(images.to(device))
+    finally:
+        model.train(was_training)
+    dets = detect(outputs, tuple(images.shape[-2:]), conf_threshold, iou_threshold)
+    rows = math.ceil(len(images) / ncols)
+    fig, axes = _figure(rows, min(ncols, len(images)))
+    for k, ax in enumerate(axes):
+        if k >= len(images):
+            ax.set_axis_off()
+            continue
+        draw_boxes(images[k], dets[k].cpu(), class_names, ax=ax, truth=truths[k],
+                   title=f"{len(dets[k])} detections (score > {conf_threshold:g})")
+    return fig
+
+
+def overlay(image, cam: np.ndarray, image_weight: float = 0.5) -> np.ndarray:
+    """HxWx3 uint8: the CAM [h,w] in 0..1 (resized to the image if needed) as a JET heatmap over it
+    (pytorch-grad-cam's `show_cam_on_image`)."""
+    import cv2
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    img = to_image(image)
+    cam = np.asarray(cam, np.float32)
+    if cam.shape != img.shape[:2]:
+        cam = cv2.resize(cam, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR)
+    return show_cam_on_image(img.astype(np.float32) / 255.0, np.clip(cam, 0.0, 1.0), use_rgb=True,
+                             image_weight=image_weight)
+
+
+def plot_cam_overlays(image, cams, detections, class_names: Sequence[str] = VOC_CLASSES, ncols: int = 4,
+                      method: str | None = None, image_weight: float = 0.5) -> Figure:
+    """One panel per detection: its CAM over the image, its box, titled with class and score.
+
+    cams: [K,H,W] in 0..1 (as `helpers.cam.detection_cams` gives, any size: resized to the image);
+    detections: [K,6] in the image's pixels.
+    """
+    cams = np.asarray(cams)
+    dets = np.asarray(detections.detach().cpu() if isinstance(detections, torch.Tensor) else detections)
+    if cams.ndim != 3 or len(cams) != len(dets):
+        raise ValueError(f"plot_cam_overlays: need one [H,W] CAM per detection, got CAMs {cams.shape} "
+                         f"for {len(dets)} detections")
+    k = max(1, len(dets))
+    ncols = min(ncols, k)
+    img = to_image(image)
+    fig, axes = _figure(math.ceil(k / ncols), ncols, aspect=img.shape[0] / img.shape[1])
+    for i, ax in enumerate(axes):
+        if i >= len(dets):
+            ax.set_axis_off()
+            if not len(dets):
+                ax.text(0.5, 0.5, "no detections", ha="center", va="center", transform=ax.transAxes)
+            continue
+        xyxy, scores, classes = split_boxes(dets[i: i + 1])
+        title = _label(classes, scores, 0, class_names) + (f" ({method})" if method else "")
+        _image_axes(ax, overlay(img, cams[i], image_weight), title)
+        _draw_on_axes(ax, dets[i: i + 1, :4], None, color=_color(classes[0]) if classes is not None else None)
+    return fig
+
+
+# --- learning rate ----------------------------------------------------------------------------
+def plot_lr_finder(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None = None,
+                   skip_start: int = 0, skip_end: int = 0) -> Figure:
+    """Loss against learning rate (log axis) from an LR range test, the suggested LR marked."""
+    lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
+    if lrs.shape != losses.shape or lrs.ndim != 1:
+        raise ValueError(f"plot_lr_finder: lrs and losses must be 1-D and equally long, got {lrs.shape}, {losses.shape}")
+    end = len(lrs) - skip_end if skip_end else len(lrs)
+    lrs, losses = lrs[skip_start:end], losses[skip_start:end]
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(lrs, losses, color="tab:blue")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    if suggestion is not None and len(lrs):
+        y = np.interp(np.log(suggestion), np.log(lrs), losses)
+        ax.axvline(suggestion, color="tab:red", linestyle="--", linewidth=1)
+        ax.plot([suggestion], [y], "o", color="tab:red", label=f"suggested {suggestion:.2e}")
+        ax.legend()
+    ax.set_title("LR range test")
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+def plot_schedule(lrs, steps_per_epoch: int | None = None) -> Figure:
+    """The learning rate of every optimizer step (a `helpers.schedule.Schedule` or a list), epochs marked."""
+    if steps_per_epoch is None and hasattr(lrs, "spec"):
+        steps_per_epoch = lrs.spec.steps_per_epoch
+    values = np.asarray(getattr(lrs, "lrs", lrs), float)
+    if values.ndim != 1 or not len(values):
+        raise ValueError("plot_schedule: need a non-empty 1-D list of learning rates")
+    fig = Figure(figsize=(7, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(np.arange(len(values)), values, color="tab:blue")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    peak = int(values.argmax())
+    ax.annotate(f"max {values[peak]:.2e} at step {peak}", (peak, values[peak]), textcoords="offset points",
+                xytext=(8, -12), fontsize=8)
+    if steps_per_epoch:
+        epochs = len(values) / steps_per_epoch
+        top = ax.secondary_xaxis("top", functions=(lambda s: s / steps_per_epoch, lambda e: e * steps_per_epoch))
+        top.set_xlabel("epoch")
+        ax.set_title(f"OneCycle schedule: {len(values)} steps = {epochs:g} epochs x {steps_per_epoch}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+# --- evaluation -------------------------------------------------------------------------------
+def plot_pr_curves(result, class_names: Sequence[str] = VOC_CLASSES, ncols: int = 5) -> Figure:
+    """Precision-recall curve of each class, one small panel each, titled with its AP.
+
+    result: what `helpers.metrics.voc_map` returns (dict with "precision", "recall", "ap" per class),
+    or a pair (precisions, recalls) of per-class arrays.
+    """
+    if isinstance(result, Mapping):
+        precision, recall = result["precision"], result["recall"]
+        ap = result.get("ap")
+        title = (f"mAP@{result.get('iou_threshold', 0.5):g} ({result.get('method', '')}) = {result['map']:.3f}"
+                 if "map" in result else None)
+    else:
+        precision, recall = result
+        ap, title = None, None
+    if len(precision) != len(recall):
+        raise ValueError(f"plot_pr_curves: {len(precision)} precision curves but {len(recall)} recall curves")
+    n = len(precision)
+    ncols = max(1, min(ncols, n))
+    rows = math.ceil(n / ncols)
+    fig = Figure(figsize=(2.4 * ncols, 2.2 * rows + 0.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, ncols, sharex=True, sharey=True, squeeze=False)).reshape(-1)
+    for c, ax in enumerate(axes):
+        if c >= n:
+            ax.set_axis_off()
+            continue
+        p, r = np.asarray(precision[c], float), np.asarray(recall[c], float)
+        name = class_names[c] if c < len(class_names) else str(c)
+        if len(r):
+            # The interpolated precision (the envelope AP integrates) under the raw curve.
+            envelope = np.maximum.accumulate(p[::-1])[::-1]
+            ax.plot(r, p, color=_color(c), linewidth=1)
+            ax.step(r, envelope, color="black", linewidth=0.8, alpha=0.5, where="post")
+        else:
+            ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+        a = None if ap is None else float(np.asarray(ap)[c])
+        ax.set_title(name if a is None or a != a else f"{name}  AP {a:.2f}", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[(rows - 1) * ncols:]:
+        ax.set_xlabel("recall", fontsize=8)
+    for ax in axes[::ncols]:
+        ax.set_ylabel("precision", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def read_metrics_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Lightning CSVLogger's metrics.csv as column -> float array (NaN where a row has no value)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: no rows (has training logged anything yet?)")
+    cols = {}
+    for key in rows[0]:
+        cols[key] = np.array([float(r[key]) if r.get(key) not in ("", None) else np.nan for r in rows])
+    return cols
+
+
+def plot_training_curves(metrics) -> Figure:
+    """Losses, accuracies, mAP and learning rate against the optimizer step, from a Lightning
+    CSVLogger `metrics.csv` (path) or a dict of columns (name -> list/array, NaN where empty).
+
+    Panels appear for what was logged: train loss per step (light) and per epoch, val loss; the
+    course's accuracies (val/class_acc, val/noobj_acc, val/obj_acc); val mAP; the learning rate.
+    """
+    cols = read_metrics_csv(metrics) if isinstance(metrics, (str, os.PathLike)) else {
+        k: np.asarray(v, float) for k, v in metrics.items()}
+    if "step" not in cols:
+        raise ValueError("plot_training_curves: the metrics have no 'step' column (a Lightning CSVLogger file has)")
+    step = cols["step"]
+
+    def series(name):
+        y = cols.get(name)
+        if y is None:
+            return None
+        ok = ~np.isnan(y) & ~np.isnan(step)
+        return (step[ok], y[ok]) if ok.any() else None
+
+    panels = []
+    loss = [(n, series(n), style) for n, style in (("train/loss_step", dict(alpha=0.35, linewidth=0.8)),
+                                                   ("train/loss_epoch", dict(marker="o", linewidth=1.5)),
+                                                   ("val/loss", dict(marker="s", linewidth=1.5)))]
+    panels.append(("loss", [x for x in loss if x[1] is not None], False))
+    acc = [(n, series(n), dict(marker="o")) for n in ("val/class_acc", "val/noobj_acc", "val/obj_acc",
+                                                      "train/class_acc", "train/noobj_acc", "train/obj_acc")]
+    panels.append(("accuracy (%)", [x for x in acc if x[1] is not None], False))
+    maps = [(n, series(n), dict(marker="o")) for n in sorted(cols) if n.startswith("val/map")]
+    panels.append(("mAP", [x for x in maps if x[1] is not None], False))
+    panels.append(("learning rate", [x for x in [("lr", series("lr"), dict(linewidth=1))] if x[1] is not None], False))
+    panels = [p for p in panels if p[1]]
+    if not panels:
+        raise ValueError("plot_training_curves: none of the known metrics (train/loss, val/*, lr) were logged")
+    ncols = min(2, len(panels))
+    rows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(6 * ncols, 3.4 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, ncols, squeeze=False)).reshape(-1)
+    for ax, (name, lines, _) in zip(axes, panels):
+        for label, (x, y), style in lines:
+            ax.plot(x, y, label=label, **style)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        if name == "loss" and all((y > 0).all() for _, (_, y), _ in lines):
+            ax.set_yscale("log")
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    return fig
+
+
+# --- mistakes ---------------------------------------------------------------------------------
+def find_mistakes(detections: Sequence[torch.Tensor], ground_truths: Sequence[Mapping], conf_threshold: float = 0.3,
+                  iou_threshold: float = 0.5, k: int = 8, num_classes: int = 20) -> list[dict]:
+    """The worst mistakes of a set: the k highest-scoring false positives and the k largest missed objects.
+
+    detections: per image [K,6] (as `detect` returns); ground_truths: per image {"boxes" [G,4],
+    "labels" [G], "difficult" [G]} in the same pixels (the `voc_map` inputs).
+    - false positive: a detection with score >= conf_threshold that the VOC devkit's matching counts
+      as false (`helpers.metrics.match_detections`: wrong place, wrong class or a duplicate);
+    - missed: a non-difficult object that no detection of its class with score >= conf_threshold
+      overlaps with IoU >= iou_threshold (largest first: a big object missed is the worst).
+    Returns dicts {"kind": "false positive" | "missed", "image": i, "box": [4] array, "class": c,
+    "score": float (detections) or None}, false positives first.
+    """
+    from torchvision.ops import box_iou
+
+    from .metrics import match_detections
+
+    dets = [torch.as_tensor(d).detach().cpu().reshape(-1, 6) for d in detections]
+    order, _, score, _, fp, _ = match_detections(dets, ground_truths, iou_threshold, num_classes)
+    counts = torch.tensor([len(d) for d in dets])
+    flat = torch.cat(dets) if dets else torch.zeros(0, 6)
+    image_of = torch.repeat_interleave(torch.arange(len(dets)), counts)
+    bad = order[fp & (score >= conf_threshold)][:k]
+    mistakes = [{"kind": "false positive", "image": int(image_of[j]), "box": flat[j, :4].numpy(),
+                 "class": int(flat[j, 5]), "score": float(flat[j, 4])} for j in bad.tolist()]
+
+    missed = []
+    for i, (d, gt) in enumerate(zip(dets, ground_truths)):  # per image: a few boxes each, not a hot path
+        g_box = torch.as_tensor(gt["boxes"]).reshape(-1, 4).float()
+        g_cls = torch.as_tensor(gt["labels"]).reshape(-1).long()
+        diff = gt.get("difficult")
+        g_dif = torch.zeros(len(g_cls), dtype=torch.bool) if diff is None else torch.as_tensor(diff).reshape(-1).bool()
+        d = d[d[:, 4] >= conf_threshold]
+        iou = box_iou(g_box, d[:, :4].float()) if len(d) and len(g_box) else torch.zeros(len(g_box), len(d))
+        same = g_cls[:, None] == d[:, 5].long()[None, :]
+        found = ((iou >= iou_threshold) & same).any(dim=1)
+        area = (g_box[:, 2] - g_box[:, 0]) * (g_box[:, 3] - g_box[:, 1])
+        for g in torch.nonzero(~found & ~g_dif).flatten().tolist():
+            missed.append((float(area[g]), {"kind": "missed", "image": i, "box": g_box[g].numpy(),
+                                            "class": int(g_cls[g]), "score": None}))
+    missed.sort(key=lambda t: -t[0])
+    return mistakes + [m for _, m in missed[:k]]
+
+
+def plot_worst_mistakes(model: torch.nn.Module, images, mistakes: Sequence[Mapping],
+                        class_names: Sequence[str] = VOC_CLASSES, method: str = "gradcam", ncols: int = 4,
+                        image_weight: float = 0.55) -> Figure:
+    """A gallery of mistakes (from `find_mistakes`), each over the CAM that explains it.
+
+    images: the model inputs the mistakes refer to ([N,3,S,S] tensor or a list of [3,S,S]); boxes in
+    their pixels. A false positive shows the Grad-CAM of that detection (what made the model fire);
+    a missed object shows the Grad-CAM of the anchor and cell that training assigns to it, for its
+    class (what the model looked at where it should have seen the object).
+    """
+    from .cam import assigned_index, detection_cams
+
+    if not mistakes:
+        fig = Figure(figsize=(4, 2), layout="constrained")
+        fig.add_subplot().text(0.5, 0.5, "no mistakes above the threshold", ha="center", va="center")
+        fig.axes[0].set_axis_off()
+        return fig
+    cams: list[np.ndarray | None] = [None] * len(mistakes)
+    by_image: dict[int, list[int]] = {}
+    for j, m in enumerate(mistakes):
+        by_image.setdefault(int(m["image"]), []).append(j)
+    for i, js in by_image.items():
+        image = images[i]
+        size = tuple(image.shape[-2:])
+        boxes = torch.tensor(np.stack([mistakes[j]["box"] for j in js]), dtype=torch.float32)
+        classes = torch.tensor([int(mistakes[j]["class"]) for j in js])
+        dets = torch.cat((boxes, torch.tensor([[mistakes[j]["score"] or 0.0] for j in js]),
+                          classes[:, None].float()), dim=1)
+        is_fp = torch.tensor([mistakes[j]["kind"] == "false positive" for j in js])
+        # False positives are located among the raw outputs; missed objects get their training anchor.
+        from .cam import locate_detections
+
+        with torch.inference_mode():
+            was = model.training
+            model.eval()
+            try:
+                outputs = model(image[None].to(next(model.parameters()).device))
+            finally:
+                model.train(was)
+        indices = assigned_index(boxes, size)
+        if is_fp.any():
+            indices[is_fp] = locate_detections([o.cpu() for o in outputs], dets[is_fp], size)
+        maps = detection_cams(model, image, indices=indices, classes=classes, method=method)
+        for n, j in enumerate(js):
+            cams[j] = maps[n]
+    k = len(mistakes)
+    ncols = min(ncols, k)
+    first = to_image(images[0])
+    fig, axes = _figure(math.ceil(k / ncols), ncols, aspect=first.shape[0] / first.shape[1])
+    for j, ax in enumerate(axes):
+        if j >= k:
+            ax.set_axis_off()
+            continue
+        m = mistakes[j]
+        c = int(m["class"])
+        name = class_names[c] if c < len(class_names) else str(c)
+        fp = m["kind"] == "false positive"
+        title = f"false positive: {name} {m['score']:.2f}" if fp else f"missed: {name}"
+        _image_axes(ax, overlay(images[m["image"]], cams[j], image_weight), title)
+        x1, y1, x2, y2 = (float(v) for v in m["box"])
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, linewidth=2,
+                               edgecolor="red" if fp else "yellow", linestyle="-" if fp else "--"))
+    return fig
