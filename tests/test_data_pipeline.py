@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -30,8 +31,9 @@ from helpers.mosaic import mosaic
 from helpers.transforms import (
     FILL,
     Affine,
-    HSVJitter,
+    ColourJitter,
     box_candidates,
+    colour_matrix,
     hflip,
     letterbox_meta,
     random_affine,
@@ -108,15 +110,28 @@ def test_hflip_mirrors_boxes_with_their_pixels():
     np.testing.assert_array_equal(b[0], mask_box(out, (255, 255, 255)))
 
 
-def test_hsv_jitter_keeps_greys_grey_and_changes_colours():
-    t = HSVJitter(p=1.0)
+def test_the_colour_matrix_keeps_greys_grey_and_is_the_identity_at_rest():
+    img = np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)
+    assert np.array_equal(cv2.transform(img, colour_matrix(0, 1, 1, 1)), img)
+    grey = solid((90, 90, 90), 4, 4)
+    for args in [(9, 1.5, 1, 1), (-9, 0.5, 1.2, 1), (40, 1, 1, 0.8)]:
+        out = cv2.transform(grey, colour_matrix(*args)).astype(int)
+        assert np.ptp(out, axis=2).max() <= 1  # hue, saturation and contrast leave greys grey
+    flat = cv2.transform(img, colour_matrix(0, 0.0, 1, 1)).astype(int)
+    assert np.ptp(flat, axis=2).max() <= 1  # saturation 0 is grayscale
+    bright = cv2.transform(grey, colour_matrix(0, 1, 1.3, 1))
+    assert abs(int(bright[0, 0, 0]) - 117) <= 1  # value is a gain
+    red = cv2.cvtColor(cv2.transform(solid((200, 30, 30), 1, 1), colour_matrix(120, 1, 1, 1)), cv2.COLOR_RGB2HSV)
+    assert abs(int(red[0, 0, 0]) - 60) <= 5  # a third of a turn takes red to green (HSV hue 120 deg)
+
+
+def test_colour_jitter_draws_new_colours_from_its_generator():
+    t = ColourJitter()
     t.set_random_seed(0)
-    img = np.concatenate([solid((90, 90, 90), 8, 8), solid((200, 60, 30), 8, 8)], 1)
+    img = solid((200, 60, 30), 8, 8)
     outs = [t(image=img)["image"] for _ in range(5)]
-    for out in outs:
-        assert out.shape == img.shape and out.dtype == np.uint8
-        assert np.ptp(out[:, :8].astype(int), axis=2).max() <= 1  # grey stays grey
-    assert len({tuple(o[0, 12]) for o in outs}) > 1
+    assert all(o.shape == img.shape and o.dtype == np.uint8 for o in outs)
+    assert len({tuple(o[0, 0]) for o in outs}) == 5
 
 
 # --- mosaic ---------------------------------------------------------------------------------------
