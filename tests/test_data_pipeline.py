@@ -439,7 +439,6 @@ def test_without_a_root_it_generates_synthetic_data_once(tmp_path, monkeypatch):
     assert (root / "VOC2007" / "ImageSets" / "Main" / "test.txt").stat().st_mtime_ns == stamp  # reused
 
 
-@pytest.mark.slow
 def test_the_training_loader_runs_with_worker_processes(voc_shared):
     cfg = small_config(voc_shared)
     cfg.num_workers = 2
