@@ -9,16 +9,24 @@ gradient is the score's divided by the score, a positive factor that Grad-CAM's 
 removes, so the map is the score's own Grad-CAM, without the vanishing gradients of a saturated
 sigmoid.
 
-Speed. By default a detection's target layer is the feature map that feeds its scale's prediction
-(`YOLOv3.head_inputs[scale]`); only that scale's small prediction head lies between it and the
-score. So the network runs once, without gradients, keeping the activations the rest needs (the
-target layer's output and the backbone routes); then pytorch-grad-cam runs on a wrapper whose
-forward *starts* at that cached feature map, repeated once per detection of the scale (one target
-per batch row, one forward and one backward for all of them). The library does the rest as usual:
-hooks on the target layer, channel weights from the gradients, ReLU, normalisation, resize to the
-input. Any other top-level layer of the model works the same way (the wrapper starts there); a
-layer nested inside a block falls back to the plain library path (the image repeated K times
-through the whole model). Both paths give the same maps (tested).
+Which layer. By default a detection's target layer is the last feature map of its scale
+(`prediction_features(model)[scale]`, the output of the 3x3 conv block of that scale's prediction
+head): only the 1x1 prediction conv separates it from the score, so its Grad-CAM is the score's own
+map over the image, as CAM is for a classifier. `target_layers="head_inputs"` takes the feature
+map entering the head instead (`YOLOv3.head_inputs`); any module of the model can be given. On a
+small model trained on synthetic squares (tests/test_cam.py) the default put 93% of the map's mass
+inside the detected box on average (80% at worst), the head inputs 13% (1% at worst): a 3x3 conv,
+BatchNorm and LeakyReLU between layer and score blur what the channel weights mean.
+
+Speed. The network runs once without gradients, keeping the activations the rest needs (the
+output of the step of `model.layers` just before the target layer's step, and the backbone
+routes). pytorch-grad-cam then runs on a wrapper whose forward starts from that cached activation,
+repeated once per detection (one target per batch row; one forward and one backward for all of
+them), through the model's own modules, so the library's hooks, channel weights, ReLU,
+normalisation and resize work as usual. For the default layer the wrapper runs only the scale's
+prediction head: K detections cost about one forward pass plus K small head passes, instead of K
+forward and backward passes of the whole network. The maps equal those of the plain library path
+(the whole flattened model, `FlatOutputs`, on the image repeated K times; tested).
 
 Nothing of the model changes: its parameters are frozen for the duration (the gradients flow to
 the feature map only, never into `.grad`), existing `.grad` tensors are put back, and every

@@ -493,39 +493,31 @@ def plot_worst_mistakes(model: torch.nn.Module, images, mistakes: Sequence[Mappi
     a missed object shows the Grad-CAM of the anchor and cell that training assigns to it, for its
     class (what the model looked at where it should have seen the object).
     """
-    from .cam import assigned_index, detection_cams
+    from .cam import assigned_index, capture, detection_cams, locate_detections
 
     if not mistakes:
         fig = Figure(figsize=(4, 2), layout="constrained")
-        fig.add_subplot().text(0.5, 0.5, "no mistakes above the threshold", ha="center", va="center")
-        fig.axes[0].set_axis_off()
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no mistakes above the threshold", ha="center", va="center")
+        ax.set_axis_off()
         return fig
     cams: list[np.ndarray | None] = [None] * len(mistakes)
     by_image: dict[int, list[int]] = {}
     for j, m in enumerate(mistakes):
         by_image.setdefault(int(m["image"]), []).append(j)
-    for i, js in by_image.items():
+    for i, js in by_image.items():  # one forward pass and one CAM call per image
         image = images[i]
         size = tuple(image.shape[-2:])
-        boxes = torch.tensor(np.stack([mistakes[j]["box"] for j in js]), dtype=torch.float32)
+        boxes = torch.tensor(np.stack([np.asarray(mistakes[j]["box"], np.float32) for j in js]))
         classes = torch.tensor([int(mistakes[j]["class"]) for j in js])
-        dets = torch.cat((boxes, torch.tensor([[mistakes[j]["score"] or 0.0] for j in js]),
-                          classes[:, None].float()), dim=1)
+        scores = torch.tensor([float(mistakes[j]["score"] or 0.0) for j in js])
         is_fp = torch.tensor([mistakes[j]["kind"] == "false positive" for j in js])
-        # False positives are located among the raw outputs; missed objects get their training anchor.
-        from .cam import locate_detections
-
-        with torch.inference_mode():
-            was = model.training
-            model.eval()
-            try:
-                outputs = model(image[None].to(next(model.parameters()).device))
-            finally:
-                model.train(was)
-        indices = assigned_index(boxes, size)
-        if is_fp.any():
-            indices[is_fp] = locate_detections([o.cpu() for o in outputs], dets[is_fp], size)
-        maps = detection_cams(model, image, indices=indices, classes=classes, method=method)
+        cap = capture(model, image)
+        indices = assigned_index(boxes, size)  # missed objects: the anchor training assigns them
+        if is_fp.any():  # false positives: their own row of the raw output
+            dets = torch.cat((boxes, scores[:, None], classes[:, None].float()), dim=1)
+            indices[is_fp] = locate_detections(cap.outputs, dets[is_fp], size)
+        maps = detection_cams(model, image, indices=indices, classes=classes, method=method, cache=cap)
         for n, j in enumerate(js):
             cams[j] = maps[n]
     k = len(mistakes)
