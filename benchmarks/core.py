@@ -8,26 +8,13 @@ targets <= 0.3 ms per sample (course loop ~1.6 ms), loss f+b <= 18 ms at batch 8
 from __future__ import annotations
 
 import platform
-import statistics
-import time
 
 import torch
 
+from benchmarks.timing import timed
 from helpers.loss import YoloLoss
 from helpers.model import YOLOv3, fuse_for_inference
 from helpers.targets import build_targets
-
-
-def timed(fn, repeats: int, warmup: int = 2) -> float:
-    """Median milliseconds of `fn()` over `repeats` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
 
 
 def random_boxes(batch: int, per_image: float, generator: torch.Generator) -> torch.Tensor:

@@ -10,27 +10,15 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import time
 
 import torch
 
+from benchmarks.timing import timed
 from helpers.metrics import coco_map, voc_map
 from helpers.postprocess import detect
 
 SIZE, C = 416, 20
-
-
-def timed(fn, repeats: int, warmup: int = 2) -> float:
-    """Median milliseconds of `fn()` over `repeats` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
 
 
 def raw_outputs(batch: int, candidates: int | None, one_class: bool, g: torch.Generator) -> list[torch.Tensor]:
