@@ -38,13 +38,13 @@ import pytorch_grad_cam.utils.image  # noqa: E402,F401 - its first import takes 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from helpers.cam import cam_to_original, capture, detection_cams, ravel_index  # noqa: E402
+from helpers.cam import cam_to_original, capture, detection_cams, unravel_index  # noqa: E402
 from helpers.config import VOC_CLASSES, Config  # noqa: E402
 from helpers.export import CONFIG, WEIGHTS, BundleError, load_bundle, read_bundle_config  # noqa: E402
 from helpers.imageio import ImageError, read_image  # noqa: E402
 from helpers.model import YOLOv3, fuse_for_inference  # noqa: E402
 from helpers.plotting import annotate, overlay  # noqa: E402
-from helpers.postprocess import decode, detect  # noqa: E402
+from helpers.postprocess import detect  # noqa: E402
 from helpers.transforms import letterbox  # noqa: E402
 
 log = logging.getLogger("yolo-app")
@@ -235,13 +235,15 @@ def _check_settings(conf, iou, size, cam_method, top_k) -> tuple[float, float, i
 def detect_boxes(loaded: LoadedModel, upload: Upload, conf: float, iou: float, size: int):
     """One forward pass (keeping what the CAMs need: `helpers.cam.capture`), decode, NMS, letterbox undo.
 
-    Returns (detections [K, 6] in shown-image pixels, the letterboxed input [1, 3, S, S], its meta,
-    the capture).
+    Returns (detections [K, 6] in shown-image pixels, their rows in the flattened raw output [K] (which
+    cell, anchor and scale each came from: what its Grad-CAM differentiates), the letterboxed input
+    [1, 3, S, S], its meta, the capture).
     """
     x, meta = to_input(upload.image, size)
     cap = capture(loaded.model, x)
-    dets = detect(cap.outputs, size, conf, iou, max_detections=MAX_DETECTIONS, letterbox=[meta])[0]
-    return dets, x, meta, cap
+    (dets,), (rows,) = detect(cap.outputs, size, conf, iou, max_detections=MAX_DETECTIONS, letterbox=[meta],
+                              return_indices=True)
+    return dets, rows, x, meta, cap
 
 
 def predict_boxes(loaded: LoadedModel | None, image, conf=DEFAULT_CONF, iou=DEFAULT_IOU, size=416,
@@ -261,7 +263,7 @@ def predict_boxes(loaded: LoadedModel | None, image, conf=DEFAULT_CONF, iou=DEFA
     except ImageError as e:
         return Result(message=f"**This file cannot be used as an image:** {e}. "
                               "Please upload a JPEG, PNG, WebP, BMP, GIF or TIFF photo."), None
-    dets, x, meta, cap = detect_boxes(loaded, upload, conf, iou, size)
+    dets, rows_in_output, x, meta, cap = detect_boxes(loaded, upload, conf, iou, size)
     annotated = Image.fromarray(annotate(upload.image, dets, loaded.classes))
     to_original = 1.0 / upload.scale
     rows = [[k + 1, loaded.classes[int(c)], round(float(s), 3), *[round(float(v) * to_original) for v in box]]
@@ -277,7 +279,7 @@ def predict_boxes(loaded: LoadedModel | None, image, conf=DEFAULT_CONF, iou=DEFA
     if upload.notes:
         summary += " The image was " + "; ".join(upload.notes) + "."
     result = Result(annotated, rows, [], summary, dets, {"boxes": t_boxes})
-    state = {"upload": upload, "x": x, "meta": meta, "capture": cap,
+    state = {"upload": upload, "x": x, "meta": meta, "capture": cap, "rows": rows_in_output,
              "cam_method": cam_method, "top_k": top_k, "started": started, "size": size}
     return result, state
 
@@ -287,11 +289,11 @@ def cam_maps(loaded: LoadedModel, state: dict, top: torch.Tensor) -> tuple[np.nd
     pass already made (`helpers.cam.detection_cams`: only each scale's head runs again), and the
     stride of each detection's scale."""
     cap, size = state["capture"], state["size"]
-    where = locate(cap.outputs, top, size, state["meta"])
+    rows = state["rows"][: len(top)]
     method = "gradcam" if state["cam_method"] == "Grad-CAM" else "eigencam"
-    maps = detection_cams(loaded.model, state["x"], indices=ravel_index(where, cap.outputs), classes=top[:, 5],
-                          method=method, cache=cap)
-    return maps, [size // cap.outputs[s].shape[2] for s in where[:, 0].tolist()]
+    maps = detection_cams(loaded.model, state["x"], indices=rows, classes=top[:, 5], method=method, cache=cap)
+    scales = unravel_index(rows, cap.outputs)[:, 0]
+    return maps, [size // cap.outputs[s].shape[2] for s in scales.tolist()]
 
 
 def add_cams(loaded: LoadedModel, result: Result, state: dict) -> Result:
@@ -335,36 +337,6 @@ def predict(loaded: LoadedModel | None, image, conf=DEFAULT_CONF, iou=DEFAULT_IO
         log.exception("prediction failed")
         return Result(message=f"**Something went wrong while processing this image** ({type(e).__name__}). "
                               "Please try another image; the details are in the server log.")
-
-
-# --- CAMs -------------------------------------------------------------------------------------
-def locate(outputs: list[torch.Tensor], dets: torch.Tensor, size: int, meta: dict) -> torch.Tensor:
-    """Where each detection sits in the raw outputs: [K, 4] long (scale, anchor, row, col).
-
-    `detect` returns boxes, scores and classes but not the anchors they came from; every decoded
-    anchor is taken through the same steps (clip to the input, undo the letterbox, clip to the
-    image) and each detection is matched to the anchor with the same box, score and class.
-    (`helpers.cam.locate_detections` maps the detections to the input instead, which misses for a
-    box clipped at the image's edge next to the padding: there the two clippings differ.)
-    dets: [K, 6] x1, y1, x2, y2, score, class in image pixels, as `detect(..., letterbox=[meta])` gives.
-    """
-    dec = decode(outputs, image_size=size)[0]  # [A, 5+C]
-    left, top = meta["pad"]
-    h, w = meta["orig_size"]
-    pad = torch.tensor([left, top, left, top], dtype=torch.float32)
-    limit = torch.tensor([w, h, w, h], dtype=torch.float32)
-    boxes = torch.minimum(((dec[:, :4].clamp(0, size) - pad) / meta["scale"]).clamp(min=0), limit)
-    scores = dec[:, 4][None, :] * dec[:, 5:].T[dets[:, 5].long()]  # [K, A]
-    cost = (boxes[None] - dets[:, None, :4]).abs().sum(-1) + (scores - dets[:, 4:5]).abs() * size
-    flat = cost.argmin(dim=1)  # [K]
-    counts = torch.tensor([o.shape[1] * o.shape[2] * o.shape[3] for o in outputs])
-    starts = torch.cumsum(counts, 0) - counts
-    scale = torch.bucketize(flat, starts, right=True) - 1
-    widths = torch.tensor([o.shape[3] for o in outputs])[scale]
-    heights = torch.tensor([o.shape[2] for o in outputs])[scale]
-    rem = flat - starts[scale]
-    cells = heights * widths
-    return torch.stack((scale, rem // cells, (rem % cells) // widths, rem % widths), dim=1)
 
 
 # --- the page ---------------------------------------------------------------------------------

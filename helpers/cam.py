@@ -104,14 +104,15 @@ def ravel_index(where: torch.Tensor, shapes) -> torch.Tensor:
 
 
 def locate_detections(outputs: Sequence[torch.Tensor], detections: torch.Tensor, image_size, *,
-                      letterbox: dict | None = None, score: str = "obj*cls", anchors=ANCHORS) -> torch.Tensor:
-    """The flat row index of each detection among the raw outputs of its image.
+                      score: str = "obj*cls", anchors=ANCHORS) -> torch.Tensor:
+    """The flat row index of each detection among the raw outputs of its image, for detections that
+    came without them (`detect(..., return_indices=True)` hands them out directly: prefer that).
 
     outputs: the raw outputs of one image (batch 1); detections: [K,6] as `detect` returned them for
-    it (input pixels, or original pixels with the same `letterbox` meta); score: the `detect` score
-    used. Every detection is one decoded anchor, clipped: the row whose clipped box, score and class
-    match it best (exactly, up to rounding) is its own. Returns a long tensor [K].
-    (`detect` could hand these indices out directly; until it does, this recovers them.)
+    it, in input pixels (no letterbox: undoing it and clipping to the original image loses which row
+    a box clipped at the image's edge came from); score: the `detect` score used. Every detection is
+    one decoded anchor, clipped to the input: the row whose clipped box, score and class match it
+    best (exactly, up to rounding) is its own. Returns a long tensor [K].
     """
     from .postprocess import decode
 
@@ -119,11 +120,6 @@ def locate_detections(outputs: Sequence[torch.Tensor], detections: torch.Tensor,
     if outputs[0].shape[0] != 1:
         raise ValueError(f"cam: locate_detections takes the outputs of one image, got batch {outputs[0].shape[0]}")
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    if letterbox is not None:
-        left, top = letterbox["pad"]
-        dets = dets.clone()
-        dets[:, [0, 2]] = dets[:, [0, 2]] * float(letterbox["scale"]) + left
-        dets[:, [1, 3]] = dets[:, [1, 3]] * float(letterbox["scale"]) + top
     dec = decode([o.detach().cpu() for o in outputs], anchors, image_size=(h, w))[0]  # [A, 5+C]
     limit = torch.tensor([w, h, w, h], dtype=torch.float32)
     boxes = torch.minimum(dec[:, :4].clamp(min=0), limit)
@@ -483,11 +479,13 @@ def detect_and_explain(model: YOLOv3, image: torch.Tensor, conf_threshold: float
     size = tuple(x.shape[-2:])
     cap = capture(model, x)
     outputs = [o.cpu() for o in cap.outputs]
-    dets = detect(outputs, size, conf_threshold, iou_threshold, max_detections=top_k)[0]
+    (dets,), (rows,) = detect(outputs, size, conf_threshold, iou_threshold, max_detections=top_k,
+                              return_indices=True)
     if len(dets) < min(min_detections, top_k):
-        dets = detect(outputs, size, 0.0, iou_threshold, max_detections=max(top_k, min_detections))[0]
-    dets = dets[:top_k]
-    cams = detection_cams(model, x, dets, method=method, cache=cap)
+        (dets,), (rows,) = detect(outputs, size, 0.0, iou_threshold, max_detections=max(top_k, min_detections),
+                                  return_indices=True)
+    dets, rows = dets[:top_k], rows[:top_k]
+    cams = detection_cams(model, x, indices=rows, classes=dets[:, 5], method=method, cache=cap)
     if letterbox is None:
         return dets, cams
     left, top = (float(v) for v in letterbox["pad"])

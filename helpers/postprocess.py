@@ -109,7 +109,8 @@ def detect(
     letterbox: Sequence[dict] | None = None,
     anchors=ANCHORS,
     multi_label: bool = False,
-) -> list[torch.Tensor]:
+    return_indices: bool = False,
+) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Detections per image after class-aware NMS.
 
     outputs: the model's raw list of 3 tensors [B, 3, S_h, S_w, 5+C] (never modified).
@@ -125,8 +126,12 @@ def detect(
         clipped to the original image.
     multi_label: one candidate per (box, class) above the threshold rather than per box with its
         best class (more candidates, often a little more mAP at low thresholds).
+    return_indices: also return, per image, the long tensor [K] of each detection's row among the
+        decoded anchors (`decode`'s axis A: scale, anchor, row, column), which says which cell, anchor
+        and scale of the raw output it came from (what a per-detection Grad-CAM differentiates).
     Returns a list of B float32 tensors [K, 6]: x1, y1, x2, y2, score, class (as a float), sorted by
-    descending score. Boxes of zero area after clipping are dropped.
+    descending score (and the list of row indices, with return_indices). Boxes of zero area after
+    clipping are dropped.
     """
     if score not in SCORES:
         raise ValueError(f"postprocess: score must be one of {SCORES}, got {score!r}")
@@ -172,7 +177,7 @@ def detect(
             keep.append(k[:max_detections] + start)  # sorted by descending score
         start += n
     keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long, device=device)
-    img, cand, scores, cls = img[keep], cand[keep], scores[keep], cls[keep]
+    img, anchor, cand, scores, cls = img[keep], anchor[keep], cand[keep], scores[keep], cls[keep]
 
     if letterbox is not None:
         scale, pad, orig = _letterbox_params(letterbox, batch, device)
@@ -181,8 +186,9 @@ def detect(
         limit = torch.stack((o[:, 1], o[:, 0], o[:, 1], o[:, 0]), dim=1)  # w, h, w, h
         cand = torch.minimum(cand.clamp(min=0), limit)
     nonempty = (cand[:, 2] > cand[:, 0]) & (cand[:, 3] > cand[:, 1])
-    img, cand, scores, cls = img[nonempty], cand[nonempty], scores[nonempty], cls[nonempty]
+    img, anchor, cand, scores, cls = img[nonempty], anchor[nonempty], cand[nonempty], scores[nonempty], cls[nonempty]
 
     dets = torch.cat((cand, scores[:, None], cls[:, None].float()), dim=1)
-    counts = torch.bincount(img, minlength=batch).tolist()
-    return list(torch.split(dets, torch.bincount(img, minlength=batch).tolist()))  # img is sorted
+    counts = torch.bincount(img, minlength=batch).tolist()  # img is sorted
+    per_image = list(torch.split(dets, counts))
+    return (per_image, list(torch.split(anchor, counts))) if return_indices else per_image

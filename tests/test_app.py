@@ -104,38 +104,25 @@ def test_top_k_zero_gives_boxes_without_cams_and_threshold_one_gives_none(loaded
     assert r.rows == [] and r.cams == [] and "0 detections" in r.message and "lower" in r.message
 
 
-@pytest.mark.xfail(reason="open: helpers/cam.py's head-only Grad-CAM was reworked after this check was written and "
-                          "no longer matches pytorch-grad-cam's end-to-end map (issue 7)", strict=False)
 def test_gradcam_equals_pytorch_grad_cam_on_the_whole_network(loaded, sample):
-    """Our head-only Grad-CAM is the library's Grad-CAM (target layer = the feature map feeding the
-    detection's scale, target = the detection's score), computed on the unfused model end to end."""
+    """The app's Grad-CAM (BatchNorm folded, one cached forward pass, only each scale's head run again)
+    is the library's plain Grad-CAM of the unfused model run end to end on the letterboxed image, with
+    the same target layer (the last feature map of the detection's scale) and the same target (the
+    detection's own row of the flattened output, its log score)."""
     from pytorch_grad_cam import GradCAM
+
+    from helpers.cam import DetectionTarget, FlatOutputs, prediction_features, unravel_index
 
     upload = webapp.read_upload(sample)
     result, state = webapp.predict_boxes(loaded, upload, 0.5, 0.45, SIZE, "Grad-CAM", 3)
     top = result.detections[:3]
     ours, _ = webapp.cam_maps(loaded, state, top)  # [K, S, S] over the input
-    where = webapp.locate(state["capture"].outputs, top, SIZE, state["meta"])
+    rows = state["rows"][:3]
     plain = tiny_confident_model().eval()  # the same weights, BatchNorm not folded
-
-    for k in range(len(top)):
-        s, a, i, j = where[k].tolist()
-        c = int(top[k, 5])
-
-        class OneCell(torch.nn.Module):
-            def __init__(self, where):
-                super().__init__()
-                self.net, self.where = plain, where
-
-            def forward(self, x):
-                s, a, i, j = self.where
-                return self.net(x)[s][:, a, i, j, :]  # [B, 5+C]
-
-        def score(out, c=c):
-            return out[0].sigmoid() * out[5:].softmax(-1)[c]
-
-        with GradCAM(model=OneCell((s, a, i, j)), target_layers=[plain.head_inputs[s]]) as cam:
-            lib = cam(input_tensor=state["x"].contiguous(), targets=[score])[0]
+    layers = prediction_features(plain)
+    for k, (row, scale) in enumerate(zip(rows.tolist(), unravel_index(rows, state["capture"].outputs)[:, 0])):
+        with GradCAM(model=FlatOutputs(plain), target_layers=[layers[int(scale)]]) as cam:
+            lib = cam(input_tensor=state["x"].contiguous(), targets=[DetectionTarget(row, int(top[k, 5]))])[0]
         np.testing.assert_allclose(ours[k], lib, atol=1e-4)
 
 
@@ -153,17 +140,17 @@ def test_letterbox_meta_describes_where_the_image_lands(h, w):
     assert (cols.max() + 1 - left, rows.max() + 1 - top) == (round(w * meta["scale"]), round(h * meta["scale"]))
 
 
-def test_locate_finds_each_detection_in_the_raw_outputs(loaded, sample):
+def test_each_detection_keeps_its_row_of_the_raw_outputs(loaded, sample):
+    """The CAMs differentiate the row `detect` picked, also for boxes clipped at the image's edge."""
+    from helpers.cam import flatten_outputs
+
     upload = webapp.read_upload(sample)
     result, state = webapp.predict_boxes(loaded, upload, 0.5, 0.45, SIZE, "Grad-CAM", 3)
     dets = result.detections
-    outputs = state["capture"].outputs
-    where = webapp.locate(outputs, dets, SIZE, state["meta"])
     assert (dets[:, 3] == Image.open(sample).size[1]).any()  # boxes clipped at the image's edge are among them
-    for (s, a, i, j), det in zip(where.tolist(), dets):
-        cell = outputs[s][0, a, i, j]
-        score = cell[0].sigmoid() * cell[5:].softmax(-1)[int(det[5])]
-        assert abs(float(score) - float(det[4])) < 1e-5
+    cells = flatten_outputs(state["capture"].outputs)[0, state["rows"]]
+    score = cells[:, 0].sigmoid() * cells[:, 5:].softmax(-1).gather(1, dets[:, 5:6].long())[:, 0]
+    torch.testing.assert_close(score, dets[:, 4], atol=1e-5, rtol=0)
 
 
 def test_model_is_loaded_once_per_source(bundle, monkeypatch):

@@ -194,3 +194,25 @@ def test_bad_outputs_are_refused_with_a_clear_error():
         detect(blank(), 416, score="cls")
     with pytest.raises(ValueError, match="letterbox"):
         detect(blank(batch=2), 416, letterbox=[{"scale": 1.0, "pad": (0, 0), "orig_size": (416, 416)}])
+
+
+def test_return_indices_names_the_cell_anchor_and_scale_each_detection_came_from():
+    """Grad-CAM of a detection differentiates its own row of the raw output: detect says which row,
+    even for a box clipped at the image's edge next to the letterbox padding (where matching boxes
+    after the letterbox undo cannot tell anchors apart)."""
+    size = (416, 416)
+    outs = blank(batch=2)
+    put(outs, size, 0, 1, 2, (100.0, 120.0, 160.0, 240.0), obj=0.8, cls=14)
+    put(outs, size, 1, 2, 1, (300.0, 60.0, 400.0, 150.0), obj=0.9, cls=3)
+    put(outs, size, 1, 0, 0, (10.0, 200.0, 300.0, 420.0), obj=0.7, cls=7)
+    meta = {"scale": 1.04, "pad": (0, 104), "orig_size": (200, 400)}
+    dets, rows = detect(outs, 416, return_indices=True, letterbox=[meta, meta])
+    assert [len(r) for r in rows] == [len(d) for d in dets] == [1, 2]
+    flat = torch.cat([o.reshape(2, -1, o.shape[-1]) for o in outs], dim=1)  # scale, anchor, row, col
+    for b in range(2):
+        cells = flat[b, rows[b]]
+        score = cells[:, 0].sigmoid() * cells[:, 5:].softmax(-1).gather(1, dets[b][:, 5:6].long())[:, 0]
+        torch.testing.assert_close(score, dets[b][:, 4])
+    assert rows[1][0] >= 3 * (13 * 13 + 26 * 26)  # scale 2's box came from a scale-2 row
+    plain = detect(outs, 416, letterbox=[meta, meta])  # without the flag: just the detections, the same
+    assert all(torch.equal(p, d) for p, d in zip(plain, dets))
