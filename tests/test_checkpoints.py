@@ -4,8 +4,14 @@ import warnings
 import pytest
 import torch
 
-from helpers.checkpoints import (NoOverwriteCheckpointIO, atomic_write_new, checkpoint_name, find_latest,
-                                 free_name, load_model)
+from helpers.checkpoints import (
+    NoOverwriteCheckpointIO,
+    atomic_write_new,
+    checkpoint_name,
+    find_latest,
+    free_name,
+    load_model,
+)
 from helpers.config import Config, ModelConfig
 from helpers.model import YOLOv3
 
