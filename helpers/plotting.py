@@ -141,8 +141,8 @@ def draw_boxes(image, boxes, class_names: Sequence[str] | None = VOC_CLASSES, ax
         fig = Figure(figsize=(5.0, 5.0 * h / w), layout="constrained")
         ax = fig.add_subplot()
     _image_axes(ax, img, title)
-    if truth is not None:
-        _draw_on_axes(ax, truth, None, linestyle="--", linewidth=1.2, color=(1.0, 1.0, 1.0))
+    if truth is not None:  # bare boxes: a label here would be white on white (and a class index, not a name)
+        _draw_on_axes(ax, split_boxes(truth)[0], None, linestyle="--", linewidth=1.2, color=(1.0, 1.0, 1.0))
     _draw_on_axes(ax, boxes, class_names)
     return ax.figure
 
