@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", dest="root", help="dataset folder: a VOCdevkit or the Kaggle/course layout")
     p.add_argument("--resume", help="'latest' (newest checkpoint that loads in the checkpoint folder) or a path")
     p.add_argument("--lr-find", action="store_true",
-                   help="run the LR range test first and use its suggestion as max LR")
+                   help="run the LR range test first and use its suggestion as max LR (see helpers.lr_finder)")
     p.add_argument("--checkpoint-every-steps", type=int, default=0,
                    help="also checkpoint every N optimizer steps (0 = off)")
     for section, kind in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
@@ -154,11 +154,12 @@ def run_lr_finder(cfg: Config, datamodule, run_dir: Path) -> float:
                      num_iter=min(100, max(20, datamodule.num_training_batches(1))),
                      device="cuda" if torch.cuda.is_available() else "cpu", amp=torch.cuda.is_available())
     result.figure.savefig(run_dir / "lr_finder.png", dpi=100)
-    if result.suggestion is None:
+    if result.max_lr is None:
         print(f"LR finder: no suggestion (too few points); keeping max LR {cfg.train.max_lr:.3g}")
         return cfg.train.max_lr
-    print(f"LR finder: suggested max LR {result.suggestion:.3g} (steepest descent); plot: {run_dir / 'lr_finder.png'}")
-    return result.suggestion
+    print(f"LR finder: max LR {result.max_lr:.3g} (steepest descent {result.suggestion}, capped at a tenth of "
+          f"the lowest loss's LR); plot: {run_dir / 'lr_finder.png'}")
+    return result.max_lr
 
 
 def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpoint_every_steps: int = 0,

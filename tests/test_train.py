@@ -84,6 +84,20 @@ def test_the_lr_finder_leaves_model_and_optimizer_exactly_as_they_were(voc):
         assert torch.equal(v, before[k]), k
     assert optimizer.state_dict()["state"] == opt_before["state"] == {}
     assert optimizer.param_groups[0]["lr"] == opt_before["param_groups"][0]["lr"]
+    assert result.max_lr is None or result.max_lr <= max(result.lrs)
+
+
+def test_the_max_lr_taken_from_the_range_test_stays_a_decade_below_the_loss_minimum():
+    from helpers.lr_finder import choose_max_lr
+
+    lrs = [10 ** (-6 + k / 10) for k in range(51)]  # 1e-6 .. 1e-1
+    # The loss falls slowly, steepest just before its minimum at 1e-2, then blows up.
+    losses = [10 - 0.5 * k if k < 40 else 10 - 20 + 8 * (k - 40) for k in range(51)]
+    steepest = 10 ** (-6 + 39 / 10)
+    assert choose_max_lr(lrs, losses, steepest) == pytest.approx(1e-2 / 10)  # capped: min / 10
+    assert choose_max_lr(lrs, losses, 1e-4) == 1e-4  # a steepest point well inside is kept
+    assert choose_max_lr(lrs, losses, None) == pytest.approx(1e-3)  # no gradient: min / 10 alone
+    assert choose_max_lr(lrs, losses, steepest, skip_end=15) == pytest.approx(lrs[35] / 10)  # trimmed end
 
 
 # A driver run in a fresh process: it trains with the tiny config and, if asked, SIGKILLs itself
