@@ -4,7 +4,8 @@ and a gallery of the worst mistakes.
 Every figure is a `matplotlib.figure.Figure` built directly (never through pyplot), so nothing is
 registered in pyplot's figure list: calling these in a loop never grows memory (the course's
 `plot_couple_of_examples` leaked one pyplot figure per call), and `plt.get_fignums()` stays empty.
-Save one with `fig.savefig(path)`; a notebook shows a returned figure as the cell's value. No
+Save one with `fig.savefig(path)`; a notebook shows a returned figure as the cell's value, or with
+`show` (which can also save it, e.g. into `images/` for the README). No
 backend is selected here, so notebooks keep theirs.
 
 `annotate` draws boxes straight into a uint8 array with PIL (for the Gradio app: no matplotlib).
@@ -173,6 +174,22 @@ def annotate(image, detections, class_names: Sequence[str] | None = VOC_CLASSES,
             draw.rectangle((left - 1, t - 1, right + 1, b + 1), fill=rgb)
             draw.text((x1, y), text, fill=(255, 255, 255), font=font)
     return np.asarray(img)
+
+
+def show(fig: Figure, name: str | None = None, folder: str | os.PathLike | None = None, dpi: int = 80) -> None:
+    """Display `fig` in a notebook and, given a folder and a name, also save it as folder/name.png.
+
+    The notebook saves its main figures into `images/` this way when it is executed for the repo
+    (YOLO_FIGURES=images), so README shows what the committed run really produced. Returns None, so a
+    cell ending in `show(...)` does not show the figure a second time."""
+    if folder is not None and name:
+        os.makedirs(folder, exist_ok=True)
+        fig.savefig(os.path.join(folder, f"{name}.png"), dpi=dpi)
+    try:
+        from IPython.display import display
+    except ImportError:  # no IPython: saving was the point
+        return
+    display(fig)
 
 
 # --- the model on examples --------------------------------------------------------------------
@@ -481,6 +498,33 @@ def find_mistakes(detections: Sequence[torch.Tensor], ground_truths: Sequence[Ma
                                             "class": int(g_cls[g]), "score": None}))
     missed.sort(key=lambda t: -t[0])
     return mistakes + [m for _, m in missed[:k]]
+
+
+def mistakes_on(model: torch.nn.Module, data, n: int = 32, conf_threshold: float = 0.3, iou_threshold: float = 0.45,
+                k: int = 4, device: str | torch.device | None = None) -> tuple[torch.Tensor, list[dict]]:
+    """The model's worst mistakes on the first n examples of `data` (as `plot_examples` takes it):
+    (images [n,3,S,S], `find_mistakes` of their detections against their boxes), ready for
+    `plot_worst_mistakes`. Boxes in input pixels. A plain dataset leaves difficult objects out of its
+    boxes (`keep_difficult`), so a detection of one counts as a false positive here."""
+    from .postprocess import detect
+
+    images, truths = _examples(data, n)
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            outputs = model(images.to(device))
+    finally:
+        model.train(was_training)
+    dets = [d.cpu() for d in detect(outputs, tuple(images.shape[-2:]), conf_threshold, iou_threshold)]
+    gts = []
+    for t in truths:
+        t = np.zeros((0, 5)) if t is None else t
+        gts.append({"boxes": torch.as_tensor(t[:, :4], dtype=torch.float32),
+                    "labels": torch.as_tensor(t[:, 4].round(), dtype=torch.int64)})
+    num_classes = outputs[0].shape[-1] - 5
+    return images, find_mistakes(dets, gts, conf_threshold, 0.5, k, num_classes)
 
 
 def plot_worst_mistakes(model: torch.nn.Module, images, mistakes: Sequence[Mapping],

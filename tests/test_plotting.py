@@ -27,6 +27,7 @@ from helpers.plotting import (  # noqa: E402
     class_colors,
     draw_boxes,
     find_mistakes,
+    mistakes_on,
     overlay,
     plot_cam_overlays,
     plot_examples,
@@ -36,6 +37,7 @@ from helpers.plotting import (  # noqa: E402
     plot_training_curves,
     plot_worst_mistakes,
     read_metrics_csv,
+    show,
     to_image,
     yolo_to_pixels,
 )
@@ -453,6 +455,39 @@ def test_plot_worst_mistakes_shows_one_panel_per_mistake(model):
     fp, miss = shown[0].patches[0], shown[2].patches[0]
     assert fp.get_linestyle() == "-" and fp.get_edgecolor()[:3] == (1.0, 0.0, 0.0)
     assert miss.get_linestyle() == "--" and miss.get_edgecolor()[:3] == (1.0, 1.0, 0.0)
+
+
+def test_mistakes_on_finds_confident_wrong_detections_and_the_objects_they_missed():
+    """A model made to see a confident 'person' everywhere, on images holding only dogs: every
+    detection is a false positive and every dog is missed, larger first."""
+    from helpers.model import ScalePrediction
+
+    torch.manual_seed(0)
+    person = VOC_CLASSES.index("person")
+    sure = YOLOv3(num_classes=20, width=0.125).eval()
+    with torch.no_grad():
+        for head in (m for m in sure.layers if isinstance(m, ScalePrediction)):
+            bias = head.pred[1].conv.bias.view(3, 25)
+            bias[:, 0], bias[:, 5 + person] = 6.0, 5.0  # sigmoid ~ 0.998, softmax ~ 0.89
+    images = torch.rand(2, 3, 64, 64)
+    boxes = torch.tensor([[0, DOG, 0.5, 0.5, 0.5, 0.5], [1, DOG, 0.25, 0.25, 0.25, 0.25]])
+    shown, mistakes = mistakes_on(sure, (images, boxes), n=2, conf_threshold=0.5, k=3)
+    assert torch.equal(shown, images)
+    kinds = [(m["kind"], m["class"]) for m in mistakes]
+    assert kinds == [("false positive", person)] * 3 + [("missed", DOG)] * 2
+    assert all(m["score"] > 0.8 for m in mistakes[:3])
+    np.testing.assert_allclose(mistakes[3]["box"], [16, 16, 48, 48])  # the 32x32 dog before the 16x16 one
+    assert (mistakes[4]["image"], mistakes[3]["image"]) == (1, 0)
+
+
+def test_show_saves_the_figure_under_its_name_and_displays_nothing_twice(tmp_path):
+    fig = Figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    assert show(fig, "curve", tmp_path / "images") is None
+    assert (tmp_path / "images" / "curve.png").stat().st_size > 0
+    show(fig)  # no folder: nothing written
+    assert [p.name for p in tmp_path.rglob("*.png")] == ["curve.png"]
+    assert plt.get_fignums() == []
 
 
 def test_plot_worst_mistakes_without_mistakes_says_so(model):
