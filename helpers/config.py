@@ -45,6 +45,10 @@ class DataConfig:
     keep_difficult: bool = False  # difficult objects in the training targets
     pin_memory: bool = True
     classes: tuple[str, ...] = VOC_CLASSES
+    # A broken annotation (malformed XML, unknown class, missing image): "skip" leaves that image out
+    # with a warning naming the file (a training run never stops on one bad file), "raise" refuses the
+    # dataset with every problem listed (`python -m helpers.annotations check` lists them too).
+    on_error: str = "skip"
 
 
 @dataclass

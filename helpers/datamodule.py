@@ -156,7 +156,7 @@ class YOLODataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         c = self.cfg
-        on_error = getattr(c, "on_error", "skip")
+        on_error = c.on_error
         if self.train_dataset is None:
             self.train_dataset = TrainDataset(self.root, c.train_split, c.image_size, mosaic=c.mosaic,
                                               classes=c.classes, keep_difficult=c.keep_difficult, on_error=on_error)

@@ -358,3 +358,21 @@ def test_the_real_photo_devkit_reads_cleanly(realdet):
     assert sum(int(r.difficult.sum()) for r in trainval + test) == 7
     image, boxes, meta = YOLODataset(realdet, "test", image_size=416, return_meta=True)[0]
     assert image.shape == (3, 416, 416) and len(meta["gt"]["boxes"]) >= len(boxes) > 0
+
+
+def test_the_datamodule_skips_broken_annotations_by_default_and_raises_when_configured(voc, write_voc):
+    """A training run never stops on one bad annotation file (DataConfig.on_error="skip", warned),
+    unless the config asks to refuse the dataset."""
+    from helpers.config import DataConfig
+    from helpers.datamodule import YOLODataModule
+
+    write_voc(voc, "good", voc_xml([("dog", 0, (1, 1, 40, 30))]), Image.new("RGB", (96, 72)))
+    write_voc(voc, "bad", "<annotation>", Image.new("RGB", (96, 72)), append=True)
+    cfg = DataConfig(root=str(voc), train_split="trainval", val_split="trainval", image_size=64, train_sizes=(64,))
+    with pytest.warns(UserWarning, match="bad.xml"):
+        dm = YOLODataModule(cfg)
+        dm.setup("fit")
+    assert len(dm.train_dataset) == len(dm.val_dataset) == 1
+    cfg.on_error = "raise"
+    with pytest.raises(DatasetError, match="bad.xml"):
+        YOLODataModule(cfg).setup("fit")
