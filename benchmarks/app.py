@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[0:1] = [str(ROOT)]  # this file's folder first on the path would make `app` this script
 
 from app import app as webapp  # noqa: E402
+from benchmarks.timing import timed as timed_ms  # noqa: E402
 from helpers.config import Config  # noqa: E402
 from helpers.export import write_bundle  # noqa: E402
 from helpers.model import YOLOv3  # noqa: E402
@@ -34,13 +33,8 @@ from helpers.postprocess import detect  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (first-call allocations, lazy imports)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median seconds of fn() after one warm-up run (first-call allocations, lazy imports)."""
+    return timed_ms(fn, repeats, warmup=1) / 1000
 
 
 def main() -> None:

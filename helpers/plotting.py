@@ -295,24 +295,41 @@ def plot_cam_overlays(image, cams, detections, class_names: Sequence[str] = VOC_
 
 # --- learning rate ----------------------------------------------------------------------------
 def plot_lr_finder(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None = None,
-                   skip_start: int = 0, skip_end: int = 0) -> Figure:
-    """Loss against learning rate (log axis) from an LR range test, the suggested LR marked."""
+                   skip_start: int = 0, skip_end: int = 0, raw: Sequence[float] | None = None,
+                   steepest: float | None = None) -> Figure:
+    """Loss against learning rate (log axis) from an LR range test, the suggested LR marked.
+
+    raw: the unsmoothed losses, drawn faint behind `losses`; steepest: the steepest-descent LR, marked
+    too when it differs from the suggestion (see `helpers.lr_finder`)."""
     lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
     if lrs.shape != losses.shape or lrs.ndim != 1:
         raise ValueError(f"plot_lr_finder: lrs and losses must be 1-D and equally long, got {lrs.shape}, {losses.shape}")
     end = len(lrs) - skip_end if skip_end else len(lrs)
-    lrs, losses = lrs[skip_start:end], losses[skip_start:end]
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
-    ax.plot(lrs, losses, color="tab:blue")
+    if raw is not None:
+        raw = np.asarray(raw, float)
+        if raw.shape != lrs.shape:
+            raise ValueError(f"plot_lr_finder: raw must match lrs, got {raw.shape} and {lrs.shape}")
+        ax.plot(lrs[skip_start:end], raw[skip_start:end], color="tab:blue", alpha=0.3, linewidth=1, label="loss")
+    lrs, losses = lrs[skip_start:end], losses[skip_start:end]
+    ax.plot(lrs, losses, color="tab:blue", label="smoothed" if raw is not None else None)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss")
+    if steepest is not None and len(lrs) and steepest != suggestion:
+        y = np.interp(np.log(steepest), np.log(lrs), losses)
+        ax.plot([steepest], [y], "o", color="tab:orange", label=f"steepest descent {steepest:.2e}")
     if suggestion is not None and len(lrs):
         y = np.interp(np.log(suggestion), np.log(lrs), losses)
         ax.axvline(suggestion, color="tab:red", linestyle="--", linewidth=1)
         ax.plot([suggestion], [y], "o", color="tab:red", label=f"suggested {suggestion:.2e}")
+    if ax.get_legend_handles_labels()[0]:
         ax.legend()
+    if len(losses) > 3:  # a final blow-up would flatten the rest: keep the falling part readable
+        top, bottom = losses[: len(losses) // 2].max(), losses.min()
+        if np.isfinite(top) and np.isfinite(bottom) and top > bottom:
+            ax.set_ylim(bottom - 0.1 * (top - bottom), top + 0.5 * (top - bottom))
     ax.set_title("LR range test")
     ax.grid(True, which="both", alpha=0.3)
     return fig

@@ -151,13 +151,13 @@ def run_lr_finder(cfg: Config, datamodule, run_dir: Path) -> float:
     module = YOLOModule(cfg.to_dict())
     optimizer = module.configure_optimizers()
     result = find_lr(module.model, optimizer, datamodule.train_dataloader(), loss=module.loss_fn,
-                     num_iter=min(100, max(20, datamodule.num_training_batches(1))),
+                     num_iter=100,
                      device="cuda" if torch.cuda.is_available() else "cpu", amp=torch.cuda.is_available())
     result.figure.savefig(run_dir / "lr_finder.png", dpi=100)
     if result.max_lr is None:
         print(f"LR finder: no suggestion (too few points); keeping max LR {cfg.train.max_lr:.3g}")
         return cfg.train.max_lr
-    print(f"LR finder: max LR {result.max_lr:.3g} (steepest descent {result.suggestion}, capped at a tenth of "
+    print(f"LR finder: max LR {result.max_lr:.3g} (steepest descent {result.steepest:.3g}, capped at a tenth of "
           f"the lowest loss's LR); plot: {run_dir / 'lr_finder.png'}")
     return result.max_lr
 

@@ -2,6 +2,8 @@
 
     python scripts/build_notebook.py                    # write the notebook, no outputs
     YOLO_SMOKE=1 python scripts/build_notebook.py --execute   # write it and run it (CPU smoke mode)
+    YOLO_SMOKE=1 YOLO_FIGURES=images YOLO_RUN_NOTE="..." python scripts/build_notebook.py --execute
+                                                        # the committed run: README's figures into images/
 
 Keeping the cells here makes review and diffs readable; the notebook stays thin: every cell calls
 `helpers`.
@@ -40,6 +42,7 @@ from pathlib import Path
 # Kaggle/course folder (unset = generated data in smoke mode).
 SMOKE = os.environ.get("YOLO_SMOKE", "auto")
 DATA_ROOT = os.environ.get("YOLO_DATA")
+FIGURES = os.environ.get("YOLO_FIGURES")  # a folder to also save the main figures in (the repo's images/)
 
 IN_COLAB = "google.colab" in sys.modules
 IN_KAGGLE = "KAGGLE_KERNEL_RUN_TYPE" in os.environ
@@ -68,8 +71,6 @@ cfg = embedded_default() if SMOKE else course_preset()
 cfg.train.run_dir = RUN_DIR
 if DATA_ROOT:
     cfg.data.root = DATA_ROOT
-if SMOKE:
-    cfg.train.epochs = 4          # a few minutes on a CPU
 for section, values in cfg.to_dict().items():
     print(f"{section:5s}", {k: v for k, v in values.items() if k != "classes"})"""),
     ("md", "## 3. Data\nTraining samples with and without mosaic (boxes drawn from the targets), and the class counts."),
@@ -77,7 +78,7 @@ for section, values in cfg.to_dict().items():
 import matplotlib.pyplot as plt
 from helpers.datamodule import YOLODataModule
 from helpers.dataset import YOLODataset as TrainDataset
-from helpers.plotting import draw_boxes, yolo_to_pixels
+from helpers.plotting import draw_boxes, show, yolo_to_pixels
 
 datamodule = YOLODataModule(cfg.data, seed=cfg.train.seed)
 datamodule.prepare_data()
@@ -93,7 +94,8 @@ fig, axes = plt.subplots(2, 4, figsize=(12, 6))
 for k, ax in enumerate(axes.flat):
     image, boxes = (plain if k < 4 else mosaic)[(k % 4, size)]
     draw_boxes(image, yolo_to_pixels(boxes, size, size), cfg.data.classes, ax=ax, title="plain" if k < 4 else "mosaic")
-plt.show()"""),
+show(fig, "training_samples", FIGURES)
+plt.close(fig)"""),
     ("md", "## 4. The model\nDarknet-53 + the YOLOv3 head; three outputs, coarse to fine."),
     ("code", """from helpers.model import build_model, count_parameters
 
@@ -103,7 +105,7 @@ with torch.no_grad():
 print(f"{count_parameters(model):,} parameters (width {cfg.model.width})")
 for out, stride in zip(outputs, (32, 16, 8)):
     print(f"stride {stride:2d}: {tuple(out.shape)}  [batch, anchor, row, column, obj+box+{cfg.model.num_classes} classes]")"""),
-    ("md", "## 5. LR range test\ntorch-lr-finder on the real training loader; the model and optimizer are restored afterwards."),
+    ("md", "## 5. LR range test\ntorch-lr-finder on the real training loader; the model and optimizer are restored afterwards. The max LR used is the steepest descent of the (lag-free) smoothed loss, capped a decade below its minimum."),
     ("code", """from helpers.lr_finder import find_lr
 from helpers.module import YOLOModule
 from helpers.train import SCHEDULE_FILE
@@ -114,19 +116,19 @@ if (Path(RUN_DIR) / SCHEDULE_FILE).exists():
     max_lr = None
 else:
     probe = YOLOModule(cfg.to_dict())
-    result = find_lr(probe.model, probe.configure_optimizers(), datamodule.train_dataloader(),
-                     num_iter=30 if SMOKE else 100, device="cuda" if torch.cuda.is_available() else "cpu",
-                     amp=torch.cuda.is_available())
-    max_lr = result.suggestion or cfg.train.max_lr
-    display(result.figure)
-    print(f"suggested max LR (steepest descent): {result.suggestion}; using {max_lr:.3g}")"""),
+    result = find_lr(probe.model, probe.configure_optimizers(), datamodule.train_dataloader(), num_iter=100,
+                     device="cuda" if torch.cuda.is_available() else "cpu", amp=torch.cuda.is_available())
+    max_lr = result.max_lr or cfg.train.max_lr
+    show(result.figure, "lr_finder", FIGURES)
+    print(f"steepest descent at {result.steepest:.3g}; max LR used {max_lr:.3g} "
+          "(capped at a tenth of the lowest loss's LR, see helpers/lr_finder.py)")"""),
     ("md", "## 6. The OneCycle schedule, precomputed and saved\nOne LR per optimizer step, in a text file next to the checkpoints; training and every resume read it by step."),
     ("code", """from helpers.plotting import plot_schedule
 from helpers.train import prepare_schedule
 
 steps_per_epoch = datamodule.num_training_batches(cfg.train.devices)
 schedule = prepare_schedule(cfg, Path(RUN_DIR), steps_per_epoch, len(train_set), max_lr or cfg.train.max_lr)
-plot_schedule(schedule.lrs, steps_per_epoch)"""),
+show(plot_schedule(schedule.lrs, steps_per_epoch), "schedule", FIGURES)"""),
     ("md", """## 7. Training
 16-bit mixed precision on a GPU (32-bit on a CPU), multi-resolution batches, checkpoints every epoch
 and every few minutes in the run folder. **After a disconnect, rerun the notebook: this cell resumes
@@ -135,25 +137,28 @@ from the newest checkpoint that loads, at its step of the schedule file.**"""),
 
 summary = train(cfg, resume="latest")
 print(json.dumps({k: v for k, v in summary.items() if k not in ("metrics", "ap_per_class_voc07")}, indent=1))"""),
-    ("md", "## 8. Results\nLoss and accuracy curves, the final accuracies and mAP@0.5 (VOC07 11-point and all-point), per class."),
-    ("code", """from helpers.plotting import plot_training_curves
+    ("md", "## 8. Results\nLoss and accuracy curves per epoch; then the newest checkpoint on the test split: the course's accuracies, mAP@0.5 (VOC07 11-point and all-point) per class, and the PR curves."),
+    ("code", """from helpers.checkpoints import find_latest, load_model
+from helpers.evaluate import evaluate, format_report
+from helpers.plotting import plot_pr_curves, plot_training_curves
 
-display(plot_training_curves(summary["logs"]))
-final = {k: round(v, 2) for k, v in summary["metrics"].items() if k.startswith("val/")}
-print(final)
-for name, ap in summary.get("ap_per_class_voc07", {}).items():
-    print(f"{name:12s} {'  n/a' if ap is None else f'{ap:.3f}'}")"""),
-    ("md", "## 9. Detections and Grad-CAM\nA few validation images: the detections, then the Grad-CAM of each detection (which pixels raised its score)."),
-    ("code", """from helpers.cam import detect_and_explain
-from helpers.checkpoints import find_latest, load_model
-from helpers.plotting import plot_cam_overlays, plot_examples
-
+show(plot_training_curves(summary["logs"]), "training_curves", FIGURES)
 model, _ = load_model(find_latest(Path(RUN_DIR) / "checkpoints"))
-display(plot_examples(model, val_set, cfg.data.classes, n=4, conf_threshold=0.3))
+datamodule.setup("test")
+report = evaluate(model, datamodule.test_dataloader(), cfg, progress=False)
+print(format_report(report))
+show(plot_pr_curves(report["curves"], cfg.data.classes), "pr_curves", FIGURES)"""),
+    ("md", "## 9. Detections, Grad-CAM and the worst mistakes\nA few validation images with their detections (ground truth dashed); the Grad-CAM of each detection (which pixels raised its score); then the worst mistakes: confident false positives with the Grad-CAM of what made the model fire, and missed objects with the Grad-CAM of the anchor that should have found them."),
+    ("code", """from helpers.cam import detect_and_explain
+from helpers.plotting import mistakes_on, plot_cam_overlays, plot_examples, plot_worst_mistakes
+
+show(plot_examples(model, val_set, cfg.data.classes, n=4, conf_threshold=0.3), "detections", FIGURES)
 for index in range(2):
     image, _, meta = val_set[index]
     detections, cams = detect_and_explain(model, image, conf_threshold=0.3, top_k=3, min_detections=1)
-    display(plot_cam_overlays(image, cams, detections, cfg.data.classes))"""),
+    show(plot_cam_overlays(image, cams, detections, cfg.data.classes), f"gradcam_{index}", FIGURES)
+images, mistakes = mistakes_on(model, val_set, n=32, conf_threshold=0.3, k=3)
+show(plot_worst_mistakes(model, images, mistakes, cfg.data.classes), "worst_mistakes", FIGURES)"""),
     ("md", "## 10. Export for the app\nA bundle the Gradio app loads: `model.safetensors` + `config.json` (classes, anchors, metrics)."),
     ("code", """from helpers.export import export_checkpoint
 

@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,20 +85,45 @@ def test_the_lr_finder_leaves_model_and_optimizer_exactly_as_they_were(voc):
         assert torch.equal(v, before[k]), k
     assert optimizer.state_dict()["state"] == opt_before["state"] == {}
     assert optimizer.param_groups[0]["lr"] == opt_before["param_groups"][0]["lr"]
-    assert result.max_lr is None or result.max_lr <= max(result.lrs)
+    assert result.max_lr is None or min(result.lrs) <= result.max_lr <= result.steepest
 
 
-def test_the_max_lr_taken_from_the_range_test_stays_a_decade_below_the_loss_minimum():
-    from helpers.lr_finder import choose_max_lr
+def range_test_curve(noise: float = 0.0):
+    """100 LRs over 1e-7..1: the loss falls fastest at 1e-3 (a tanh step), bottoms out at 1e-1 and
+    then blows up, as a range test's does."""
+    rng = np.random.default_rng(0)
+    lrs = np.logspace(-7, 0, 100)
+    x = np.log10(lrs)
+    loss = 10 - 4 * np.tanh(2 * (x + 3)) + np.where(x > -1, 40 * (x + 1) ** 2, 0.0)
+    return lrs, loss + noise * rng.standard_normal(100)
 
-    lrs = [10 ** (-6 + k / 10) for k in range(51)]  # 1e-6 .. 1e-1
-    # The loss falls slowly, steepest just before its minimum at 1e-2, then blows up.
-    losses = [10 - 0.5 * k if k < 40 else 10 - 20 + 8 * (k - 40) for k in range(51)]
-    steepest = 10 ** (-6 + 39 / 10)
-    assert choose_max_lr(lrs, losses, steepest) == pytest.approx(1e-2 / 10)  # capped: min / 10
-    assert choose_max_lr(lrs, losses, 1e-4) == 1e-4  # a steepest point well inside is kept
-    assert choose_max_lr(lrs, losses, None) == pytest.approx(1e-3)  # no gradient: min / 10 alone
-    assert choose_max_lr(lrs, losses, steepest, skip_end=15) == pytest.approx(lrs[35] / 10)  # trimmed end
+
+def test_the_range_test_reading_takes_the_steepest_descent_without_the_trailing_average_lag():
+    from helpers.lr_finder import read_curve
+
+    lrs, loss = range_test_curve(noise=0.1)
+    _, steepest, max_lr = read_curve(lrs, loss, skip_start=10, skip_end=5)
+    assert 1e-3 / 1.5 < steepest < 1e-3 * 1.5
+    assert max_lr == steepest  # a decade below the minimum already: not capped
+    # torch-lr-finder's own trailing average (smooth_f=0.05) would put the steepest point far right.
+    ema = [loss[0]]
+    for v in loss[1:]:
+        ema.append(0.05 * v + 0.95 * ema[-1])
+    _, lagged, _ = read_curve(lrs, ema, window=1, skip_start=10, skip_end=5)
+    assert lagged > 2.5e-3
+
+
+def test_the_max_lr_is_capped_a_decade_below_the_loss_minimum():
+    from helpers.lr_finder import read_curve
+
+    lrs, loss = range_test_curve()
+    x = np.log10(lrs)
+    early = np.where(x > -2.5, loss + 200 * (x + 2.5), loss)  # blows up from 3e-3, half a decade after 1e-3
+    smooth, steepest, max_lr = read_curve(lrs, early)
+    lowest = lrs[int(np.argmin(smooth))]
+    assert 1e-3 <= lowest <= 3.2e-3  # the smoothed curve's minimum, where it turns up
+    assert max_lr == pytest.approx(lowest / 10) and max_lr < steepest
+    assert read_curve(lrs[:2], loss[:2])[1:] == (None, None)  # too few points: no suggestion
 
 
 # A driver run in a fresh process: it trains with the tiny config and, if asked, SIGKILLs itself
