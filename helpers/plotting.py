@@ -18,6 +18,7 @@ bare boxes.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -180,16 +181,22 @@ def show(fig: Figure, name: str | None = None, folder: str | os.PathLike | None 
     """Display `fig` in a notebook and, given a folder and a name, also save it as folder/name.png.
 
     The notebook saves its main figures into `images/` this way when it is executed for the repo
-    (YOLO_FIGURES=images), so README shows what the committed run really produced. Returns None, so a
-    cell ending in `show(...)` does not show the figure a second time."""
+    (YOLO_FIGURES=images), so README shows what the committed run really produced. The notebook gets
+    the figure at `dpi`, as a JPEG when it holds photos (a PNG of photos is several times larger; the
+    committed notebook must stay small) and as a PNG otherwise (sharp lines and text). Returns None,
+    so a cell ending in `show(...)` does not show the figure a second time."""
     if folder is not None and name:
         os.makedirs(folder, exist_ok=True)
         fig.savefig(os.path.join(folder, f"{name}.png"), dpi=dpi)
     try:
+        from IPython.display import Image as IPythonImage
         from IPython.display import display
     except ImportError:  # no IPython: saving was the point
         return
-    display(fig)
+    photos = any(ax.images for ax in fig.axes)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="jpeg" if photos else "png", dpi=dpi, pil_kwargs={"quality": 85} if photos else None)
+    display(IPythonImage(data=buffer.getvalue(), format="jpeg" if photos else "png"))
 
 
 # --- the model on examples --------------------------------------------------------------------

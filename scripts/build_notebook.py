@@ -74,7 +74,8 @@ if DATA_ROOT:
 for section, values in cfg.to_dict().items():
     print(f"{section:5s}", {k: v for k, v in values.items() if k != "classes"})"""),
     ("md", "## 3. Data\nTraining samples with and without mosaic (boxes drawn from the targets), and the class counts."),
-    ("code", """from collections import Counter
+    ("code", """import warnings
+from collections import Counter
 import matplotlib.pyplot as plt
 from helpers.datamodule import YOLODataModule
 from helpers.dataset import YOLODataset as TrainDataset
@@ -88,8 +89,10 @@ print(f"data: {datamodule.root}; {len(train_set)} training images, {len(val_set)
 counts = Counter(int(c) for r in train_set.records for c in r.labels)
 print({cfg.data.classes[c]: n for c, n in sorted(counts.items())})
 size = cfg.data.image_size
-plain = TrainDataset(train_set.root, cfg.data.train_split, size, mosaic=0.0, records=train_set.records)
-mosaic = TrainDataset(train_set.root, cfg.data.train_split, size, mosaic=1.0, records=train_set.records)
+with warnings.catch_warnings():  # mosaic 0 and 1 here only to show both kinds of sample
+    warnings.simplefilter("ignore")
+    plain = TrainDataset(train_set.root, cfg.data.train_split, size, mosaic=0.0, records=train_set.records)
+    mosaic = TrainDataset(train_set.root, cfg.data.train_split, size, mosaic=1.0, records=train_set.records)
 fig, axes = plt.subplots(2, 4, figsize=(12, 6))
 for k, ax in enumerate(axes.flat):
     image, boxes = (plain if k < 4 else mosaic)[(k % 4, size)]
@@ -152,12 +155,13 @@ show(plot_pr_curves(report["curves"], cfg.data.classes), "pr_curves", FIGURES)""
     ("code", """from helpers.cam import detect_and_explain
 from helpers.plotting import mistakes_on, plot_cam_overlays, plot_examples, plot_worst_mistakes
 
-show(plot_examples(model, val_set, cfg.data.classes, n=4, conf_threshold=0.3), "detections", FIGURES)
+conf = 0.05 if SMOKE else 0.3  # the smoke run's model is barely trained: its scores stay low
+show(plot_examples(model, val_set, cfg.data.classes, n=4, conf_threshold=conf), "detections", FIGURES)
 for index in range(2):
     image, _, meta = val_set[index]
-    detections, cams = detect_and_explain(model, image, conf_threshold=0.3, top_k=3, min_detections=1)
+    detections, cams = detect_and_explain(model, image, conf_threshold=conf, top_k=3, min_detections=1)
     show(plot_cam_overlays(image, cams, detections, cfg.data.classes), f"gradcam_{index}", FIGURES)
-images, mistakes = mistakes_on(model, val_set, n=32, conf_threshold=0.3, k=3)
+images, mistakes = mistakes_on(model, val_set, n=32, conf_threshold=conf, k=3)
 show(plot_worst_mistakes(model, images, mistakes, cfg.data.classes), "worst_mistakes", FIGURES)"""),
     ("md", "## 10. Export for the app\nA bundle the Gradio app loads: `model.safetensors` + `config.json` (classes, anchors, metrics)."),
     ("code", """from helpers.export import export_checkpoint
