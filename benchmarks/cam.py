@@ -95,7 +95,6 @@ def main() -> None:
         (f"Grad-CAM++ x{k}, from the capture", t_cams["gradcam++"]),
         (f"EigenCAM x{k}, from the capture", t_cams["eigencam"]),
         (f"capture + Grad-CAM x{k} (image to maps)", t_cold),
-        (f"capture + Grad-CAM x{k} + detect, as the app does it", t_capture + t_cams["gradcam"]),
         (f"plain pytorch-grad-cam, whole model x{k}", t_library),
     ]
     for name, t in rows_out:
