@@ -225,15 +225,10 @@ def _examples(data, n: int):
     return torch.stack(images), truths
 
 
-def plot_examples(model: torch.nn.Module, data, class_names: Sequence[str] = VOC_CLASSES, n: int = 4,
-                  conf_threshold: float = 0.5, iou_threshold: float = 0.45, ncols: int = 2,
-                  device: str | torch.device | None = None) -> Figure:
-    """The model's detections on a few examples (the course's `plot_couple_of_examples`).
-
-    data: a dataset (items (image [3,S,S], boxes [n,5] class cx cy w h normalised, ...)), a collated
-    batch (images [B,3,S,S], boxes [N,6] image index first, ...) or images [B,3,S,S]. Ground truth,
-    where known, is drawn dashed white. The model's train/eval mode is restored afterwards.
-    """
+def _detect_examples(model: torch.nn.Module, data, n: int, conf_threshold: float, iou_threshold: float,
+                     device) -> tuple[torch.Tensor, list, list[torch.Tensor], int]:
+    """(images, truths as `_examples` gives them, detections per image on the CPU, class count): the
+    model run in eval mode without gradients, its train/eval mode restored afterwards."""
     from .postprocess import detect
 
     images, truths = _examples(data, n)
@@ -245,7 +240,20 @@ def plot_examples(model: torch.nn.Module, data, class_names: Sequence[str] = VOC
             outputs = model(images.to(device))
     finally:
         model.train(was_training)
-    dets = detect(outputs, tuple(images.shape[-2:]), conf_threshold, iou_threshold)
+    dets = [d.cpu() for d in detect(outputs, tuple(images.shape[-2:]), conf_threshold, iou_threshold)]
+    return images, truths, dets, outputs[0].shape[-1] - 5
+
+
+def plot_examples(model: torch.nn.Module, data, class_names: Sequence[str] = VOC_CLASSES, n: int = 4,
+                  conf_threshold: float = 0.5, iou_threshold: float = 0.45, ncols: int = 2,
+                  device: str | torch.device | None = None) -> Figure:
+    """The model's detections on a few examples (the course's `plot_couple_of_examples`).
+
+    data: a dataset (items (image [3,S,S], boxes [n,5] class cx cy w h normalised, ...)), a collated
+    batch (images [B,3,S,S], boxes [N,6] image index first, ...) or images [B,3,S,S]. Ground truth,
+    where known, is drawn dashed white. The model's train/eval mode is restored afterwards.
+    """
+    images, truths, dets, _ = _detect_examples(model, data, n, conf_threshold, iou_threshold, device)
     rows = math.ceil(len(images) / ncols)
     fig, axes = _figure(rows, min(ncols, len(images)))
     for k, ax in enumerate(axes):
@@ -530,24 +538,12 @@ def mistakes_on(model: torch.nn.Module, data, n: int = 32, conf_threshold: float
     (images [n,3,S,S], `find_mistakes` of their detections against their boxes), ready for
     `plot_worst_mistakes`. Boxes in input pixels. A plain dataset leaves difficult objects out of its
     boxes (`keep_difficult`), so a detection of one counts as a false positive here."""
-    from .postprocess import detect
-
-    images, truths = _examples(data, n)
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            outputs = model(images.to(device))
-    finally:
-        model.train(was_training)
-    dets = [d.cpu() for d in detect(outputs, tuple(images.shape[-2:]), conf_threshold, iou_threshold)]
+    images, truths, dets, num_classes = _detect_examples(model, data, n, conf_threshold, iou_threshold, device)
     gts = []
     for t in truths:
         t = np.zeros((0, 5)) if t is None else t
         gts.append({"boxes": torch.as_tensor(t[:, :4], dtype=torch.float32),
                     "labels": torch.as_tensor(t[:, 4].round(), dtype=torch.int64)})
-    num_classes = outputs[0].shape[-1] - 5
     return images, find_mistakes(dets, gts, conf_threshold, 0.5, k, num_classes)
 
 
