@@ -45,19 +45,28 @@ PROVIDED = {"gradio", "gradio_client"}
 
 
 # --- what the app needs ---------------------------------------------------------------------------
+def _catches_import_error(handler: ast.ExceptHandler) -> bool:
+    types = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+    return any(isinstance(t, ast.Name) and t.id in ("ImportError", "ModuleNotFoundError") for t in types)
+
+
 def _imports(path: Path, lazy_helpers: bool) -> tuple[set[str], set[str]]:
     """(helpers modules, third-party top-level modules) that `path` imports.
 
-    Third-party imports count wherever they are (a superset is harmless in requirements.txt);
-    helpers modules imported inside functions count only with `lazy_helpers` (for the app itself):
-    inside helpers they are training-side extras (e.g. export's checkpoint reader, which brings
-    Lightning), and the test that runs the built Space catches any the app really needs.
+    Third-party imports count wherever they are (a superset is harmless in requirements.txt), except
+    optional ones, tried under `except ImportError` (e.g. IPython for notebook display); helpers
+    modules imported inside functions count only with `lazy_helpers` (for the app itself): inside
+    helpers they are training-side extras (e.g. export's checkpoint reader, which brings Lightning), and the test that runs the built Space catches any the app really needs.
     """
     helpers, external = set(), set()
     tree = ast.parse(path.read_text(), filename=str(path))
     in_functions = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
                     for n in ast.walk(f) if n is not f}
+    optional = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) and any(_catches_import_error(h) for h in t.handlers)
+                for stmt in t.body for n in ast.walk(stmt)}
     for node in ast.walk(tree):
+        if id(node) in optional:
+            continue
         names: set[str] = set()
         if isinstance(node, ast.ImportFrom):
             parts = (node.module or "").split(".")

@@ -302,6 +302,15 @@ def test_app_requirements_file_is_what_the_space_builder_derives():
     assert (ROOT / "app" / "requirements.txt").read_text() == requirements(app_modules()[1])
 
 
+def test_optional_imports_do_not_become_space_requirements(tmp_path):
+    from helpers.space import _imports
+
+    module = tmp_path / "m.py"
+    module.write_text("import numpy\ndef show():\n    try:\n        from IPython.display import display\n"
+                      "    except ImportError:\n        return\n    import scipy\n")
+    assert _imports(module, lazy_helpers=False)[1] == {"numpy", "scipy"}
+
+
 def test_app_readme_has_the_spaces_front_matter():
     import gradio
 
