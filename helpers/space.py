@@ -56,7 +56,8 @@ def _imports(path: Path, lazy_helpers: bool) -> tuple[set[str], set[str]]:
     Third-party imports count wherever they are (a superset is harmless in requirements.txt), except
     optional ones, tried under `except ImportError` (e.g. IPython for notebook display); helpers
     modules imported inside functions count only with `lazy_helpers` (for the app itself): inside
-    helpers they are training-side extras (e.g. export's checkpoint reader, which brings Lightning), and the test that runs the built Space catches any the app really needs.
+    helpers they are training-side extras (e.g. export's checkpoint reader, which brings Lightning),
+    and the test that runs the built Space catches any the app really needs.
     """
     helpers, external = set(), set()
     tree = ast.parse(path.read_text(), filename=str(path))
