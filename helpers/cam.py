@@ -48,7 +48,7 @@ from torch import nn
 
 from .boxes import wh_iou
 from .config import ANCHORS
-from .model import ResidualBlock, ScalePrediction, Upsample, YOLOv3
+from .model import ScalePrediction, Upsample, YOLOv3, is_route
 
 SCORES = ("log", "prob")
 
@@ -181,33 +181,15 @@ class _Plan:
     @classmethod
     def of(cls, model: YOLOv3) -> _Plan:
         pred, after, stack = [], [], []
-        for i, layer in enumerate(model.layers):  # the same rules as YOLOv3.forward
+        for i, layer in enumerate(model.layers):  # the route rules of YOLOv3.run_layers
             if isinstance(layer, ScalePrediction):
                 pred.append(i)
-            elif isinstance(layer, ResidualBlock) and layer.repeats == 8:
+            elif is_route(layer):
                 stack.append(i)
             elif isinstance(layer, Upsample):
                 stack.pop()
             after.append(tuple(stack))
         return cls(pred, after, {i for s in after for i in s})
-
-
-def _run(model: YOLOv3, plan: _Plan, x: torch.Tensor, start: int, stop: int, routes: list[torch.Tensor],
-         outputs: dict[int, torch.Tensor], keep: set[int] = frozenset(), states: dict | None = None) -> None:
-    """Steps start+1 .. stop of `model.layers` on x (the output of step `start`), as YOLOv3.forward runs
-    them; predictions go into outputs[scale], the outputs of the steps in `keep` into states."""
-    for i in range(start + 1, stop + 1):
-        layer = model.layers[i]
-        if isinstance(layer, ScalePrediction):
-            outputs[plan.pred_index.index(i)] = layer(x)
-            continue
-        x = layer(x)
-        if isinstance(layer, ResidualBlock) and layer.repeats == 8:
-            routes.append(x)
-        elif isinstance(layer, Upsample):
-            x = torch.cat([x, routes.pop()], dim=1)
-        if i in keep and states is not None:
-            states[i] = x
 
 
 def prediction_features(model: YOLOv3) -> list[nn.Module]:
@@ -249,11 +231,10 @@ def capture(model: YOLOv3, image: torch.Tensor, target_layers: Sequence[nn.Modul
     plan = _Plan.of(model)
     layers = prediction_features(model) + list(model.head_inputs) + list(target_layers or [])
     keep = set(plan.route_steps) | _starts(model, layers)
-    outputs: dict[int, torch.Tensor] = {}
     states: dict[int, torch.Tensor] = {}
     with _untouched(model), torch.no_grad():
         model.eval()
-        _run(model, plan, x, -1, len(model.layers) - 1, [], outputs, keep, states)
+        outputs = model.run_layers(x, keep=keep, states=states)
     return Capture(x, [outputs[s] for s in range(len(plan.pred_index))], states)
 
 
@@ -277,8 +258,7 @@ class _Tail(nn.Module):
         k = x.shape[0]
         routes = [self.cap.states[i].expand(k, -1, -1, -1) for i in self.plan.routes_after[self.start]] \
             if self.start >= 0 else []
-        outputs: dict[int, torch.Tensor] = {}
-        _run(self.model, self.plan, x, self.start, self.stop, routes, outputs)
+        outputs = self.model.run_layers(x, self.start, self.stop, routes)
         full = [outputs.get(s, o.expand(k, *o.shape[1:])) for s, o in enumerate(self.cap.outputs)]
         return flatten_outputs(full)
 

@@ -12,7 +12,7 @@ Output of `forward(x [B,3,H,W])`, H and W multiples of 32: a list of 3 raw tenso
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 
 import torch
 from torch import nn
@@ -93,6 +93,12 @@ class Upsample(nn.Module):
         return self.up(x)
 
 
+def is_route(layer: nn.Module) -> bool:
+    """A backbone stage whose output the head concatenates back after an upsample (the 8-block
+    residual stages at strides 8 and 16)."""
+    return isinstance(layer, ResidualBlock) and layer.repeats == 8
+
+
 def _scaled(c: int, width: float) -> int:
     """Channels at a width multiplier: a multiple of 8, at least 8 (1.0 leaves them as they are)."""
     return c if width == 1.0 else max(8, int(round(c * width / 8)) * 8)
@@ -125,16 +131,36 @@ class YOLOv3(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if x.shape[-1] % 32 or x.shape[-2] % 32:
             raise ValueError(f"input height and width must be multiples of 32, got {tuple(x.shape[-2:])}")
-        outputs, routes = [], []
-        for layer in self.layers:
+        outputs = self.run_layers(x)
+        return [outputs[s] for s in range(len(outputs))]
+
+    def run_layers(self, x: torch.Tensor, start: int = -1, stop: int | None = None,
+                   routes: list[torch.Tensor] | None = None, keep: Container[int] = (),
+                   states: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+        """Steps start+1 .. stop of `self.layers` (all of them by default) on x, the output of step
+        `start` (the image for -1), as `forward` runs them; a part of the network for Grad-CAM.
+
+        routes: the route stack at `start` (outputs of route steps, see `is_route`, not yet joined
+        by an upsample; consumed). The outputs of the steps in `keep` are stored in `states`.
+        Returns the predictions made, {scale index (0 = coarse): [B, 3, S_h, S_w, 5+C]}.
+        """
+        stop = len(self.layers) - 1 if stop is None else stop
+        routes = [] if routes is None else routes
+        scale = sum(isinstance(m, ScalePrediction) for m in self.layers[: start + 1])
+        outputs = {}
+        for i in range(start + 1, stop + 1):
+            layer = self.layers[i]
             if isinstance(layer, ScalePrediction):
-                outputs.append(layer(x))
+                outputs[scale] = layer(x)
+                scale += 1
                 continue
             x = layer(x)
-            if isinstance(layer, ResidualBlock) and layer.repeats == 8:
+            if is_route(layer):
                 routes.append(x)
             elif isinstance(layer, Upsample):
                 x = torch.cat([x, routes.pop()], dim=1)
+            if i in keep:
+                states[i] = x
         return outputs
 
     @property
