@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from pathlib import Path
@@ -36,20 +37,30 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names the file and the problem."""
 
 
-def read_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) as stored, from the file's header only (no decode)."""
-    path = Path(path)
+@contextlib.contextmanager
+def _opened(path: Path, problem: str):
+    """PIL's lazy open of `path` (the header only, until `load`); any failure in the block, here or
+    in the caller's decode, becomes an ImageError naming the file and `problem`."""
     if not path.is_file():
         raise ImageError(f"{path}: image file not found")
     try:
         with warnings.catch_warnings():
+            # Our own pixel cap (read_image) replaces PIL's decompression-bomb warning.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                return im.size
+                yield im
+    except ImageError:
+        raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"{path}: far too many pixels to decode ({e})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path}: not a readable image ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, cv2.error) as e:
+        raise ImageError(f"{path}: {problem} ({e})") from None
+
+
+def read_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) as stored, from the file's header only (no decode)."""
+    with _opened(Path(path), "not a readable image") as im:
+        return im.size
 
 
 def read_image(path: str | Path, max_side: int = MAX_SIDE, with_scale: bool = False):
@@ -60,29 +71,17 @@ def read_image(path: str | Path, max_side: int = MAX_SIDE, with_scale: bool = Fa
     holds the full image), never below `max_side` on its longest side.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: image file not found")
-    try:
-        with warnings.catch_warnings():
-            # Our own pixel cap below replaces PIL's decompression-bomb warning.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                if im.format == "JPEG" and im.mode in ("RGB", "L"):
-                    array, factor = _decode_jpeg(path, max(w, h), max_side)
-                else:
-                    if w * h > MAX_PIXELS:
-                        raise ImageError(f"{path}: {w}x{h} {im.format} is more pixels than this project decodes "
-                                         f"in full ({MAX_PIXELS:,}); convert it to JPEG or shrink it")
-                    im.load()
-                    reduced, factor = _reduce(im, max_side)
-                    array = _to_rgb(reduced)
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: far too many pixels to decode ({e})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, cv2.error) as e:
-        raise ImageError(f"{path}: cannot decode image ({e})") from None
+    with _opened(path, "cannot decode image") as im:
+        w, h = im.size
+        if im.format == "JPEG" and im.mode in ("RGB", "L"):
+            array, factor = _decode_jpeg(path, max(w, h), max_side)
+        else:
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"{path}: {w}x{h} {im.format} is more pixels than this project decodes "
+                                 f"in full ({MAX_PIXELS:,}); convert it to JPEG or shrink it")
+            im.load()
+            reduced, factor = _reduce(im, max_side)
+            array = _to_rgb(reduced)
     # Reductions keep whole source blocks (the last one partial), so the map is exactly 1/factor and
     # the decoded size is ceil(stored / factor) on each axis: see `decoded_size`.
     scale = 1.0 / factor
