@@ -52,6 +52,49 @@ from torchmetrics import Metric
 METHODS = ("voc07", "all")
 
 
+# --------------------------------------------------------------------------- collecting over ranks
+class DetectionsAndTruths(Metric):
+    """Collects detections and ground truths over the validation set, gathered across ranks.
+
+    Stored flat with a global image id so torchmetrics can concatenate them across processes.
+    """
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("dets", default=[], dist_reduce_fx="cat")  # [K, 7] id, x1, y1, x2, y2, score, cls
+        self.add_state("gts", default=[], dist_reduce_fx="cat")  # [G, 7] id, x1, y1, x2, y2, label, difficult
+        self.add_state("images", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, detections: list[torch.Tensor], truths: list[dict], image_ids: torch.Tensor) -> None:
+        for d, t, i in zip(detections, truths, image_ids.tolist()):
+            self.dets.append(torch.cat([d.new_full((len(d), 1), i), d.float()], 1))
+            boxes = t["boxes"].to(self.device, torch.float32).reshape(-1, 4)
+            gt = torch.cat([boxes.new_full((len(boxes), 1), i), boxes,
+                            t["labels"].to(boxes).reshape(-1, 1), t["difficult"].to(boxes).reshape(-1, 1)], 1)
+            self.gts.append(gt)
+        self.images += len(detections)
+
+    def compute(self) -> tuple[list[torch.Tensor], list[dict]]:
+        """Per image (in id order): detections [K,6] and ground-truth dicts, as `voc_map` takes them."""
+        dets = _cat(self.dets, 7).cpu()
+        gts = _cat(self.gts, 7).cpu()
+        ids = torch.unique(torch.cat([dets[:, 0], gts[:, 0]]))
+        per_det, per_gt = [], []
+        for i in ids.tolist():
+            per_det.append(dets[dets[:, 0] == i, 1:])
+            g = gts[gts[:, 0] == i]
+            per_gt.append({"boxes": g[:, 1:5], "labels": g[:, 5].long(), "difficult": g[:, 6].bool()})
+        return per_det, per_gt
+
+
+def _cat(state, width: int) -> torch.Tensor:
+    if isinstance(state, torch.Tensor):
+        return state.reshape(-1, width)
+    return torch.cat(state) if state else torch.zeros(0, width)
+
+
 # --------------------------------------------------------------------------- course accuracies
 class YoloAccuracy(Metric):
     """The course's class / no-object / object accuracies as ratios of sums over the whole set.
