@@ -46,8 +46,14 @@ FIGURES = os.environ.get("YOLO_FIGURES")  # a folder to also save the main figur
 
 IN_COLAB = "google.colab" in sys.modules
 IN_KAGGLE = "KAGGLE_KERNEL_RUN_TYPE" in os.environ
+REPO_URL = os.environ.get("YOLO_REPO_URL", "")  # on Colab/Kaggle: this project's git URL (cloned if needed)
 if not Path("helpers").is_dir():
-    raise SystemExit("Run this notebook from the repository's root folder (it imports helpers/).")
+    if (IN_COLAB or IN_KAGGLE) and REPO_URL:
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "yolov3-lightning"], check=True)
+        os.chdir("yolov3-lightning")
+    else:
+        raise SystemExit("Run this notebook from the repository's root folder (it imports helpers/); "
+                         "on Colab/Kaggle set REPO_URL above to have it cloned.")
 if IN_COLAB or IN_KAGGLE:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
 if IN_COLAB:
