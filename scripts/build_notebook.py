@@ -118,12 +118,14 @@ for out, stride in zip(outputs, (32, 16, 8)):
     ("code", """from helpers.lr_finder import find_lr
 from helpers.module import YOLOModule
 from helpers.train import SCHEDULE_FILE
+from helpers.utils import seed_everything
 
 Path(RUN_DIR).mkdir(parents=True, exist_ok=True)
 if (Path(RUN_DIR) / SCHEDULE_FILE).exists():
     print("a schedule already exists for this run (a resume): keeping its max LR")
     max_lr = None
 else:
+    seed_everything(cfg.train.seed)  # the same initial weights and batches on every execution
     probe = YOLOModule(cfg.to_dict())
     result = find_lr(probe.model, probe.configure_optimizers(), datamodule.train_dataloader(), num_iter=100,
                      device="cuda" if torch.cuda.is_available() else "cpu", amp=torch.cuda.is_available())
