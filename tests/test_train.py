@@ -88,6 +88,23 @@ def test_the_lr_finder_leaves_model_and_optimizer_exactly_as_they_were(voc):
     assert result.max_lr is None or min(result.lrs) <= result.max_lr <= result.steepest
 
 
+@pytest.mark.slow
+def test_lr_find_writes_its_plot_and_the_schedule_peaks_at_the_lr_it_chose(voc, tmp_path, monkeypatch):
+    import helpers.lr_finder as lr_finder
+    from helpers.schedule import Schedule
+    from helpers.train import train
+
+    chosen = []
+    real = lr_finder.find_lr
+    monkeypatch.setattr(lr_finder, "find_lr", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
+    train(tiny_config(voc, tmp_path / "run", epochs=1), lr_find=True)
+    assert (tmp_path / "run" / "lr_finder.png").stat().st_size > 0
+    schedule = Schedule.read(tmp_path / "run" / "schedule.txt")
+    assert chosen[0].max_lr is not None
+    assert schedule.spec.max_lr == pytest.approx(chosen[0].max_lr)
+    assert 0.5 * chosen[0].max_lr < max(schedule.lrs) <= chosen[0].max_lr * (1 + 1e-6)  # peak between two steps
+
+
 def range_test_curve(noise: float = 0.0):
     """100 LRs over 1e-7..1: the loss falls fastest at 1e-3 (a tanh step), bottoms out at 1e-1 and
     then blows up, as a range test's does."""
