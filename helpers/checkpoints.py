@@ -160,7 +160,8 @@ def find_latest(folder: str | os.PathLike) -> Path | None:
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[YOLOv3, Config]:
-    """A YOLOv3 (eval mode) and its Config, from a Lightning checkpoint or an export bundle folder."""
+    """A YOLOv3 (eval mode, on `map_location`) and its Config, from a Lightning checkpoint or an export
+    bundle folder."""
     path = Path(path)
     if path.is_dir():
         from .export import load_bundle
@@ -179,4 +180,4 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise ValueError(f"{path}: not a checkpoint of helpers.train (missing {e})") from None
     model = build_model(config.model)
     model.load_state_dict(state)
-    return model.eval(), config
+    return model.to(map_location).eval(), config

@@ -68,6 +68,7 @@ else:
 import torch
 SMOKE = (not torch.cuda.is_available()) if SMOKE == "auto" else SMOKE == "1"
 where = "Colab" if IN_COLAB else "Kaggle" if IN_KAGGLE else "local"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
 print(f"{where}, {gpu}, torch {torch.__version__}; smoke mode: {SMOKE}; run folder: {RUN_DIR}")"""),
     ("md", "## 2. Configuration\nThe course's settings in one dataclass (smoke mode: the small embedded config)."),
@@ -128,7 +129,7 @@ else:
     seed_everything(cfg.train.seed)  # the same initial weights and batches on every execution
     probe = YOLOModule(cfg.to_dict())
     result = find_lr(probe.model, probe.configure_optimizers(), datamodule.train_dataloader(), num_iter=100,
-                     device="cuda" if torch.cuda.is_available() else "cpu", amp=torch.cuda.is_available())
+                     device=DEVICE, amp=DEVICE == "cuda")
     max_lr = result.max_lr or cfg.train.max_lr
     show(result.figure, "lr_finder", FIGURES)
     print(f"steepest descent at {result.steepest:.3g}; max LR used {max_lr:.3g} "
@@ -154,7 +155,7 @@ from helpers.evaluate import evaluate, format_report
 from helpers.plotting import plot_pr_curves, plot_training_curves
 
 show(plot_training_curves(summary["logs"]), "training_curves", FIGURES)
-model, _ = load_model(find_latest(Path(RUN_DIR) / "checkpoints"))
+model, _ = load_model(find_latest(Path(RUN_DIR) / "checkpoints"), map_location=DEVICE)
 datamodule.setup("test")
 report = evaluate(model, datamodule.test_dataloader(), cfg, progress=False)
 print(format_report(report))

@@ -28,6 +28,8 @@ def test_16_mixed_training_has_a_finite_loss_and_checkpoints_load_on_cpu(tmp_pat
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
     with torch.no_grad():
         assert all(torch.isfinite(o).all() for o in model(torch.rand(1, 3, 128, 128)))
+    on_gpu, _ = load_model(find_latest(tmp_path / "run" / "checkpoints"), map_location="cuda")
+    assert {p.device.type for p in on_gpu.parameters()} == {"cuda"}  # the notebook evaluates there
 
 
 def test_the_loss_is_fp32_and_finite_under_cuda_fp16_autocast():
