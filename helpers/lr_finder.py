@@ -8,8 +8,9 @@ with a centred moving average (no lag); the max LR used is the steepest descent 
 capped at a tenth of the LR of its minimum (fastai's "minimum / 10" rule), so it is always on the
 falling part, a decade short of where the loss turns up. On the embedded default (width 0.25,
 generated shapes) the trailing-average curve of a 30-iteration test pointed at 1.1e-2, and 8 epochs
-there reached mAP@0.5 0.06; the centred curve of a 100-iteration test gives 2.4e-3 (steepest
-descent 3.9e-3, capped), where 8 epochs reach 0.24 (0.28 at the embedded default's 2e-3).
+there reached mAP@0.5 0.06; the centred curve of a 100-iteration test from one random init gave
+2.4e-3 (steepest descent 3.9e-3, capped), where 8 epochs reach 0.24 (0.28 at the embedded
+default's 2e-3; the notebook's seeded test picks 2.0e-3).
 Use at least ~100 iterations: with 30 the curve has 4 points per decade and no reliable slope.
 """
 from __future__ import annotations
@@ -54,20 +55,21 @@ class LRFinderResult:
     max_lr: float | None  # the LR to train with: steepest, capped at (LR of the minimum) / 10
     figure: Figure
 
-    @property
-    def suggestion(self) -> float | None:
-        return self.max_lr
-
 
 def read_curve(lrs, losses, window: int | None = None, skip_start: int = 0, skip_end: int = 0):
     """(smoothed losses, steepest LR, max LR) from a range test's raw curve (see the module docstring).
 
     window: the centred moving average's width in iterations (odd; default ~len/10, at least 3);
     skip_start / skip_end: iterations left out of the search at either end (the loss is still
-    settling at the start, and a last diverging point can be anything). Steepest and max LR are None
-    when fewer than 3 points remain.
+    settling at the start, and a last diverging point can be anything). The curve ends at its first
+    non-finite loss (fp16 overflow near the top of the range). Steepest and max LR are None when
+    fewer than 3 points remain, or when the loss never falls (by at least 1% of where it starts):
+    then the range test says nothing, and the caller keeps its configured LR.
     """
     lrs, raw = np.asarray(lrs, float), np.asarray(losses, float)
+    bad = np.flatnonzero(~np.isfinite(raw))
+    if len(bad):
+        lrs, raw = lrs[: bad[0]], raw[: bad[0]]
     n = len(raw)
     if n == 0:
         return [], None, None
@@ -79,9 +81,20 @@ def read_curve(lrs, losses, window: int | None = None, skip_start: int = 0, skip
     if hi - lo < 3:
         return smooth.tolist(), None, None
     lowest = lo + int(np.argmin(smooth[lo:hi]))
+    if smooth[lo] - smooth[lowest] < 0.01 * abs(smooth[lo]):
+        return smooth.tolist(), None, None
     slope = np.gradient(smooth, np.log(lrs))
     steepest = lrs[lo + int(np.argmin(slope[lo:lowest + 1]))]
     return smooth.tolist(), float(steepest), float(min(steepest, lrs[lowest] / 10))
+
+
+def describe_choice(result: LRFinderResult) -> str:
+    """How the max LR was chosen, in words (for logs)."""
+    if result.max_lr is None:
+        return "no suggestion: too few points, or the loss never fell"
+    if result.max_lr < result.steepest:
+        return f"steepest descent {result.steepest:.3g}, capped at a tenth of the lowest loss's LR"
+    return "the steepest descent of the smoothed loss"
 
 
 def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_loader, loss: YoloLoss | None = None,
@@ -93,9 +106,10 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_load
         amp_kwargs = {"amp_backend": "torch", "amp_config": {"device_type": "cuda", "dtype": torch.float16}}
     finder = LRFinder(model, optimizer, _TargetsThenLoss(loss or YoloLoss()), device=device, **amp_kwargs)
     try:
-        # smooth_f=0: raw losses (the trailing average lags, see the module docstring)
+        # smooth_f=0: raw losses (the trailing average lags, see the module docstring); a single raw
+        # batch loss is noisier than the average, so "diverged" needs 10x the best, not 5x.
         finder.range_test(_YoloBatches(train_loader), start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
-                          smooth_f=0.0)
+                          smooth_f=0.0, diverge_th=10)
     finally:
         finder.reset()
     from .plotting import plot_lr_finder

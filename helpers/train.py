@@ -146,7 +146,7 @@ def prepare_schedule(cfg: Config, run_dir: Path, steps_per_epoch: int, dataset_l
 
 
 def run_lr_finder(cfg: Config, datamodule, run_dir: Path) -> float:
-    from .lr_finder import find_lr
+    from .lr_finder import describe_choice, find_lr
 
     module = YOLOModule(cfg.to_dict())
     optimizer = module.configure_optimizers()
@@ -155,10 +155,10 @@ def run_lr_finder(cfg: Config, datamodule, run_dir: Path) -> float:
                      device="cuda" if torch.cuda.is_available() else "cpu", amp=torch.cuda.is_available())
     result.figure.savefig(run_dir / "lr_finder.png", dpi=100)
     if result.max_lr is None:
-        print(f"LR finder: no suggestion (too few points); keeping max LR {cfg.train.max_lr:.3g}")
+        print(f"LR finder: no suggestion (too few points, or the loss never fell); keeping max LR "
+              f"{cfg.train.max_lr:.3g}")
         return cfg.train.max_lr
-    print(f"LR finder: max LR {result.max_lr:.3g} (steepest descent {result.steepest:.3g}, capped at a tenth of "
-          f"the lowest loss's LR); plot: {run_dir / 'lr_finder.png'}")
+    print(f"LR finder: max LR {result.max_lr:.3g} ({describe_choice(result)}); plot: {run_dir / 'lr_finder.png'}")
     return result.max_lr
 
 

@@ -49,7 +49,8 @@ IN_KAGGLE = "KAGGLE_KERNEL_RUN_TYPE" in os.environ
 REPO_URL = os.environ.get("YOLO_REPO_URL", "")  # on Colab/Kaggle: this project's git URL (cloned if needed)
 if not Path("helpers").is_dir():
     if (IN_COLAB or IN_KAGGLE) and REPO_URL:
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "yolov3-lightning"], check=True)
+        if not Path("yolov3-lightning").is_dir():  # a restarted session finds the earlier clone
+            subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "yolov3-lightning"], check=True)
         os.chdir("yolov3-lightning")
     else:
         raise SystemExit("Run this notebook from the repository's root folder (it imports helpers/); "
@@ -116,7 +117,7 @@ print(f"{count_parameters(model):,} parameters (width {cfg.model.width})")
 for out, stride in zip(outputs, (32, 16, 8)):
     print(f"stride {stride:2d}: {tuple(out.shape)}  [batch, anchor, row, column, obj+box+{cfg.model.num_classes} classes]")"""),
     ("md", "## 5. LR range test\ntorch-lr-finder on the real training loader; the model and optimizer are restored afterwards. The max LR used is the steepest descent of the (lag-free) smoothed loss, capped a decade below its minimum."),
-    ("code", """from helpers.lr_finder import find_lr
+    ("code", """from helpers.lr_finder import describe_choice, find_lr
 from helpers.module import YOLOModule
 from helpers.train import SCHEDULE_FILE
 from helpers.utils import seed_everything
@@ -132,8 +133,7 @@ else:
                      device=DEVICE, amp=DEVICE == "cuda")
     max_lr = result.max_lr or cfg.train.max_lr
     show(result.figure, "lr_finder", FIGURES)
-    print(f"steepest descent at {result.steepest:.3g}; max LR used {max_lr:.3g} "
-          "(capped at a tenth of the lowest loss's LR, see helpers/lr_finder.py)")"""),
+    print(f"max LR used: {max_lr:.3g} ({describe_choice(result)}; see helpers/lr_finder.py)")"""),
     ("md", "## 6. The OneCycle schedule, precomputed and saved\nOne LR per optimizer step, in a text file next to the checkpoints; training and every resume read it by step."),
     ("code", """from helpers.plotting import plot_schedule
 from helpers.train import prepare_schedule

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -141,6 +142,23 @@ def test_the_max_lr_is_capped_a_decade_below_the_loss_minimum():
     assert 1e-3 <= lowest <= 3.2e-3  # the smoothed curve's minimum, where it turns up
     assert max_lr == pytest.approx(lowest / 10) and max_lr < steepest
     assert read_curve(lrs[:2], loss[:2])[1:] == (None, None)  # too few points: no suggestion
+
+
+def test_a_range_test_that_never_falls_or_turns_nan_gives_no_lr_below_or_beyond_its_evidence():
+    from helpers.lr_finder import describe_choice, read_curve
+
+    lrs, loss = range_test_curve()
+    assert read_curve(lrs, np.linspace(10, 50, 100))[1:] == (None, None)  # only rises
+    assert read_curve(lrs, np.full(100, 10.0))[1:] == (None, None)  # flat
+    clean = read_curve(lrs, loss)[1:]
+    late_nan = loss.copy()
+    late_nan[85:] = np.nan  # fp16 overflow past the minimum: the curve ends there, the answer stands
+    assert read_curve(lrs, late_nan)[1:] == pytest.approx(clean)
+    early_nan = loss.copy()
+    early_nan[20] = np.nan  # a NaN before anything fell: nothing to read
+    assert read_curve(lrs, early_nan)[1:] == (None, None)
+    assert "steepest descent of the smoothed loss" in describe_choice(SimpleNamespace(max_lr=1e-3, steepest=1e-3))
+    assert "capped" in describe_choice(SimpleNamespace(max_lr=1e-4, steepest=1e-3))
 
 
 # A driver run in a fresh process: it trains with the tiny config and, if asked, SIGKILLs itself
