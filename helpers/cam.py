@@ -50,7 +50,7 @@ from .boxes import wh_iou
 from .config import ANCHORS
 from .model import ScalePrediction, Upsample, YOLOv3, is_route
 
-SCORES = ("log", "prob")
+SCORES = ("log", "prob", "against")
 
 
 # --- flat indices -----------------------------------------------------------------------------
@@ -153,7 +153,11 @@ class DetectionTarget:
     """pytorch-grad-cam target: the score of row `index`, class `cls`, of one image's flat output [N, 5+C].
 
     score "log": log(sigmoid(obj) * softmax(class)[cls]) (default; see the module docstring);
-    "prob": sigmoid(obj) * softmax(class)[cls] itself (the same Grad-CAM map, a different Grad-CAM++).
+    "prob": sigmoid(obj) * softmax(class)[cls] itself (the same Grad-CAM map, a different Grad-CAM++);
+    "against": -log score, the counterfactual map of the Grad-CAM paper (Selvaraju et al., 2017):
+    where the features lowered the score. For a missed object the plain map is usually empty (the
+    score has no positive evidence, and Grad-CAM's ReLU zeroes the rest); this one shows what held
+    it down.
     """
 
     def __init__(self, index: int, cls: int, score: str = "log"):
@@ -164,6 +168,8 @@ class DetectionTarget:
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
         row = output[..., self.index, :]
         log_score = F.logsigmoid(row[..., 0]) + F.log_softmax(row[..., 5:], dim=-1)[..., self.cls]
+        if self.score == "against":
+            return -log_score
         return log_score if self.score == "log" else log_score.exp()
 
     def __repr__(self) -> str:

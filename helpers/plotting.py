@@ -189,9 +189,12 @@ def show(fig: Figure, name: str | None = None, folder: str | os.PathLike | None 
         os.makedirs(folder, exist_ok=True)
         fig.savefig(os.path.join(folder, f"{name}.png"), dpi=dpi)
     try:
+        from IPython import get_ipython
         from IPython.display import Image as IPythonImage
         from IPython.display import display
     except ImportError:  # no IPython: saving was the point
+        return
+    if get_ipython() is None:  # IPython installed, but this is a script, not a notebook
         return
     photos = any(ax.images for ax in fig.axes)
     buffer = io.BytesIO()
@@ -201,16 +204,18 @@ def show(fig: Figure, name: str | None = None, folder: str | os.PathLike | None 
 
 # --- the model on examples --------------------------------------------------------------------
 def _examples(data, n: int):
-    """(images [n,3,H,W] float, truths: list of [G,5] pixel boxes or None) from a dataset or batch."""
+    """(images [n,3,H,W] float, truths: list of [G,5] pixel boxes or None, metas: list of each item's
+    letterbox meta or None) from a dataset or batch."""
     if isinstance(data, torch.Tensor):
         images = data if data.dim() == 4 else data[None]
-        return images[:n], [None] * min(n, len(images))
+        return images[:n], [None] * min(n, len(images)), [None] * min(n, len(images))
     if isinstance(data, (tuple, list)) and len(data) >= 2 and isinstance(data[0], torch.Tensor) and data[0].dim() == 4:
         images, boxes = data[0][:n], data[1]  # a collated batch: images, boxes [N,6] (image index first)
         h, w = images.shape[-2:]
         truths = [yolo_to_pixels(boxes[boxes[:, 0] == i][:, 1:], h, w) for i in range(len(images))]
-        return images, truths
-    images, truths = [], []
+        metas = list(data[2][:n]) if len(data) > 2 and isinstance(data[2], (list, tuple)) else [None] * len(images)
+        return images, truths, metas
+    images, truths, metas = [], [], []
     for i in range(min(n, len(data))):
         item = data[i]
         if item is None:
@@ -218,20 +223,22 @@ def _examples(data, n: int):
         img, boxes = item[0], item[1]
         images.append(img)
         truths.append(yolo_to_pixels(boxes, img.shape[-2], img.shape[-1]))
+        metas.append(item[2] if len(item) > 2 and isinstance(item[2], Mapping) else None)
     if not images:
         raise ValueError("plot_examples: no readable sample among the first items of the dataset")
     if len({tuple(i.shape) for i in images}) > 1:
         raise ValueError("plot_examples: the dataset's images differ in size; pass one size (dataset[(i, size)])")
-    return torch.stack(images), truths
+    return torch.stack(images), truths, metas
 
 
 def _detect_examples(model: torch.nn.Module, data, n: int, conf_threshold: float, iou_threshold: float,
-                     device) -> tuple[torch.Tensor, list, list[torch.Tensor], int]:
-    """(images, truths as `_examples` gives them, detections per image on the CPU, class count): the
-    model run in eval mode without gradients, its train/eval mode restored afterwards."""
+                     device) -> tuple[torch.Tensor, list, list, list[torch.Tensor], list[torch.Tensor], int]:
+    """(images, truths and metas as `_examples` gives them, detections per image and their rows in the
+    raw output, on the CPU, class count): the model run in eval mode without gradients, its
+    train/eval mode restored afterwards."""
     from .postprocess import detect
 
-    images, truths = _examples(data, n)
+    images, truths, metas = _examples(data, n)
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -240,8 +247,8 @@ def _detect_examples(model: torch.nn.Module, data, n: int, conf_threshold: float
             outputs = model(images.to(device))
     finally:
         model.train(was_training)
-    dets = [d.cpu() for d in detect(outputs, tuple(images.shape[-2:]), conf_threshold, iou_threshold)]
-    return images, truths, dets, outputs[0].shape[-1] - 5
+    dets, rows = detect(outputs, tuple(images.shape[-2:]), conf_threshold, iou_threshold, return_indices=True)
+    return images, truths, metas, [d.cpu() for d in dets], [r.cpu() for r in rows], outputs[0].shape[-1] - 5
 
 
 def plot_examples(model: torch.nn.Module, data, class_names: Sequence[str] = VOC_CLASSES, n: int = 4,
@@ -253,7 +260,7 @@ def plot_examples(model: torch.nn.Module, data, class_names: Sequence[str] = VOC
     batch (images [B,3,S,S], boxes [N,6] image index first, ...) or images [B,3,S,S]. Ground truth,
     where known, is drawn dashed white. The model's train/eval mode is restored afterwards.
     """
-    images, truths, dets, _ = _detect_examples(model, data, n, conf_threshold, iou_threshold, device)
+    images, truths, _, dets, _, _ = _detect_examples(model, data, n, conf_threshold, iou_threshold, device)
     rows = math.ceil(len(images) / ncols)
     fig, axes = _figure(rows, min(ncols, len(images)))
     for k, ax in enumerate(axes):
@@ -489,7 +496,8 @@ def plot_training_curves(metrics) -> Figure:
 
 # --- mistakes ---------------------------------------------------------------------------------
 def find_mistakes(detections: Sequence[torch.Tensor], ground_truths: Sequence[Mapping], conf_threshold: float = 0.3,
-                  iou_threshold: float = 0.5, k: int = 8, num_classes: int = 20) -> list[dict]:
+                  iou_threshold: float = 0.5, k: int = 8, num_classes: int = 20,
+                  rows: Sequence[torch.Tensor] | None = None) -> list[dict]:
     """The worst mistakes of a set: the k highest-scoring false positives and the k largest missed objects.
 
     detections: per image [K,6] (as `detect` returns); ground_truths: per image {"boxes" [G,4],
@@ -498,6 +506,8 @@ def find_mistakes(detections: Sequence[torch.Tensor], ground_truths: Sequence[Ma
       as false (`helpers.metrics.match_detections`: wrong place, wrong class or a duplicate);
     - missed: a non-difficult object that no detection of its class with score >= conf_threshold
       overlaps with IoU >= iou_threshold (largest first: a big object missed is the worst).
+    rows: per image, each detection's row in the raw output (`detect(..., return_indices=True)`):
+    then false positives carry it as "row" (what `plot_worst_mistakes` explains).
     Returns dicts {"kind": "false positive" | "missed", "image": i, "box": [4] array, "class": c,
     "score": float (detections) or None}, false positives first.
     """
@@ -513,6 +523,10 @@ def find_mistakes(detections: Sequence[torch.Tensor], ground_truths: Sequence[Ma
     bad = order[fp & (score >= conf_threshold)][:k]
     mistakes = [{"kind": "false positive", "image": int(image_of[j]), "box": flat[j, :4].numpy(),
                  "class": int(flat[j, 5]), "score": float(flat[j, 4])} for j in bad.tolist()]
+    if rows is not None:
+        flat_rows = torch.cat([torch.as_tensor(r).reshape(-1).long().cpu() for r in rows])
+        for m, j in zip(mistakes, bad.tolist()):
+            m["row"] = int(flat_rows[j])
 
     missed = []
     for i, (d, gt) in enumerate(zip(dets, ground_truths)):  # per image: a few boxes each, not a hot path
@@ -535,16 +549,27 @@ def find_mistakes(detections: Sequence[torch.Tensor], ground_truths: Sequence[Ma
 def mistakes_on(model: torch.nn.Module, data, n: int = 32, conf_threshold: float = 0.3, iou_threshold: float = 0.45,
                 k: int = 4, device: str | torch.device | None = None) -> tuple[torch.Tensor, list[dict]]:
     """The model's worst mistakes on the first n examples of `data` (as `plot_examples` takes it):
-    (images [n,3,S,S], `find_mistakes` of their detections against their boxes), ready for
-    `plot_worst_mistakes`. Boxes in input pixels. A plain dataset leaves difficult objects out of its
-    boxes (`keep_difficult`), so a detection of one counts as a false positive here."""
-    images, truths, dets, num_classes = _detect_examples(model, data, n, conf_threshold, iou_threshold, device)
+    (images [n,3,S,S], `find_mistakes` of their detections against their ground truth), ready for
+    `plot_worst_mistakes`. Boxes in input pixels; iou_threshold is NMS's, matching uses IoU 0.5
+    (VOC). With the letterbox meta of a plain dataset (`return_meta=True`) the ground truth is the
+    image's full one, difficult objects included and ignored as the VOC evaluation ignores them;
+    without it, the dataset's boxes (difficult objects left out, so a detection of one counts as a
+    false positive)."""
+    images, truths, metas, dets, rows, num_classes = _detect_examples(model, data, n, conf_threshold,
+                                                                      iou_threshold, device)
     gts = []
-    for t in truths:
+    for t, meta in zip(truths, metas):
+        if meta is not None and "gt" in meta:
+            left, top = (float(v) for v in meta["pad"])
+            boxes = torch.as_tensor(meta["gt"]["boxes"], dtype=torch.float32).reshape(-1, 4)
+            boxes = boxes * float(meta["scale"]) + torch.tensor([left, top, left, top])
+            gts.append({"boxes": boxes, "labels": torch.as_tensor(meta["gt"]["labels"]).long(),
+                        "difficult": torch.as_tensor(meta["gt"]["difficult"]).bool()})
+            continue
         t = np.zeros((0, 5)) if t is None else t
         gts.append({"boxes": torch.as_tensor(t[:, :4], dtype=torch.float32),
                     "labels": torch.as_tensor(t[:, 4].round(), dtype=torch.int64)})
-    return images, find_mistakes(dets, gts, conf_threshold, 0.5, k, num_classes)
+    return images, find_mistakes(dets, gts, conf_threshold, 0.5, k, num_classes, rows=rows)
 
 
 def plot_worst_mistakes(model: torch.nn.Module, images, mistakes: Sequence[Mapping],
@@ -553,9 +578,11 @@ def plot_worst_mistakes(model: torch.nn.Module, images, mistakes: Sequence[Mappi
     """A gallery of mistakes (from `find_mistakes`), each over the CAM that explains it.
 
     images: the model inputs the mistakes refer to ([N,3,S,S] tensor or a list of [3,S,S]); boxes in
-    their pixels. A false positive shows the Grad-CAM of that detection (what made the model fire);
-    a missed object shows the Grad-CAM of the anchor and cell that training assigns to it, for its
-    class (what the model looked at where it should have seen the object).
+    their pixels. A false positive shows the Grad-CAM of that detection (what made the model fire;
+    its row from the mistake's "row", else found again with `locate_detections`). A missed object
+    shows the counterfactual Grad-CAM (score "against", see `helpers.cam.DetectionTarget`) of the
+    anchor and cell that training assigns to it, for its class: what held that score down (its plain
+    Grad-CAM is usually empty: a missed object's score has no positive evidence).
     """
     from .cam import assigned_index, capture, detection_cams, locate_detections
 
@@ -569,21 +596,27 @@ def plot_worst_mistakes(model: torch.nn.Module, images, mistakes: Sequence[Mappi
     by_image: dict[int, list[int]] = {}
     for j, m in enumerate(mistakes):
         by_image.setdefault(int(m["image"]), []).append(j)
-    for i, js in by_image.items():  # one forward pass and one CAM call per image
+    for i, js in by_image.items():  # one forward pass per image
         image = images[i]
         size = tuple(image.shape[-2:])
-        boxes = torch.tensor(np.stack([np.asarray(mistakes[j]["box"], np.float32) for j in js]))
-        classes = torch.tensor([int(mistakes[j]["class"]) for j in js])
-        scores = torch.tensor([float(mistakes[j]["score"] or 0.0) for j in js])
-        is_fp = torch.tensor([mistakes[j]["kind"] == "false positive" for j in js])
         cap = capture(model, image)
-        indices = assigned_index(boxes, size)  # missed objects: the anchor training assigns them
-        if is_fp.any():  # false positives: their own row of the raw output
-            dets = torch.cat((boxes, scores[:, None], classes[:, None].float()), dim=1)
-            indices[is_fp] = locate_detections(cap.outputs, dets[is_fp], size)
-        maps = detection_cams(model, image, indices=indices, classes=classes, method=method, cache=cap)
-        for n, j in enumerate(js):
-            cams[j] = maps[n]
+        fps = [j for j in js if mistakes[j]["kind"] == "false positive"]
+        misses = [j for j in js if mistakes[j]["kind"] != "false positive"]
+        if fps:  # their own row of the raw output
+            dets = torch.tensor([[*np.asarray(mistakes[j]["box"], np.float32), float(mistakes[j]["score"]),
+                                  float(mistakes[j]["class"])] for j in fps])
+            rows = locate_detections(cap.outputs, dets, size) if any("row" not in mistakes[j] for j in fps) \
+                else torch.tensor([mistakes[j]["row"] for j in fps])
+            maps = detection_cams(model, image, indices=rows, classes=dets[:, 5], method=method, cache=cap)
+            for n, j in enumerate(fps):
+                cams[j] = maps[n]
+        if misses:  # the anchor training assigns them, differentiated against
+            boxes = torch.tensor(np.stack([np.asarray(mistakes[j]["box"], np.float32) for j in misses]))
+            classes = torch.tensor([int(mistakes[j]["class"]) for j in misses])
+            maps = detection_cams(model, image, indices=assigned_index(boxes, size), classes=classes,
+                                  method=method, score="against", cache=cap)
+            for n, j in enumerate(misses):
+                cams[j] = maps[n]
     k = len(mistakes)
     ncols = min(ncols, k)
     first = to_image(images[0])
@@ -596,7 +629,7 @@ def plot_worst_mistakes(model: torch.nn.Module, images, mistakes: Sequence[Mappi
         c = int(m["class"])
         name = class_names[c] if c < len(class_names) else str(c)
         fp = m["kind"] == "false positive"
-        title = f"false positive: {name} {m['score']:.2f}" if fp else f"missed: {name}"
+        title = f"false positive: {name} {m['score']:.2f}" if fp else f"missed: {name} (evidence against)"
         _image_axes(ax, overlay(images[m["image"]], cams[j], image_weight), title)
         x1, y1, x2, y2 = (float(v) for v in m["box"])
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, linewidth=2,

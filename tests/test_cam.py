@@ -3,6 +3,7 @@ path, and leave the model exactly as they found it."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 
 from helpers.cam import (
@@ -163,6 +164,13 @@ def test_cached_tail_gives_the_plain_library_maps(tiny, layers, cam_class, metho
         ref.append(cam(x[None].clone().requires_grad_(True), [DetectionTarget(int(idx[k]), int(cls[k]))])[0])
         cam.activations_and_grads.release()
     np.testing.assert_allclose(fast, np.stack(ref), atol=1e-4)
+
+
+def test_the_against_target_is_the_negative_log_score():
+    out = torch.randn(1, 50, 25)
+    log = DetectionTarget(7, 3, "log")(out[0])
+    assert torch.equal(DetectionTarget(7, 3, "against")(out[0]), -log)
+    assert float(log) == pytest.approx(float(F.logsigmoid(out[0, 7, 0]) + F.log_softmax(out[0, 7, 5:], -1)[3]))
 
 
 def test_log_and_probability_scores_give_the_same_gradcam(tiny):

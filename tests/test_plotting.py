@@ -450,7 +450,7 @@ def test_plot_worst_mistakes_shows_one_panel_per_mistake(model):
     assert len(fig.axes) == 6  # 2 rows x 3 columns, 4 panels used
     shown = [ax for ax in fig.axes if ax.images]
     assert [ax.get_title() for ax in shown] == ["false positive: car 0.95", "false positive: dog 0.60",
-                                                "missed: cat", "missed: dog"]
+                                                "missed: cat (evidence against)", "missed: dog (evidence against)"]
     assert all(ax.images[0].get_array().shape[:2] == (64, 64) for ax in shown)
     fp, miss = shown[0].patches[0], shown[2].patches[0]
     assert fp.get_linestyle() == "-" and fp.get_edgecolor()[:3] == (1.0, 0.0, 0.0)
@@ -478,6 +478,34 @@ def test_mistakes_on_finds_confident_wrong_detections_and_the_objects_they_misse
     assert all(m["score"] > 0.8 for m in mistakes[:3])
     np.testing.assert_allclose(mistakes[3]["box"], [16, 16, 48, 48])  # the 32x32 dog before the 16x16 one
     assert (mistakes[4]["image"], mistakes[3]["image"]) == (1, 0)
+
+
+def test_worst_mistakes_explain_false_positives_at_the_row_detect_gave_and_ignore_difficult_objects(monkeypatch):
+    """With a plain dataset's letterbox meta, a detection of a difficult object is not a mistake; a
+    false positive carries its raw-output row, so the gallery need not search for it again."""
+    import helpers.cam as cam
+    from helpers.model import ScalePrediction
+
+    torch.manual_seed(0)
+    person = VOC_CLASSES.index("person")
+    sure = YOLOv3(num_classes=20, width=0.125).eval()
+    with torch.no_grad():
+        for head in (m for m in sure.layers if isinstance(m, ScalePrediction)):
+            bias = head.pred[1].conv.bias.view(3, 25)
+            bias[:, 0], bias[:, 5 + person] = 6.0, 5.0
+    images = torch.rand(1, 3, 64, 64)
+    without = mistakes_on(sure, images, n=1, conf_threshold=0.5, k=1000)[1]
+    assert without and all(m["kind"] == "false positive" and isinstance(m["row"], int) for m in without)
+    # The same image, its stored version twice as large, with one difficult person where the best
+    # detection is: that detection is then neither right nor wrong, so one false positive fewer.
+    box = torch.as_tensor(without[0]["box"]) / 0.5
+    meta = {"scale": 0.5, "pad": (0, 0), "orig_size": (128, 128),
+            "gt": {"boxes": box[None], "labels": torch.tensor([person]), "difficult": torch.tensor([True])}}
+    _, mistakes = mistakes_on(sure, [(images[0], torch.zeros(0, 5), meta)], n=1, conf_threshold=0.5, k=1000)
+    assert len(mistakes) == len(without) - 1
+    assert all(m["kind"] == "false positive" for m in mistakes)  # a difficult object is never "missed"
+    monkeypatch.setattr(cam, "locate_detections", lambda *a, **k: pytest.fail("rows were given"))
+    assert_figure(plot_worst_mistakes(sure, images, without[:2]))
 
 
 def test_show_saves_the_figure_under_its_name_and_displays_nothing_twice(tmp_path):
