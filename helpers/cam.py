@@ -351,8 +351,8 @@ def detection_cams(
     target_layers: per detection, a layer of the scale it sits on:
         "prediction" (default) the last feature map of that scale (`prediction_features`: only the
         1x1 prediction conv lies between it and the score, so Grad-CAM there is the score's own
-        map over the image, as CAM is for a classifier; on a model trained on synthetic squares it
-        put 94% of its mass in the box on average, against 9% for "head_inputs"),
+        map over the image, as CAM is for a classifier; see the module docstring for how much more
+        of its mass lands in the box than with "head_inputs"),
         "head_inputs": the feature map entering the scale's head (`YOLOv3.head_inputs`);
         or modules of the model used for every detection (several: averaged, as pytorch-grad-cam does).
     score: what the target differentiates, see `DetectionTarget`.

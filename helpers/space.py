@@ -45,9 +45,17 @@ PROVIDED = {"gradio", "gradio_client"}
 
 
 # --- what the app needs ---------------------------------------------------------------------------
-def _catches_import_error(handler: ast.ExceptHandler) -> bool:
+def _tolerates_import_error(handler: ast.ExceptHandler) -> bool:
+    """An `except ImportError` that carries on (raises nothing): what it guards is optional."""
     types = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
-    return any(isinstance(t, ast.Name) and t.id in ("ImportError", "ModuleNotFoundError") for t in types)
+    catches = any(isinstance(t, ast.Name) and t.id in ("ImportError", "ModuleNotFoundError") for t in types)
+    return catches and not any(isinstance(n, ast.Raise) for stmt in handler.body for n in ast.walk(stmt))
+
+
+def _is_helpers_import(node: ast.AST) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        return bool(node.level) or (node.module or "").split(".")[0] == "helpers"
+    return isinstance(node, ast.Import) and any(a.name.split(".")[0] == "helpers" for a in node.names)
 
 
 def _imports(path: Path, lazy_helpers: bool) -> tuple[set[str], set[str]]:
@@ -63,10 +71,10 @@ def _imports(path: Path, lazy_helpers: bool) -> tuple[set[str], set[str]]:
     tree = ast.parse(path.read_text(), filename=str(path))
     in_functions = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
                     for n in ast.walk(f) if n is not f}
-    optional = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) and any(_catches_import_error(h) for h in t.handlers)
+    optional = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) and any(_tolerates_import_error(h) for h in t.handlers)
                 for stmt in t.body for n in ast.walk(stmt)}
     for node in ast.walk(tree):
-        if id(node) in optional:
+        if id(node) in optional and not _is_helpers_import(node):
             continue
         names: set[str] = set()
         if isinstance(node, ast.ImportFrom):

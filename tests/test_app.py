@@ -307,8 +307,12 @@ def test_optional_imports_do_not_become_space_requirements(tmp_path):
 
     module = tmp_path / "m.py"
     module.write_text("import numpy\ndef show():\n    try:\n        from IPython.display import display\n"
-                      "    except ImportError:\n        return\n    import scipy\n")
-    assert _imports(module, lazy_helpers=False)[1] == {"numpy", "scipy"}
+                      "    except ImportError:\n        return\n    import scipy\n"
+                      "try:\n    import yaml\nexcept ImportError:\n    raise SystemExit('needs yaml')\n"
+                      "try:\n    from .boxes import iou\nexcept ImportError:\n    pass\n")
+    helpers, external = _imports(module, lazy_helpers=False)
+    assert external == {"numpy", "scipy", "yaml"}  # IPython is optional; yaml is required after all
+    assert helpers == {"boxes"}  # project modules are always copied
 
 
 def test_app_readme_has_the_spaces_front_matter():
