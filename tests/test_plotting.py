@@ -457,18 +457,25 @@ def test_plot_worst_mistakes_shows_one_panel_per_mistake(model):
     assert miss.get_linestyle() == "--" and miss.get_edgecolor()[:3] == (1.0, 1.0, 0.0)
 
 
-def test_mistakes_on_finds_confident_wrong_detections_and_the_objects_they_missed():
-    """A model made to see a confident 'person' everywhere, on images holding only dogs: every
-    detection is a false positive and every dog is missed, larger first."""
+def sure_person_model() -> YOLOv3:
+    """A tiny random model whose head biases make every cell a confident 'person' (objectness
+    sigmoid(6) ~ 0.998, class softmax ~ 0.89): detections are certain whatever the image."""
     from helpers.model import ScalePrediction
 
     torch.manual_seed(0)
     person = VOC_CLASSES.index("person")
-    sure = YOLOv3(num_classes=20, width=0.125).eval()
+    model = YOLOv3(num_classes=20, width=0.125).eval()
     with torch.no_grad():
-        for head in (m for m in sure.layers if isinstance(m, ScalePrediction)):
+        for head in (m for m in model.layers if isinstance(m, ScalePrediction)):
             bias = head.pred[1].conv.bias.view(3, 25)
-            bias[:, 0], bias[:, 5 + person] = 6.0, 5.0  # sigmoid ~ 0.998, softmax ~ 0.89
+            bias[:, 0], bias[:, 5 + person] = 6.0, 5.0
+    return model
+
+
+def test_mistakes_on_finds_confident_wrong_detections_and_the_objects_they_missed():
+    """A model made to see a confident 'person' everywhere, on images holding only dogs: every
+    detection is a false positive and every dog is missed, larger first."""
+    sure, person = sure_person_model(), VOC_CLASSES.index("person")
     images = torch.rand(2, 3, 64, 64)
     boxes = torch.tensor([[0, DOG, 0.5, 0.5, 0.5, 0.5], [1, DOG, 0.25, 0.25, 0.25, 0.25]])
     shown, mistakes = mistakes_on(sure, (images, boxes), n=2, conf_threshold=0.5, k=3)
@@ -484,15 +491,8 @@ def test_worst_mistakes_explain_false_positives_at_the_row_detect_gave_and_ignor
     """With a plain dataset's letterbox meta, a detection of a difficult object is not a mistake; a
     false positive carries its raw-output row, so the gallery need not search for it again."""
     import helpers.cam as cam
-    from helpers.model import ScalePrediction
 
-    torch.manual_seed(0)
-    person = VOC_CLASSES.index("person")
-    sure = YOLOv3(num_classes=20, width=0.125).eval()
-    with torch.no_grad():
-        for head in (m for m in sure.layers if isinstance(m, ScalePrediction)):
-            bias = head.pred[1].conv.bias.view(3, 25)
-            bias[:, 0], bias[:, 5 + person] = 6.0, 5.0
+    sure, person = sure_person_model(), VOC_CLASSES.index("person")
     images = torch.rand(1, 3, 64, 64)
     without = mistakes_on(sure, images, n=1, conf_threshold=0.5, k=1000)[1]
     assert without and all(m["kind"] == "false positive" and isinstance(m["row"], int) for m in without)
