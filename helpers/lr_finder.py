@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from torch_lr_finder import LRFinder, TrainDataLoaderIter
 
 from .loss import YoloLoss
+from .plotting import plot_lr_finder
 from .targets import build_targets
 
 
@@ -112,8 +113,6 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_load
                           smooth_f=0.0, diverge_th=10)
     finally:
         finder.reset()
-    from .plotting import plot_lr_finder
-
     lrs, losses = list(finder.history["lr"]), list(finder.history["loss"])
     n = len(lrs)
     skip_start, skip_end = min(10, n // 10), min(5, n // 20)  # torch-lr-finder's defaults, shrunk for short tests

@@ -145,14 +145,21 @@ def prepare_schedule(cfg: Config, run_dir: Path, steps_per_epoch: int, dataset_l
     return schedule
 
 
-def run_lr_finder(cfg: Config, datamodule, run_dir: Path) -> float:
-    from .lr_finder import describe_choice, find_lr
+def lr_range_test(cfg: Config, datamodule):
+    """The LR range test for `cfg` (its model, optimizer and loss weights) on the real training
+    loader, on the GPU with fp16 where there is one: a `helpers.lr_finder.LRFinderResult`."""
+    from .lr_finder import find_lr
 
     module = YOLOModule(cfg.to_dict())
-    optimizer = module.configure_optimizers()
-    result = find_lr(module.model, optimizer, datamodule.train_dataloader(), loss=module.loss_fn,
-                     num_iter=100,
-                     device="cuda" if torch.cuda.is_available() else "cpu", amp=torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    return find_lr(module.model, module.configure_optimizers(), datamodule.train_dataloader(), loss=module.loss_fn,
+                   num_iter=100, device="cuda" if cuda else "cpu", amp=cuda)
+
+
+def run_lr_finder(cfg: Config, datamodule, run_dir: Path) -> float:
+    from .lr_finder import describe_choice
+
+    result = lr_range_test(cfg, datamodule)
     result.figure.savefig(run_dir / "lr_finder.png", dpi=100)
     if result.max_lr is None:
         print(f"LR finder: no suggestion (too few points, or the loss never fell); keeping max LR "

@@ -117,9 +117,8 @@ print(f"{count_parameters(model):,} parameters (width {cfg.model.width})")
 for out, stride in zip(outputs, (32, 16, 8)):
     print(f"stride {stride:2d}: {tuple(out.shape)}  [batch, anchor, row, column, obj+box+{cfg.model.num_classes} classes]")"""),
     ("md", "## 5. LR range test\ntorch-lr-finder on the real training loader; the model and optimizer are restored afterwards. The max LR used is the steepest descent of the (lag-free) smoothed loss, capped a decade below its minimum."),
-    ("code", """from helpers.lr_finder import describe_choice, find_lr
-from helpers.module import YOLOModule
-from helpers.train import SCHEDULE_FILE
+    ("code", """from helpers.lr_finder import describe_choice
+from helpers.train import SCHEDULE_FILE, lr_range_test
 from helpers.utils import seed_everything
 
 Path(RUN_DIR).mkdir(parents=True, exist_ok=True)
@@ -128,9 +127,7 @@ if (Path(RUN_DIR) / SCHEDULE_FILE).exists():
     max_lr = None
 else:
     seed_everything(cfg.train.seed)  # the same initial weights and batches on every execution
-    probe = YOLOModule(cfg.to_dict())
-    result = find_lr(probe.model, probe.configure_optimizers(), datamodule.train_dataloader(), num_iter=100,
-                     device=DEVICE, amp=DEVICE == "cuda")
+    result = lr_range_test(cfg, datamodule)
     max_lr = result.max_lr or cfg.train.max_lr
     show(result.figure, "lr_finder", FIGURES)
     print(f"max LR used: {max_lr:.3g} ({describe_choice(result)}; see helpers/lr_finder.py)")"""),
