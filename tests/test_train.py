@@ -343,6 +343,7 @@ def test_unreadable_batches_are_skipped_and_counted_and_a_finished_run_reruns_to
     run = tmp_path / "run"
     cfg = fast_config(root, run, epochs=2)
     cfg.data.mosaic = 0.0  # every sample reads exactly its own image: the counts below are exact
+    cfg.data.train_sizes = (64,)  # a batch left with one image at 32 px would give BatchNorm a 1x1 map
     dm = YOLODataModule(cfg.data, seed=cfg.train.seed)
     dm.setup("fit")
     sampler = DistributedSampler(dm.train_dataset, 1, 0, shuffle=True, seed=cfg.train.seed)
@@ -365,7 +366,7 @@ def test_unreadable_batches_are_skipped_and_counted_and_a_finished_run_reruns_to
     assert len(list((run / "logs").glob("version_*"))) == 1  # nothing trained again
 
     longer = fast_config(root, run, epochs=3)
-    longer.data.mosaic = 0.0
+    longer.data.mosaic, longer.data.train_sizes = 0.0, (64,)
     with pytest.raises(CheckpointError, match=r"epochs 2 and this run asks 3.*--epochs 2"):
         train(longer, resume="latest")
     garbage = tmp_path / "notes.ckpt"
