@@ -232,6 +232,17 @@ def finished_summary(run_dir: Path, ckpt_path: Path | None) -> dict | None:
     return summary if step >= total and summary.get("global_step") == step else None
 
 
+def storage_report(plan, folder: Path, free: int) -> str:
+    """What the run's checkpoints will take, and a warning when `free` bytes fall short."""
+    text = plan.describe(folder)
+    if free < plan.full_state + plan.weights:
+        text += (f"\nwarning: only {human(free)} free in {folder}, short of the next save (~{human(plan.full_state)}"
+                 " full state + weights): free some space first (on Google Drive, empty the Trash)")
+    elif free < plan.total:
+        text += f"\nwarning: {human(free)} free in {folder}; this run may need up to {human(plan.total)}"
+    return text
+
+
 def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpoint_every_steps: int = 0,
           extra_callbacks: list | None = None, trainer_kwargs: dict | None = None,
           start_fresh: bool = False) -> dict:
@@ -274,14 +285,7 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
                                 "given" if lr_find else None)
     module = YOLOModule(cfg.to_dict(), schedule_path=str(schedule_path))
     plan = storage_plan(module.model, t.epochs, t.keep_last_k, t.optimizer)
-    if rank_zero_only.rank == 0:
-        print(plan.describe(ckpt_dir))
-        free = free_bytes(ckpt_dir)
-        if free < plan.full_state + plan.weights:
-            print(f"warning: only {human(free)} free in {ckpt_dir}, short of the next save (~{human(plan.full_state)}"
-                  " full state + weights): free some space first (on Google Drive, empty the Trash)")
-        elif free < plan.total:
-            print(f"warning: {human(free)} free in {ckpt_dir}; the run may need up to {human(plan.total)}")
+    rank_zero_only(print)(storage_report(plan, ckpt_dir, free_bytes(ckpt_dir)))
 
     loggers = [pl.loggers.CSVLogger(run_dir, name="logs", flush_logs_every_n_steps=LOG_FLUSH_STEPS)]
     try:

@@ -278,3 +278,23 @@ def test_load_model_refuses_a_pickled_object_and_names_the_file(tmp_path):
     torch.save({"hyper_parameters": {"config": object()}}, tmp_path / "evil.ckpt")  # needs full unpickling
     with pytest.raises(ValueError, match="evil.ckpt"):
         load_model(tmp_path / "evil.ckpt")
+
+
+def test_the_run_reports_its_storage_and_warns_when_the_folder_is_short_of_the_next_save(tmp_path):
+    from helpers.train import storage_report
+
+    plan = storage_plan(YOLOv3(num_classes=20, width=0.125), epochs=40, keep_last_k=2)
+    report = storage_report(plan, tmp_path, free=10 * plan.total)
+    assert "one full training state ~" in report and "keeps the last 2 full states" in report
+    assert "warning" not in report and str(tmp_path) in report
+    assert "short of the next save" in storage_report(plan, tmp_path, free=plan.full_state // 2)
+    assert "may need up to" in storage_report(plan, tmp_path, free=plan.total - 1)
+
+
+def test_a_save_warns_when_the_folder_is_short_of_it(tmp_path, monkeypatch):
+    plan = storage_plan(YOLOv3(num_classes=20, width=0.125), epochs=2, keep_last_k=2)
+    monkeypatch.setattr(checkpoints, "free_bytes", lambda folder: 1000)
+    trainer = fake_trainer(tmp_path)
+    trainer.global_step = 3
+    with pytest.warns(UserWarning, match=r"only 1 KB free in .* the next checkpoint needs ~"):
+        PeriodicCheckpoint(tmp_path, plan=plan).save(trainer)

@@ -379,3 +379,23 @@ def test_unreadable_batches_are_skipped_and_counted_and_a_finished_run_reruns_to
         state.write_bytes(state.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="no checkpoint in .* loads.*--start-fresh"):
         train(cfg, resume="latest")
+
+
+def test_curves_merge_every_session_and_a_resumed_session_replaces_the_steps_it_redoes(tmp_path):
+    from helpers.plotting import plot_training_curves, read_run_metrics
+
+    logs = tmp_path / "logs"
+    sessions = {0: "step,lr,train/loss_step\n0,1,9\n1,2,8\n2,3,7\n3,4,6\n",  # killed after step 3
+                1: "",  # a session killed before it logged anything
+                2: "step,lr,train/loss_step,val/loss\n2,3,5\n3,4,4\n3,,,4.5\n4,5,3\n"}  # resumed at step 2
+    for version, text in sessions.items():
+        (logs / f"version_{version}").mkdir(parents=True)
+        (logs / f"version_{version}" / "metrics.csv").write_text(text)
+    cols = read_run_metrics(tmp_path)  # the run folder or its logs folder
+    assert cols["step"].tolist() == [0, 1, 2, 3, 3, 4]
+    assert cols["train/loss_step"][[0, 1, 2, 3, 5]].tolist() == [9, 8, 5, 4, 3]  # steps 2-3 from the resumed session
+    assert np.isnan(cols["val/loss"][:4]).all() and cols["val/loss"][4] == 4.5
+    assert read_run_metrics(logs)["lr"].tolist()[:4] == [1, 2, 3, 4]
+    plot_training_curves(logs)
+    with pytest.raises(ValueError, match="no version"):
+        read_run_metrics(tmp_path / "elsewhere")
