@@ -55,7 +55,7 @@ def embedded_default() -> Config:
         data=DataConfig(root=None, image_size=160, train_sizes=(128, 160, 192), batch_size=8, num_workers=2,
                         mosaic=0.5),
         train=TrainConfig(epochs=8, max_lr=2e-3, pct_start=0.2, precision="32-true", run_dir="runs/default",
-                          checkpoint_every_minutes=1.0, map_every=4),
+                          checkpoint_every_minutes=1.0, keep_last_k=2, map_every=4),
     )
 
 

@@ -399,3 +399,30 @@ def test_curves_merge_every_session_and_a_resumed_session_replaces_the_steps_it_
     plot_training_curves(logs)
     with pytest.raises(ValueError, match="no version"):
         read_run_metrics(tmp_path / "elsewhere")
+
+
+def test_the_schedule_counts_limit_train_batches_and_a_resume_keeps_the_range_tests_max_lr(tmp_path):
+    from helpers.schedule import ScheduleMismatch
+    from helpers.train import prepare_schedule
+
+    cfg = tiny_config("unused", tmp_path, epochs=4, limit_train_batches=3)
+    schedule = prepare_schedule(cfg, tmp_path, steps_per_epoch=6, dataset_length=24)
+    assert schedule.spec.steps_per_epoch == 3 and len(schedule.lrs) == 12 and schedule.spec.max_lr_source == "config"
+    cfg.train.limit_train_batches = None
+    with pytest.raises(ScheduleMismatch, match="3 steps per epoch, this run has 6"):
+        prepare_schedule(cfg, tmp_path, 6, 24)
+    cfg.train.limit_train_batches = 3
+    cfg.train.max_lr = 5e-3
+    with pytest.raises(ScheduleMismatch, match="max_lr 0.002, this run asks 0.005: rerun with --max-lr 0.002"):
+        prepare_schedule(cfg, tmp_path, 6, 24)
+
+    found = tmp_path / "found"  # the notebook: the range test's LR first, the config's on a resume
+    cfg = tiny_config("unused", found, epochs=4)
+    prepare_schedule(cfg, found, 6, 24, max_lr=3.3e-3)
+    first = Schedule.read(found / "schedule.txt")
+    assert first.spec.max_lr == 3.3e-3 and first.spec.max_lr_source == "given"
+    assert prepare_schedule(cfg, found, 6, 24, max_lr=cfg.train.max_lr).lrs == first.lrs
+    assert prepare_schedule(cfg, found, 6, 24).lrs == first.lrs
+    cfg.train.epochs = 5
+    with pytest.raises(ScheduleMismatch, match="epochs 4, this run asks 5: rerun with --epochs 4"):
+        prepare_schedule(cfg, found, 6, 24)
