@@ -219,6 +219,15 @@ DRIVER = textwrap.dedent("""
     extra = [Record()] if os.environ.get("RECORD") else []
     if kill_at >= 0:
         extra.append(KillAt(kill_at))
+    class KillInValidation(pl.Callback):
+        def __init__(self, epoch):
+            self.epoch = epoch
+        def on_validation_epoch_start(self, trainer, *args):
+            if trainer.current_epoch == self.epoch:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    if os.environ.get("KILL_IN_VALIDATION"):
+        extra.append(KillInValidation(int(os.environ["KILL_IN_VALIDATION"])))
     kill_in_save = int(os.environ.get("KILL_IN_SAVE", "-1"))
     if kill_in_save >= 0:  # killed after the bytes, before the fsync and the link: a stray .tmp
         fsync = os.fsync
@@ -256,21 +265,34 @@ def fast_config(data_root, run_dir, epochs=3) -> Config:
     return cfg
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(small_voc, tmp_path_factory):
+    """The run the killed ones must equal: {step: [step, epoch, image size, LR, image indices]} and
+    its folder."""
+    where = tmp_path_factory.mktemp("uninterrupted")
+    done = run_driver(where, fast_config(small_voc, where / "run"), env={"RECORD": str(where / "rows")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = records(where / "rows.rank0")
+    assert [row[0] for row in rows] == list(range(12))
+    sizes = [tuple(row[2] for row in rows if row[1] == epoch) for epoch in range(3)]
+    assert len(set(sizes)) > 1, sizes  # the image sizes change between epochs
+    return {row[0]: row for row in rows}, where / "run"
+
+
+def assert_same_steps(record_file, expected: dict, total: int = 12) -> None:
+    rows = records(record_file)
+    for row in rows:  # steps redone after a kill included
+        assert row == expected[row[0]], (row, expected[row[0]])
+    assert {row[0] for row in rows} == set(range(total))
+
+
 @pytest.mark.slow
-def test_a_run_killed_at_random_moments_resumes_exactly_as_an_uninterrupted_run(small_voc, tmp_path):
+def test_a_run_killed_at_random_moments_resumes_exactly_as_an_uninterrupted_run(small_voc, uninterrupted, tmp_path):
     """SIGKILLs at random steps (one of them in the middle of a checkpoint write), each time resumed
     with --resume latest: the run ends at the uninterrupted run's step, and every step, including
     those redone after a kill, has that run's epoch, image size, LR and batch of images."""
-    steps_per_epoch, epochs = 4, 3
-    total = steps_per_epoch * epochs
-    (tmp_path / "ref").mkdir()
-    reference = run_driver(tmp_path / "ref", fast_config(small_voc, tmp_path / "ref" / "run"),
-                           env={"RECORD": str(tmp_path / "ref.jsonl"), "EVERY": "3"})
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    expected = {row[0]: row for row in records(tmp_path / "ref.jsonl.rank0")}
-    assert sorted(expected) == list(range(total))
-    assert len({tuple(row[2] for row in records(tmp_path / "ref.jsonl.rank0")[e * 4:e * 4 + 4]) for e in range(3)}) > 1
-
+    expected, reference = uninterrupted
+    total = 12  # 16 images / batch 4 = 4 steps an epoch, 3 epochs
     rng = np.random.default_rng()  # random moments; printed so that a failure can be replayed
     in_save = int(rng.choice([3, 6]))  # a step with a checkpoint (every 3 steps and at epoch ends)
     kills = sorted(int(k) for k in rng.choice(np.arange(in_save + 1, total), size=2, replace=False))
@@ -293,12 +315,9 @@ def test_a_run_killed_at_random_moments_resumes_exactly_as_an_uninterrupted_run(
     output = resumed.stdout + resumed.stderr
     assert "dataloader is" not in output and "not resumable" not in output
 
-    rows = records(tmp_path / "killed.jsonl.rank0")
-    for row in rows:  # steps redone after a kill included
-        assert row == expected[row[0]], (row, expected[row[0]])
-    assert {row[0] for row in rows} == set(range(total))
+    assert_same_steps(tmp_path / "killed.jsonl.rank0", expected)
     summary = json.loads((run / "metrics.json").read_text())
-    assert summary["global_step"] == total == json.loads((tmp_path / "ref" / "run" / "metrics.json").read_text())["global_step"]
+    assert summary["global_step"] == total == json.loads((reference / "metrics.json").read_text())["global_step"]
     for name, data in before.items():  # nothing written before was rewritten
         assert not (ckpts / name).exists() or (ckpts / name).read_bytes() == data, name
     assert not list(ckpts.glob(".*.tmp"))
@@ -309,6 +328,30 @@ def test_a_run_killed_at_random_moments_resumes_exactly_as_an_uninterrupted_run(
         assert lr == pytest.approx(schedule.lrs[step], rel=1e-6), step
     weights = sorted(p.name for p in (ckpts / "weights").glob("*.ckpt"))
     assert [n.split("-")[0] for n in weights] == ["epoch=000", "epoch=001", "epoch=002"], weights
+
+
+@pytest.mark.slow
+def test_a_kill_during_validation_after_a_save_on_the_epochs_last_batch_resumes_exactly(small_voc, uninterrupted,
+                                                                                         tmp_path):
+    """Every 2 steps, a state is saved at the end of the epoch's last batch (step 4), before its
+    validation; killed there, the run resumes from it without an extra step or a repeated batch."""
+    expected, _ = uninterrupted
+    run = tmp_path / "run"
+    cfg = fast_config(small_voc, run)
+    env = {"RECORD": str(tmp_path / "killed.jsonl"), "EVERY": "2"}
+    killed = run_driver(tmp_path, cfg, env={**env, "KILL_IN_VALIDATION": "0"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert find_latest_name(run) == "epoch=000-step=0000004"
+    resumed = run_driver(tmp_path, cfg, resume="latest", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_steps(tmp_path / "killed.jsonl.rank0", expected)
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 12
+
+
+def find_latest_name(run: Path) -> str:
+    from helpers.checkpoints import find_latest
+
+    return "-".join(find_latest(run / "checkpoints").name.split("-")[:2])
 
 
 @pytest.mark.slow
