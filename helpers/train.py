@@ -22,6 +22,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from .annotations import DatasetError
 from .checkpoints import NoOverwriteCheckpointIO, PeriodicCheckpoint, find_latest
 from .config import Config, DataConfig, ModelConfig, TrainConfig
 from .datamodule import YOLODataModule
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(cfg, resume=args.resume, lr_find=args.lr_find,
                         checkpoint_every_steps=args.checkpoint_every_steps)
-    except ScheduleMismatch as e:
+    except (ScheduleMismatch, DatasetError) as e:  # the user's input: say what and where, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
