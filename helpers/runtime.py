@@ -10,15 +10,21 @@ and what an earlier session left behind.
   sm_60, under a torch built for sm_75 and newer): the first CUDA operation would fail.
 - `adopt_earlier_run()`: a Kaggle session starts with an empty `/kaggle/working`; a run saved as a
   notebook version's output and attached as input is brought back, so training resumes.
+- `train_in_subprocess()`: several GPUs (Kaggle's T4 x2) need DDP, whose processes Lightning cannot
+  start from inside a notebook (it would fork a process that has initialised CUDA); the notebook
+  runs `python -m helpers.train --config <run>/config.json --resume latest` instead.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import Config
 from .schedule import Schedule
 
 KAGGLE_INPUT = Path("/kaggle/input")
@@ -115,3 +121,29 @@ def _readable_schedule(run: Path) -> bool:
         return True
     except (OSError, ValueError):
         return False
+
+
+# --- several GPUs ----------------------------------------------------------------------------------
+CONFIG_FILE = "config.json"
+
+
+def train_command(cfg: Config, resume: str = "latest") -> list[str]:
+    """Write `cfg` to `<run_dir>/config.json` and return the command that trains it (any devices)."""
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
+    return [sys.executable, "-m", "helpers.train", "--config", str(run_dir / CONFIG_FILE), "--resume", resume]
+
+
+def train_in_subprocess(cfg: Config, resume: str = "latest") -> dict:
+    """Train `cfg` in a child process (`train_command`), its output shown here line by line; the
+    run's summary (`metrics.json`) when it succeeds, else a RuntimeError with its exit status."""
+    command = train_command(cfg, resume)
+    print("$", " ".join(command), flush=True)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as child:
+        for line in child.stdout:
+            print(line, end="", flush=True)
+    if child.returncode:
+        raise RuntimeError(f"training stopped with exit status {child.returncode} (its output is above); "
+                           "rerun the cell to resume from the newest checkpoint")
+    return json.loads((Path(cfg.train.run_dir) / "metrics.json").read_text())

@@ -2,6 +2,7 @@
 cannot run refused before the first CUDA op, and a Kaggle session picking up the previous one's run."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helpers.runtime import adopt_earlier_run, detect, runs_on
@@ -54,3 +55,35 @@ def test_a_new_kaggle_session_adopts_the_run_attached_as_input(tmp_path):
 def test_nothing_to_adopt_leaves_the_run_folder_alone(tmp_path):
     assert adopt_earlier_run(tmp_path / "working" / "yolov3-voc", tmp_path / "input") is None
     assert not (tmp_path / "working").exists()
+
+
+def test_the_training_command_carries_the_whole_config(tmp_path):
+    import json
+
+    from helpers.config import Config
+    from helpers.runtime import train_command
+    from helpers.train import build_parser, config_from_args
+
+    cfg = Config()
+    cfg.train.run_dir, cfg.train.devices, cfg.data.root = str(tmp_path / "run"), 2, "/kaggle/input/x"
+    command = train_command(cfg)
+    assert command[1:3] == ["-m", "helpers.train"] and command[-2:] == ["--resume", "latest"]
+    again = config_from_args(build_parser().parse_args(command[3:]))
+    assert again.to_dict() == json.loads(json.dumps(cfg.to_dict()))
+
+
+@pytest.mark.slow
+def test_two_devices_train_from_a_child_process_as_the_notebook_runs_them(voc, tmp_path, monkeypatch, capsys):
+    """The notebook's two-GPU path, on 2 CPU processes (gloo): the run completes and reports."""
+    from helpers.config import Config, DataConfig, ModelConfig, TrainConfig
+    from helpers.runtime import train_in_subprocess
+
+    monkeypatch.setenv("MASTER_PORT", "29533")
+    cfg = Config(model=ModelConfig(width=0.125),
+                 data=DataConfig(root=str(voc), image_size=64, train_sizes=(64,), batch_size=2, num_workers=0,
+                                 mosaic=0.5, pin_memory=False),
+                 train=TrainConfig(epochs=1, precision="32-true", accelerator="cpu", devices=2, strategy="ddp",
+                                   run_dir=str(tmp_path / "run")))
+    summary = train_in_subprocess(cfg)
+    assert summary["global_step"] == 3  # 12 images / (2 processes x batch 2)
+    assert "$ " in capsys.readouterr().out
