@@ -85,7 +85,7 @@ class Problem:
 # --- layout detection ---------------------------------------------------------------------------
 # (train split, evaluation split) of each layout when none is given.
 DEFAULT_SPLITS = {"voc": ("trainval", "test"), "course": ("train", "test")}
-SEARCH_DEPTH = 3  # levels below `root` that find_dataset looks through (Kaggle: <slug>/PASCAL_VOC)
+SEARCH_DEPTH = 2  # levels below `root` that find_dataset looks through (/kaggle/input: <slug>/PASCAL_VOC)
 
 
 def _layout_here(folder: Path) -> str | None:

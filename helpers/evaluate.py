@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .annotations import DatasetError
 from .config import ANCHORS, Config
 from .metrics import YoloAccuracy, coco_map, voc_map
 from .postprocess import detect
@@ -290,7 +291,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         root = synthetic_root()
     if not root.exists():
         raise SystemExit(f"evaluate: data folder {root} does not exist")
-    loader = _build_loader(root, args.split, image_size, cfg, args.batch_size, args.workers, args.limit)
+    try:
+        loader = _build_loader(root, args.split, image_size, cfg, args.batch_size, args.workers, args.limit)
+    except DatasetError as e:  # not a dataset, a missing split, unusable files: said in one place
+        raise SystemExit(f"evaluate: {e}") from None
     print(f"evaluating {checkpoint} on {root} ({args.split}, {len(loader.dataset)} images, {image_size} px) "
           f"on {device}")
 
