@@ -216,7 +216,10 @@ show(plot_worst_mistakes(model, images, mistakes, cfg.data.classes), "worst_mist
     ("md", "## 10. Export for the app\nA bundle the Gradio app loads: `model.safetensors` + `config.json` (classes, anchors, metrics)."),
     ("code", """from helpers.export import export_checkpoint
 
-bundle = export_checkpoint(find_latest(Path(RUN_DIR) / "checkpoints"), Path(RUN_DIR) / f"bundle-{time.strftime('%Y%m%d-%H%M%S')}")
+latest = find_latest(Path(RUN_DIR) / "checkpoints")
+bundle = Path(RUN_DIR) / f"bundle-{latest.stem}"  # one per checkpoint: a rerun reuses it
+if not (bundle / "config.json").is_file():
+    bundle = export_checkpoint(latest, bundle)
 print("bundle:", bundle, sorted(p.name for p in Path(bundle).iterdir()))"""),
 ]
 
