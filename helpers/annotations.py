@@ -13,6 +13,11 @@ Layouts, recognised from the folder's contents:
   `<split>.csv` with columns `image,text` (`train`, `test`, `100examples`). Image sizes come from
   the image headers (no decode), so the records hold pixels like VOC's.
 
+`root` may also be a folder that holds exactly one dataset a few levels down, as Kaggle attaches
+the course's dataset (`/kaggle/input/pascal-voc-dataset-used-in-yolov3-video/PASCAL_VOC`):
+`find_dataset` returns the dataset folder itself. A split of `None` is the layout's default
+(`DEFAULT_SPLITS`): `trainval`/`test` for a VOCdevkit, `train`/`test` for the course layout.
+
 Problems name their file. Errors (malformed or empty XML, unknown class, a bad label line, a
 missing annotation or image) make `load_records` raise, listing all of them, unless
 `on_error="skip"`, which leaves those records out with a warning each. Fixable box problems are
@@ -78,20 +83,50 @@ class Problem:
 
 
 # --- layout detection ---------------------------------------------------------------------------
-def detect_layout(root: str | Path) -> str:
-    """'voc' or 'course'; a DatasetError saying what was expected for anything else."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: no such folder")
-    if _voc_years(root):
+# (train split, evaluation split) of each layout when none is given.
+DEFAULT_SPLITS = {"voc": ("trainval", "test"), "course": ("train", "test")}
+SEARCH_DEPTH = 2  # levels below `root` that find_dataset looks through (/kaggle/input: <slug>/PASCAL_VOC)
+
+
+def _layout_here(folder: Path) -> str | None:
+    if _voc_years(folder):
         return "voc"
-    if (root / "images").is_dir() and (root / "labels").is_dir():
+    if (folder / "images").is_dir() and (folder / "labels").is_dir():
         return "course"
+    return None
+
+
+def find_dataset(root: str | Path) -> Path:
+    """The dataset folder at or below `root`: `root` itself when it is one, else the single dataset
+    found within `SEARCH_DEPTH` levels (breadth first, so the shallowest wins). Raises a DatasetError
+    saying what was expected, or listing the candidates when several datasets are found."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder (give the dataset folder with --data)")
+    level = [root]
+    for _ in range(SEARCH_DEPTH + 1):
+        found = [f for f in level if _layout_here(f)]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise DatasetError(f"{root}: holds {len(found)} datasets, {', '.join(map(str, found[:6]))}; "
+                               "give the one to use with --data")
+        level = [c for f in level for c in sorted(f.iterdir()) if c.is_dir() and not c.name.startswith(".")]
     raise DatasetError(
         f"{root}: not a dataset folder this project reads. Expected either a VOCdevkit (VOC2007/ and/or "
         "VOC2012/, each with Annotations/, JPEGImages/ and ImageSets/Main/<split>.txt) or the course/Kaggle "
-        "layout (images/, labels/ and train.csv / test.csv with columns image,text); found: "
-        f"{sorted(p.name for p in root.iterdir())[:12]}")
+        "layout (images/, labels/ and train.csv / test.csv with columns image,text), at most "
+        f"{SEARCH_DEPTH} folders down; found: {sorted(p.name for p in root.iterdir())[:12]}")
+
+
+def detect_layout(root: str | Path) -> str:
+    """'voc' or 'course' for the dataset at or below `root` (see `find_dataset`)."""
+    return _layout_here(find_dataset(root))
+
+
+def default_split(root: str | Path, role: str) -> str:
+    """The split a dataset uses for `role` ('train' or 'test') when none is given (`DEFAULT_SPLITS`)."""
+    return DEFAULT_SPLITS[detect_layout(root)][("train", "test").index(role)]
 
 
 def _is_year(p: Path) -> bool:
@@ -292,8 +327,8 @@ def _finish(record: Record, quiet_within: float) -> Iterable[Record | Problem]:
 # --- public entry points ------------------------------------------------------------------------
 def scan(root: str | Path, split: str, classes: tuple[str, ...] = VOC_CLASSES) -> tuple[list[Record], list[Problem]]:
     """(usable records, problems) of `split`; raises DatasetError only when the split itself is missing."""
-    root = Path(root)
-    items = (_scan_voc if detect_layout(root) == "voc" else _scan_course)(root, split, classes)
+    root = find_dataset(root)
+    items = (_scan_voc if _layout_here(root) == "voc" else _scan_course)(root, split, classes)
     records, problems = [], []
     for item in items:
         (records if isinstance(item, Record) else problems).append(item)
@@ -329,11 +364,11 @@ def check(root: str | Path, splits: list[str] | None = None, classes: tuple[str,
     """Every problem of the dataset, each naming its file; with `decode`, every image is decoded too
     (reduced, so it stays quick) and its size compared with its annotation's."""
 
-    root = Path(root)
     try:
-        layout = detect_layout(root)
+        root = find_dataset(root)
     except DatasetError as e:
-        return [Problem(ERROR, root, str(e).removeprefix(f"{root}: "))]
+        return [Problem(ERROR, Path(root), str(e).removeprefix(f"{root}: "))]
+    layout = _layout_here(root)
     if splits is None:
         splits = (sorted({s for y in _voc_years(root) for s in voc_splits(y)}) if layout == "voc"
                   else [p.stem for p in sorted(root.glob("*.csv"))])

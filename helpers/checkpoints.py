@@ -444,3 +444,22 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     model = build_model(config.model)
     model.load_state_dict(state)
     return model.to(map_location).eval(), config
+
+
+def resolve_checkpoint(spec: str | os.PathLike, run_dir: str | os.PathLike = "runs/default") -> Path:
+    """The checkpoint a user means: 'latest' (the newest that loads in `run_dir`'s checkpoints), a run
+    folder or a checkpoint folder (its newest that loads), an export bundle folder, or a file.
+    Raises FileNotFoundError naming what was searched."""
+    path = Path(run_dir) if str(spec) == "latest" else Path(spec)
+    if path.is_file() or (path / "config.json").is_file():  # a checkpoint file, or an export bundle
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not found (no such checkpoint, bundle or run folder)")
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    try:
+        latest = find_latest(folder)
+    except CheckpointError as e:  # checkpoints there, none readable: the callers' "not found", in one line
+        raise FileNotFoundError(str(e)) from None
+    if latest is None:
+        raise FileNotFoundError(f"{folder}: no checkpoint that loads (train first, or give --checkpoint PATH)")
+    return latest

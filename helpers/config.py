@@ -35,8 +35,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     root: str | None = None  # a VOCdevkit folder or a Kaggle/course folder; None = synthetic data
-    train_split: str = "trainval"
-    val_split: str = "test"
+    # None = the layout's own: VOCdevkit trainval / test, the course's Kaggle CSVs train / test.
+    train_split: str | None = None
+    val_split: str | None = None
     image_size: int = 416  # val/test size
     train_sizes: tuple[int, ...] = MULTI_SCALE_SIZES  # one drawn per training batch
     batch_size: int = 16

@@ -28,7 +28,9 @@ BUFFER = 64  # decoded images kept per process for mosaic partners
 
 
 class YOLODataset(PlainDataset):
-    def __init__(self, root=None, split: str = "trainval", image_size: int = 416, mosaic: float = 0.75, **kwargs):
+    for_training = True
+
+    def __init__(self, root=None, split: str | None = None, image_size: int = 416, mosaic: float = 0.75, **kwargs):
         if not 0.0 <= mosaic <= 1.0:
             raise ValueError(f"mosaic is the fraction of samples built as mosaics: expected 0..1, got {mosaic}")
         if not 0.5 <= mosaic <= 0.75:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from .annotations import Record, load_records
+from .annotations import Record, default_split, load_records
 from .config import VOC_CLASSES
 from .imageio import decoded_size, read_image, read_size
 from .transforms import eval_transform, letterbox_meta
@@ -35,9 +35,13 @@ BAD_SAMPLE_ERRORS = (ValueError, OSError, cv2.error, MemoryError)
 
 
 class YOLODataset(Dataset):
-    def __init__(self, root: str | os.PathLike | None, split: str = "test", image_size: int = 416,
+    for_training = False  # which default split a `split=None` means (see annotations.DEFAULT_SPLITS)
+
+    def __init__(self, root: str | os.PathLike | None, split: str | None = None, image_size: int = 416,
                  classes: tuple[str, ...] = VOC_CLASSES, keep_difficult: bool = False, return_meta: bool = False,
                  records: list[Record] | None = None, on_error: str = "raise"):
+        if split is None and records is None:  # the layout's own (annotations.DEFAULT_SPLITS)
+            split = default_split(root, "train" if self.for_training else "test")
         self.records = records if records is not None else load_records(root, split, classes, on_error=on_error)
         self.root, self.split, self.image_size, self.classes = root, split, image_size, classes
         self.keep_difficult, self.return_meta = keep_difficult, return_meta

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .annotations import DatasetError
 from .config import ANCHORS, Config
 from .metrics import YoloAccuracy, coco_map, voc_map
 from .postprocess import detect
@@ -244,7 +245,10 @@ def _build_loader(root: Path, split: str, image_size: int, cfg: Config, batch_si
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m helpers.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a training .ckpt or an export bundle folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="a training .ckpt, an export bundle folder, a run or checkpoint folder (its newest), "
+                        "or 'latest' (the newest in --run-dir)")
+    p.add_argument("--run-dir", default="runs/default", help="the run that --checkpoint latest looks in")
     p.add_argument("--data", default=None,
                    help="VOCdevkit or Kaggle/course folder (default: the checkpoint's, else the generated set)")
     p.add_argument("--split", default="test")
@@ -261,12 +265,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    "an existing non-empty one gets a -vN sibling instead")
     args = p.parse_args(argv)
 
-    from .checkpoints import load_model
+    from .checkpoints import load_model, resolve_checkpoint
     from .utils import pick_device
 
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.exists():
-        raise SystemExit(f"evaluate: {checkpoint} does not exist")
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint, args.run_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(f"evaluate: {e}") from None
     device = pick_device(args.device)
     model, cfg = load_model(checkpoint, map_location="cpu")
     t = cfg.train
@@ -286,7 +291,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         root = synthetic_root()
     if not root.exists():
         raise SystemExit(f"evaluate: data folder {root} does not exist")
-    loader = _build_loader(root, args.split, image_size, cfg, args.batch_size, args.workers, args.limit)
+    try:
+        loader = _build_loader(root, args.split, image_size, cfg, args.batch_size, args.workers, args.limit)
+    except DatasetError as e:  # not a dataset, a missing split, unusable files: said in one place
+        raise SystemExit(f"evaluate: {e}") from None
     print(f"evaluating {checkpoint} on {root} ({args.split}, {len(loader.dataset)} images, {image_size} px) "
           f"on {device}")
 

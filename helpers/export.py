@@ -214,14 +214,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m helpers.export",
                                 description="Export a training checkpoint as a model bundle for the app "
                                             "(model.safetensors + config.json).")
-    p.add_argument("--checkpoint", required=True, help="a .ckpt written by helpers.train")
+    p.add_argument("--checkpoint", required=True,
+                   help="a .ckpt written by helpers.train, a run or checkpoint folder (its newest), or 'latest' "
+                        "(the newest in --run-dir)")
+    p.add_argument("--run-dir", default="runs/default", help="the run that --checkpoint latest looks in")
     p.add_argument("--out", required=True, help="new folder for the bundle (never overwritten)")
     p.add_argument("--hub-repo", help="Hugging Face model repo id the bundle will be published as (user/name)")
     p.add_argument("--metrics", help="a JSON file of evaluation metrics to include (e.g. from helpers.evaluate)")
     args = p.parse_args(argv)
+    from .checkpoints import resolve_checkpoint
+
     try:
-        out = export_checkpoint(args.checkpoint, args.out, hub_repo=args.hub_repo, metrics_file=args.metrics)
-    except (BundleError, FileExistsError, ValueError) as e:
+        checkpoint = resolve_checkpoint(args.checkpoint, args.run_dir)
+        out = export_checkpoint(checkpoint, args.out, hub_repo=args.hub_repo, metrics_file=args.metrics)
+    except (BundleError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = read_bundle_config(out)

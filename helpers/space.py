@@ -1,6 +1,7 @@
 """A folder ready to push as a Hugging Face Space: the app, the helpers it imports, a bundle, samples.
 
     python -m helpers.space build OUT --bundle DIR --samples DATASET [--hub-repo ID] [--count 6]
+    python -m helpers.space push OUT --space USER/NAME       # create the Gradio Space, upload OUT
     python -m helpers.space samples OUT --samples DATASET [--count 6]
 
 `build` writes
@@ -302,6 +303,35 @@ def build(out: str | Path, bundle: str | Path | None, samples: str | Path | None
     return out
 
 
+def upload_command(out: str | Path, space: str = "<user>/<space>") -> str:
+    """The huggingface_hub CLI (`hf`, since 1.0) commands that create the Space and push a built folder."""
+    return (f"hf repos create {space} --repo-type space --space-sdk gradio --exist-ok && "
+            f"hf upload {space} {out} . --repo-type space")
+
+
+def push(out: str | Path, space: str, private: bool = False, token: str | None = None) -> str:
+    """Create the Gradio Space `space` (user/name) if needed and upload the built folder `out` to it;
+    returns the Space's URL. The token comes from `token`, else HF_TOKEN, else `hf auth login`'s."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    out = Path(out)
+    if not (out / "app.py").is_file() or not (out / "README.md").is_file():
+        raise ValueError(f"{out}: not a built Space folder (no app.py/README.md): run `python -m helpers.space build` first")
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(space, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+        api.upload_folder(repo_id=space, folder_path=out, repo_type="space",
+                          commit_message="Upload the YOLOv3 app (python -m helpers.space push)")
+    except LocalTokenNotFoundError:
+        raise PermissionError("no Hugging Face token: run `hf auth login` (or set HF_TOKEN) with a token that "
+                              "can write, then push again") from None
+    except HfHubHTTPError as e:
+        raise PermissionError(f"the Hub refused {space}: {str(e).splitlines()[0]} (a write token for that "
+                              "user or organisation is needed: `hf auth login`)") from None
+    return str(url)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m helpers.space", description="Build a Hugging Face Space folder.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -314,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--count", type=int, default=6)
     b.add_argument("--title", default="YOLOv3 PASCAL VOC Grad-CAM")
     b.add_argument("--license", default="other", help="the Space's licence id for its front matter")
+    u = sub.add_parser("push", help="create the Gradio Space and upload a built folder (huggingface_hub)")
+    u.add_argument("out", help="the folder `build` wrote")
+    u.add_argument("--space", required=True, help="the Space's id, user/name (created if it does not exist)")
+    u.add_argument("--private", action="store_true")
     s = sub.add_parser("samples", help="only write sample photos and their attribution")
     s.add_argument("out")
     s.add_argument("--samples", required=True)
@@ -324,12 +358,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             out = build(args.out, args.bundle, args.samples, args.hub_repo, args.split, args.count, args.title,
                         args.license)
-            print(f"Space written: {out}\n  push it with: huggingface-cli upload <user>/<space> {out} . "
-                  "--repo-type space")
+            print(f"Space written: {out}\n  push it with: python -m helpers.space push {out} --space <user>/<space>"
+                  f"\n  or with the CLI:  {upload_command(out)}")
+        elif args.command == "push":
+            print(f"Space pushed: {push(args.out, args.space, args.private)}")
         else:
             for path in write_samples(args.samples, args.out, args.split, args.count):
                 print(path)
-    except (FileExistsError, ValueError, OSError) as e:
+    except (FileExistsError, ValueError, OSError) as e:  # PermissionError (the Hub's refusal) is an OSError
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

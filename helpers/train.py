@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 
+from .annotations import DatasetError, find_dataset
 from .checkpoints import (
     CheckpointError,
     NoOverwriteCheckpointIO,
@@ -92,6 +93,14 @@ def _parse_value(kind: str, text: str):
     return None if text.lower() == "none" and "None" in kind else text
 
 
+def _parser_for(kind: str):
+    def parse(text: str):
+        return _parse_value(kind, text)
+
+    parse.__name__ = kind  # argparse names it in "invalid ... value"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m helpers.train",
@@ -119,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
             if f.name in ("root", "classes"):
                 continue
             group.add_argument(_flag(f.name), dest=f"{section}.{f.name}", metavar=str(f.type).upper().split(" ")[0],
-                               type=lambda text, k=str(f.type): _parse_value(k, text),
+                               type=_parser_for(str(f.type)),
                                help=f"default: the preset's ({f.type})")
     return p
 
@@ -363,12 +372,19 @@ def _save_plots(summary: dict, run_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        cfg = config_from_args(args)
+    except (OSError, ValueError, TypeError) as e:  # --config: missing, not JSON, unknown or mistyped fields
+        parser.error(f"--config {args.config}: {e}")
+    try:
+        if cfg.data.root:  # the dataset folder itself, said once (--data may be a folder above it)
+            cfg.data.root = str(find_dataset(cfg.data.root))
+            print(f"data: {cfg.data.root}")
         summary = train(cfg, resume=args.resume, lr_find=args.lr_find,
                         checkpoint_every_steps=args.checkpoint_every_steps, start_fresh=args.start_fresh)
-    except (ScheduleMismatch, CheckpointError, StorageFull) as e:
+    except (ScheduleMismatch, DatasetError, CheckpointError, StorageFull) as e:  # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:

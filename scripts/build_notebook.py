@@ -24,83 +24,107 @@ NOTEBOOK = ROOT / "S13_YOLOv3_Lightning.ipynb"
 CELLS = [
     ("md", """# YOLOv3 from scratch on PASCAL VOC, with PyTorch Lightning
 
+[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab_url})
+
 The course's YOLOv3 (Darknet-53, 3 scales, 20 VOC classes), trained from scratch: LR range test,
 a precomputed OneCycle schedule saved to a text file, 16-bit training with multi-resolution batches
 (320-608) and mosaic on 75% of training samples, checkpoints on Google Drive that survive
 disconnects, the course's accuracies, VOC mAP, and Grad-CAM for each detection.
 
 Everything here calls the `helpers/` package; run it top to bottom on Colab or Kaggle with a GPU.
+**After a disconnect, or in a new session, run it top to bottom again**: it finds the data, resumes
+training from the newest checkpoint (or skips it when the run is complete) and redoes the rest.
 Without a GPU (or with `YOLO_SMOKE=1`) it runs in **smoke mode**: the embedded small config on
 generated data, on the CPU, in a few minutes.
 
 **{run_note}**"""),
-    ("md", "## 1. Setup\nInstalls the requirements on Colab/Kaggle, mounts Google Drive on Colab, picks the run folder."),
-    ("code", """import os, sys, subprocess, json, time
+    ("md", """## 1. Setup
+Clones the repository where it is absent (set `REPO_URL` on the first line to your copy), installs
+the training requirements (Colab's and Kaggle's torch and Jupyter are kept), mounts Google Drive on
+Colab, and stops at once on a GPU the installed torch cannot run (Kaggle's P100)."""),
+    ("code", """REPO_URL = "{repo_url}"  # <- your copy of this repository (e.g. your fork on GitHub)
+
+import os, sys, subprocess, json, time
 from pathlib import Path
 
-# Parameters: YOLO_SMOKE=1 forces the CPU smoke run; YOLO_DATA points at a VOCdevkit or the
-# Kaggle/course folder (unset = generated data in smoke mode).
+# Optional settings from the environment: YOLO_SMOKE=1 forces the CPU smoke run; YOLO_DATA names a
+# VOCdevkit or the course's Kaggle folder (else step 3 finds or downloads it); YOLO_RUN_DIR moves
+# the run folder; YOLO_FIGURES also saves the main figures into a folder (the repo's images/).
 SMOKE = os.environ.get("YOLO_SMOKE", "auto")
 DATA_ROOT = os.environ.get("YOLO_DATA")
-FIGURES = os.environ.get("YOLO_FIGURES")  # a folder to also save the main figures in (the repo's images/)
+FIGURES = os.environ.get("YOLO_FIGURES")
 
-IN_COLAB = "google.colab" in sys.modules
-IN_KAGGLE = "KAGGLE_KERNEL_RUN_TYPE" in os.environ
-REPO_URL = os.environ.get("YOLO_REPO_URL", "")  # on Colab/Kaggle: this project's git URL (cloned if needed)
+IN_COLAB, IN_KAGGLE = "google.colab" in sys.modules, "KAGGLE_KERNEL_RUN_TYPE" in os.environ
 if not Path("helpers").is_dir():
-    if (IN_COLAB or IN_KAGGLE) and REPO_URL:
-        if not Path("yolov3-lightning").is_dir():  # a restarted session finds the earlier clone
-            subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "yolov3-lightning"], check=True)
-        os.chdir("yolov3-lightning")
-    else:
-        raise SystemExit("Run this notebook from the repository's root folder (it imports helpers/); "
-                         "on Colab/Kaggle set REPO_URL above to have it cloned.")
-if IN_COLAB or IN_KAGGLE:
+    clone = Path("yolov3-lightning")
+    if not clone.is_dir():  # a restarted session finds the earlier clone
+        if "YOUR-GITHUB-USER" in REPO_URL:
+            raise SystemExit("Set REPO_URL on the first line of this cell to your copy of the repository "
+                             "(or run the notebook from the repository's root folder).")
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, str(clone)], check=True)
+    os.chdir(clone)
+if IN_COLAB or IN_KAGGLE:  # training packages only: never Jupyter, never the platform's torch
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
-if IN_COLAB:
-    from google.colab import drive
-    drive.mount("/content/drive")
-    RUN_DIR = "/content/drive/MyDrive/yolov3-voc"   # checkpoints and schedule survive a disconnect
-elif IN_KAGGLE:
-    RUN_DIR = "/kaggle/working/yolov3-voc"
-else:
-    RUN_DIR = "runs/notebook"
 
 import torch
+from helpers.runtime import adopt_earlier_run, detect, gpu_problem
+
+if (problem := gpu_problem()):
+    raise SystemExit(problem)
+runtime = detect()
+if runtime.kind == "colab":
+    from google.colab import drive
+    drive.mount("/content/drive")  # checkpoints and schedule survive a disconnect
+RUN_DIR = os.environ.get("YOLO_RUN_DIR", str(runtime.run_dir))
+if runtime.kind == "kaggle" and (earlier := adopt_earlier_run(RUN_DIR)):
+    print(f"resuming the run saved in {earlier} (copied into {RUN_DIR})")
 SMOKE = (not torch.cuda.is_available()) if SMOKE == "auto" else SMOKE == "1"
-where = "Colab" if IN_COLAB else "Kaggle" if IN_KAGGLE else "local"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-print(f"{where}, {gpu}, torch {torch.__version__}; smoke mode: {SMOKE}; run folder: {RUN_DIR}")"""),
-    ("md", "## 2. Configuration\nThe course's settings in one dataclass (smoke mode: the small embedded config)."),
+GPUS = torch.cuda.device_count()
+DEVICE = "cuda" if GPUS else "cpu"
+gpu = f"{GPUS} x {torch.cuda.get_device_name(0)}" if GPUS else "no GPU"
+print(f"{runtime.kind}, {gpu}, torch {torch.__version__}; smoke mode: {SMOKE}; run folder: {RUN_DIR}")"""),
+    ("md", "## 2. Configuration\nThe course's settings in one dataclass (smoke mode: the small embedded config); every GPU is used."),
     ("code", """from helpers.train import course_preset, embedded_default
 
 cfg = embedded_default() if SMOKE else course_preset()
 cfg.train.run_dir = RUN_DIR
-if DATA_ROOT:
-    cfg.data.root = DATA_ROOT
+cfg.train.devices = max(GPUS, 1)
 for section, values in cfg.to_dict().items():
     print(f"{section:5s}", {k: v for k, v in values.items() if k != "classes"})"""),
-    ("md", "## 3. Data\nTraining samples with and without mosaic (boxes drawn from the targets), and the class counts."),
+    ("md", """## 3. Data
+The course's Kaggle dataset, found where it already is (`YOLO_DATA`, the dataset attached to a Kaggle
+notebook, a copy downloaded earlier) or downloaded with `kagglehub` (on Colab into the local disk, in
+about a minute; the token: a Colab secret `KAGGLE_API_TOKEN` from kaggle.com > Settings > API).
+Then training samples with and without mosaic (boxes drawn from the targets), and the class counts."""),
     ("code", """import warnings
 from collections import Counter
 import matplotlib.pyplot as plt
+from helpers.annotations import DatasetError
+from helpers.data_source import get_data
 from helpers.datamodule import YOLODataModule
 from helpers.dataset import YOLODataset as TrainDataset
 from helpers.plotting import draw_boxes, show, yolo_to_pixels
 
+if SMOKE and not DATA_ROOT:
+    print("smoke mode: generated shapes with VOC class names (no download)")
+else:  # never the course's 40 epochs on generated shapes: real data or a clear stop
+    try:
+        cfg.data.root = str(get_data(DATA_ROOT, runtime.download_dir, download=runtime.can_download))
+    except DatasetError as e:
+        raise SystemExit(str(e)) from None
 datamodule = YOLODataModule(cfg.data, seed=cfg.train.seed)
 datamodule.prepare_data()
 datamodule.setup("fit")
 train_set, val_set = datamodule.train_dataset, datamodule.val_dataset
-print(f"data: {datamodule.root}; {len(train_set)} training images, {len(val_set)} validation images")
+print(f"data: {datamodule.root}; {len(train_set)} training images ({train_set.split}), "
+      f"{len(val_set)} validation images ({val_set.split})")
 counts = Counter(int(c) for r in train_set.records for c in r.labels)
 print({cfg.data.classes[c]: n for c, n in sorted(counts.items())})
 size = cfg.data.image_size
 with warnings.catch_warnings():  # mosaic 0 and 1 here only to show both kinds of sample
     warnings.simplefilter("ignore")
-    plain = TrainDataset(train_set.root, cfg.data.train_split, size, mosaic=0.0, records=train_set.records)
-    mosaic = TrainDataset(train_set.root, cfg.data.train_split, size, mosaic=1.0, records=train_set.records)
+    plain = TrainDataset(train_set.root, train_set.split, size, mosaic=0.0, records=train_set.records)
+    mosaic = TrainDataset(train_set.root, train_set.split, size, mosaic=1.0, records=train_set.records)
 fig, axes = plt.subplots(2, 4, figsize=(12, 6))
 for k, ax in enumerate(axes.flat):
     image, boxes = (plain if k < 4 else mosaic)[(k % 4, size)]
@@ -139,12 +163,32 @@ steps_per_epoch = datamodule.num_training_batches(cfg.train.devices)
 schedule = prepare_schedule(cfg, Path(RUN_DIR), steps_per_epoch, len(train_set), max_lr or cfg.train.max_lr)
 show(plot_schedule(schedule.lrs, steps_per_epoch), "schedule", FIGURES)"""),
     ("md", """## 7. Training
-16-bit mixed precision on a GPU (32-bit on a CPU), multi-resolution batches, checkpoints every epoch
-and every few minutes in the run folder. **After a disconnect, rerun the notebook: this cell resumes
-from the newest checkpoint that loads, at its step of the schedule file.**"""),
-    ("code", """from helpers.train import train
+16-bit mixed precision on a GPU (32-bit on a CPU), multi-resolution batches, checkpoints in the run
+folder (every epoch and every ~20 minutes). Several GPUs (Kaggle's T4 x2) train through
+`python -m helpers.train --config <run>/config.json --resume latest` in a child process: Lightning
+cannot start DDP inside a notebook. **After a disconnect, rerun the notebook: this cell resumes from
+the newest checkpoint that loads, at its step of the schedule file; once the run is complete it
+only reports it.**
 
-summary = train(cfg, resume="latest")
+How long the 40 epochs take (16,551 training images an epoch, validation of 4,952 each epoch). A
+*projection* from public figures until a GPU of ours measures it: about 25-40 images/s for YOLOv3 training at
+these sizes on a T4, and public relative throughputs for the others:
+
+| GPU | projected 40 epochs | sessions |
+|---|---|---|
+| T4 (Colab free) | 5-8 h | 2-3 Colab sessions: resume in the next one |
+| T4 x2 (Kaggle) | 3-4.5 h | one Kaggle session (12 h limit) |
+| P100 (Kaggle) | - | not supported by Kaggle's current torch: pick T4 x2 |
+| A100 | 45 min-1.5 h | one session |
+| H100 | 30 min-1 h | one session; the data loaders may be the limit |
+"""),
+    ("code", """from helpers.runtime import train_in_subprocess
+from helpers.train import train
+
+if cfg.train.devices > 1:
+    summary = train_in_subprocess(cfg)  # e.g. python -m helpers.train --config <run>/config.json --resume latest
+else:
+    summary = train(cfg, resume="latest")
 print(json.dumps({k: v for k, v in summary.items() if k not in ("metrics", "ap_per_class_voc07")}, indent=1))"""),
     ("md", "## 8. Results\nLoss and accuracy curves per epoch; then the newest checkpoint on the test split: the course's accuracies, mAP@0.5 (VOC07 11-point and all-point) per class, and the PR curves."),
     ("code", """from helpers.checkpoints import find_latest, load_model
@@ -172,17 +216,41 @@ show(plot_worst_mistakes(model, images, mistakes, cfg.data.classes), "worst_mist
     ("md", "## 10. Export for the app\nA bundle the Gradio app loads: `model.safetensors` + `config.json` (classes, anchors, metrics)."),
     ("code", """from helpers.export import export_checkpoint
 
-bundle = export_checkpoint(find_latest(Path(RUN_DIR) / "checkpoints"), Path(RUN_DIR) / f"bundle-{time.strftime('%Y%m%d-%H%M%S')}")
+latest = find_latest(Path(RUN_DIR) / "checkpoints")
+bundle = Path(RUN_DIR) / f"bundle-{latest.stem}"  # one per checkpoint: a rerun reuses it
+if not (bundle / "config.json").is_file():
+    bundle = export_checkpoint(latest, bundle)
 print("bundle:", bundle, sorted(p.name for p in Path(bundle).iterdir()))"""),
 ]
 
 
+PLACEHOLDER_URL = "https://github.com/YOUR-GITHUB-USER/yolov3-lightning"
+
+
+def repo_url() -> str:
+    """The repository the notebook clones on Colab/Kaggle: $YOLO_REPO_URL, else this clone's `origin`
+    on GitHub, else a placeholder the first cell asks the user to replace."""
+    import subprocess
+
+    url = os.environ.get("YOLO_REPO_URL")
+    if not url:
+        got = subprocess.run(["git", "-C", str(ROOT), "remote", "get-url", "origin"], capture_output=True, text=True)
+        url = got.stdout.strip() if got.returncode == 0 and "github.com" in got.stdout else PLACEHOLDER_URL
+    return url.removesuffix(".git")
+
+
+def colab_url(url: str) -> str:
+    return url.replace("https://github.com/", "https://colab.research.google.com/github/") + \
+        f"/blob/main/{NOTEBOOK.name}"
+
+
 def build(run_note: str) -> nbformat.NotebookNode:
+    url = repo_url()
     nb = new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     for kind, source in CELLS:
-        source = source.replace("{run_note}", run_note)
+        source = source.replace("{run_note}", run_note).replace("{repo_url}", url).replace("{colab_url}", colab_url(url))
         nb.cells.append(new_markdown_cell(source) if kind == "md" else new_code_cell(source))
     return nb
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import voc_xml
-from PIL import Image
 from lightning_fabric.utilities.data import _set_sampler_epoch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from helpers.annotations import Record
@@ -475,7 +475,7 @@ def test_ranks_draw_the_same_sizes_and_split_the_evaluation_set(voc_shared, monk
 def test_validation_batches_carry_meta_at_the_fixed_size(voc_shared):
     dm = YOLODataModule(small_config(voc_shared))
     dm.setup("fit")
-    for images, boxes, metas, skipped in dm.val_dataloader():
+    for images, boxes, metas, _ in dm.val_dataloader():
         assert images.shape[-2:] == (64, 64) and len(metas) == len(images)
         assert boxes.shape[1] == 6 and {"path", "orig_size", "scale", "pad", "gt"} <= set(metas[0])
 

@@ -177,3 +177,11 @@ def test_command_line_export_and_refusal(tmp_path, model_and_config, capsys):
     assert "never overwritten" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "c")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_command_line_export_of_the_latest_checkpoint_of_a_run(tmp_path, model_and_config, capsys):
+    model, cfg = model_and_config
+    fake_checkpoint(tmp_path / "run" / "checkpoints" / "epoch=000-step=0000004-lr=1.0000e-03.ckpt", model, cfg)
+    assert main(["--checkpoint", "latest", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "b")]) == 0
+    assert main(["--checkpoint", "latest", "--run-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "c")]) == 2
+    assert "empty: not found" in capsys.readouterr().err

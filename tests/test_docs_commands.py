@@ -1,0 +1,64 @@
+"""Every `python -m helpers.…` command the README and the app's README show parses as written: its
+subcommand and flags exist (the command is parsed by the module's own argparse, then stopped)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", REPO / "app" / "README.md"]
+COMMAND = re.compile(r"python -m (helpers\.\w+)((?:[ ]+(?!#)[^\s`|]+)*)")
+PLACEHOLDER = "X"  # stands for "..." in a shown command
+
+
+class Parsed(Exception):
+    pass
+
+
+def _commands_in(text: str) -> list[tuple[str, list[str]]]:
+    found = []
+    for match in COMMAND.finditer(text):
+        args = [PLACEHOLDER if a == "..." else a for a in shlex.split(match.group(2))]
+        args = [a for a in args if not (a.startswith("[") or a.endswith("]"))]  # optional parts
+        found.append((match.group(1), args))
+    return found
+
+
+def shown_commands() -> list[tuple[str, str, list[str]]]:
+    """(doc, module, args): each line of a fenced block, and each inline code span with arguments
+    (a bare `python -m helpers.x` in prose names the module; `--help` only prints)."""
+    found = []
+    for doc in DOCS:
+        parts = doc.read_text().split("```")
+        for k, part in enumerate(parts):
+            if k % 2:  # a fenced code block: one command a line
+                commands = [c for line in part.splitlines() for c in _commands_in(line)]
+            else:
+                spans = [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", part)]
+                commands = [c for span in spans for c in _commands_in(span) if c[1]]
+            found += [(str(doc.relative_to(REPO)), m, a) for m, a in commands if "--help" not in a]
+    return found
+
+
+@pytest.mark.parametrize("doc,module,args", shown_commands(), ids=lambda v: v if isinstance(v, str) else None)
+def test_documented_command_parses(doc, module, args, monkeypatch):
+    def stop(self, args=None, namespace=None):
+        namespace, extra = argparse.ArgumentParser.parse_known_args(self, args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        raise Parsed(namespace)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", stop)
+    main = importlib.import_module(module).main
+    with pytest.raises(Parsed):
+        main(args)
+
+
+def test_the_docs_show_the_main_commands():
+    modules = {m for _, m, _ in shown_commands()}
+    assert {"helpers.train", "helpers.export", "helpers.space", "helpers.annotations"} <= modules
