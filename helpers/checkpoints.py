@@ -188,10 +188,6 @@ def set_aside(folder: str | os.PathLike) -> Path | None:
     return target
 
 
-def weights_name(epoch: int, step: int, lr: float) -> str:
-    return checkpoint_name(epoch, step, lr)
-
-
 @dataclass(frozen=True)
 class StoragePlan:
     """What a run's checkpoints take: one full training state, one epoch's weights, the total."""
@@ -307,8 +303,8 @@ class PeriodicCheckpoint(pl.Callback):
                  for k, v in module.state_dict().items()}
         ckpt = {"epoch": trainer.current_epoch, "global_step": trainer.global_step, "state_dict": state,
                 "hyper_parameters": dict(module.hparams), "weights_only": True}
-        path = free_name(self.dirpath / WEIGHTS_DIR, weights_name(trainer.current_epoch, trainer.global_step,
-                                                                  self._lr(trainer)))
+        path = free_name(self.dirpath / WEIGHTS_DIR, checkpoint_name(trainer.current_epoch, trainer.global_step,
+                                                                      self._lr(trainer)))
         return atomic_write_new(path, lambda f: torch.save(ckpt, f))
 
 
