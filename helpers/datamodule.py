@@ -39,7 +39,8 @@ SYNTHETIC = {"n_trainval": 256, "n_test": 64, "image_size": (160, 120)}
 # --- collate ------------------------------------------------------------------------------------
 def collate(batch):
     """(images [B,3,S,S], boxes [N,6] = image index, class, cx, cy, w, h, skipped: 0-d int64 tensor =
-    samples of this batch that could not be read, dropped here)."""
+    samples of this batch that could not be read, dropped here). A batch with no readable sample has
+    B = 0 (images [0,3,1,1]): the LightningModule and `evaluate` skip it."""
     good = [b for b in batch if b is not None]
     skipped = torch.tensor(len(batch) - len(good), dtype=torch.int64)
     if not good:
@@ -52,10 +53,11 @@ def collate(batch):
 
 
 def collate_with_meta(batch):
-    """(images [B,3,S,S], boxes [N,6], metas: one dict per image) for evaluation; unreadable samples dropped."""
+    """(images [B,3,S,S], boxes [N,6], metas: one dict per image, skipped: 0-d int64 tensor) for
+    evaluation; unreadable samples dropped and counted (B = 0 when none could be read)."""
     good = [b for b in batch if b is not None]
     images, boxes, _ = collate([(b[0], b[1]) for b in good])
-    return images, boxes, [b[2] for b in good]
+    return images, boxes, [b[2] for b in good], torch.tensor(len(batch) - len(good), dtype=torch.int64)
 
 
 # --- samplers -----------------------------------------------------------------------------------
@@ -63,20 +65,35 @@ class MultiScaleBatchSampler(Sampler):
     """Batches of (index, size): one size per batch, the same on every rank for the same step.
 
     The size of batch k in epoch e is drawn from a generator seeded with (seed, e, k), so it needs
-    no communication between ranks and repeats exactly on resume. Call `set_epoch` each epoch
-    (Lightning does it for samplers that have it); it is passed on to the wrapped sampler.
+    no communication between ranks and repeats exactly on resume. The epoch is the wrapped sampler's
+    (`DistributedSampler.epoch`, which Lightning sets every epoch: it calls `set_epoch` on the batch
+    sampler's `sampler`, never on the batch sampler itself), or the one given to `set_epoch`.
+
+    `resume_at(epoch, done)` makes the next iteration skip the first `done` batches of that epoch
+    (indices only, no image is read), keeping their numbers, so the sizes and images that follow are
+    those an uninterrupted run would see.
     """
 
     def __init__(self, sampler, batch_size: int, sizes, drop_last: bool = True, seed: int = 0):
         self.sizes = tuple(int(s) for s in sizes)
         if not self.sizes or any(s <= 0 or s % 32 for s in self.sizes):
             raise ValueError(f"image sizes must be positive multiples of 32 (the model's stride), got {sizes}")
-        self.sampler, self.batch_size, self.drop_last, self.seed, self.epoch = sampler, batch_size, drop_last, seed, 0
+        self.sampler, self.batch_size, self.drop_last, self.seed = sampler, batch_size, drop_last, seed
+        self._epoch, self._skip = 0, 0
+
+    @property
+    def epoch(self) -> int:
+        return int(getattr(self.sampler, "epoch", self._epoch))
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch = epoch
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
+
+    def resume_at(self, epoch: int, done: int) -> None:
+        """Start the next iteration at batch `done` of epoch `epoch`."""
+        self.set_epoch(epoch)
+        self._skip = done
 
     def size_of(self, batch_number: int) -> int:
         if len(self.sizes) == 1:
@@ -85,20 +102,45 @@ class MultiScaleBatchSampler(Sampler):
         return self.sizes[int(rng.integers(len(self.sizes)))]
 
     def __iter__(self):
+        skip, self._skip = self._skip, 0
         batch, number = [], 0
         for index in self.sampler:
             batch.append(int(index))
             if len(batch) == self.batch_size:
-                size = self.size_of(number)
-                yield [(i, size) for i in batch]
+                if number >= skip:
+                    size = self.size_of(number)
+                    yield [(i, size) for i in batch]
                 batch, number = [], number + 1
-        if batch and not self.drop_last:
+        if batch and not self.drop_last and number >= skip:
             size = self.size_of(number)
             yield [(i, size) for i in batch]
 
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints with the training loop (it has `state_dict` and
+    `load_state_dict`, Lightning's `_Stateful`), so a run resumed mid-epoch continues with the next
+    batch of the same epoch instead of restarting the epoch's data.
+
+    The state is (epoch, batches done), read from `position()` when Lightning saves: the training
+    loop's own count of processed batches. Counting in the loader would be wrong by Lightning's
+    one-batch prefetch and by the worker processes' read-ahead. A finished epoch is stored as batch 0
+    of the next one.
+    """
+
+    def __init__(self, *args, position=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.position = position
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, done = self.position() if self.position else (self.batch_sampler.epoch, 0)
+        return {"epoch": int(epoch), "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.resume_at(int(state["epoch"]), int(state["batches_done"]))
 
 
 class ShardSampler(Sampler):
@@ -180,11 +222,21 @@ class YOLODataModule(pl.LightningDataModule):
         world = world_size or self.world()[0]
         return steps_per_epoch(len(self.train_dataset), self.cfg.batch_size, world)
 
-    def _loader(self, dataset, batch_sampler, collate_fn) -> DataLoader:
+    def _loader(self, dataset, batch_sampler, collate_fn, kind=DataLoader, **extra) -> DataLoader:
         workers = self.cfg.num_workers
-        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=workers,
-                          pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
-                          persistent_workers=workers > 0)
+        return kind(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=workers,
+                    pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+                    persistent_workers=workers > 0, **extra)
+
+    def training_position(self) -> tuple[int, int]:
+        """(epoch, training batches done in it) of the attached Trainer's fit loop; an epoch whose
+        batches are all done counts as (next epoch, 0)."""
+        trainer = self.trainer
+        epoch = trainer.current_epoch
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:
+            epoch, done = epoch + 1, 0
+        return epoch, done
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
@@ -195,7 +247,9 @@ class YOLODataModule(pl.LightningDataModule):
         sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=self.seed)
         drop_last = len(sampler) >= self.cfg.batch_size
         batches = MultiScaleBatchSampler(sampler, self.cfg.batch_size, self.cfg.train_sizes, drop_last, self.seed)
-        return self._loader(ds, batches, collate)
+        attached = getattr(self, "trainer", None) is not None
+        return self._loader(ds, batches, collate, ResumableDataLoader,
+                            position=self.training_position if attached else None)
 
     def _eval_loader(self) -> DataLoader:
         self.setup("validate")

@@ -31,7 +31,11 @@ class YOLOModule(pl.LightningModule):
         self.val_accuracy = YoloAccuracy(threshold=t.conf_threshold)
         self.val_map_inputs = DetectionsAndTruths()
         self.schedule = Schedule.read(schedule_path) if schedule_path else None
-        self.skipped_samples = 0
+        self.skipped_samples = 0  # this epoch's, on this rank
+        self.val_skipped = 0
+        # Unreadable samples: training total over the run (all ranks, every epoch; kept in checkpoints)
+        # and the last validation's count.
+        self.skipped_images = {"train": 0, "val": 0}
         self.last_map: dict | None = None
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -47,6 +51,13 @@ class YOLOModule(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, boxes, skipped = batch
         b = images.shape[0]
+        self.skipped_samples += int(skipped)
+        if b == 0:  # no image of this batch could be read (the dataset warned, naming the files)
+            # Still one optimizer step, so the step count stays on the schedule file and every DDP rank
+            # steps together; at LR 0 and zero gradients the weights do not move.
+            for group in self.trainer.optimizers[0].param_groups:
+                group["lr"] = 0.0
+            return sum(p.sum() for p in self.model.parameters()) * 0.0
         targets = build_targets(boxes, b, tuple(images.shape[-2:]))
         parts = self.loss_fn.parts(self.model(images), targets)
         self.log("train/loss", parts.total, on_step=True, on_epoch=True, batch_size=b, prog_bar=True)
@@ -55,7 +66,6 @@ class YOLOModule(pl.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
                  batch_size=b, prog_bar=True)
         self.log("train/image_size", float(images.shape[-1]), on_step=True, on_epoch=False, batch_size=b)
-        self.skipped_samples += int(skipped)
         return parts.total
 
     def on_train_epoch_end(self) -> None:
@@ -65,7 +75,16 @@ class YOLOModule(pl.LightningModule):
         if int(skipped) and self.trainer.is_global_zero:
             print(f"epoch {self.current_epoch}: {int(skipped)} training samples could not be read and were "
                   "skipped (the warnings above name the files)")
+        self.skipped_images["train"] += int(skipped)
         self.skipped_samples = 0
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["skipped_images"] = {**self.skipped_images, "train_this_epoch": self.skipped_samples}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("skipped_images", {})
+        self.skipped_images = {"train": int(saved.get("train", 0)), "val": int(saved.get("val", 0))}
+        self.skipped_samples = int(saved.get("train_this_epoch", 0))
 
     # --- validation -------------------------------------------------------------------------
     def _is_last_epoch(self) -> bool:
@@ -80,8 +99,11 @@ class YOLOModule(pl.LightningModule):
         return self._is_last_epoch() or (every > 0 and (self.current_epoch + 1) % every == 0)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        images, boxes, metas = batch
+        images, boxes, metas, skipped = batch
         b = images.shape[0]
+        self.val_skipped += int(skipped)
+        if b == 0:  # no image of this batch could be read
+            return
         outputs = self.model(images)
         targets = build_targets(boxes, b, tuple(images.shape[-2:]))
         self.log("val/loss", self.loss_fn(outputs, targets), on_epoch=True, batch_size=b, sync_dist=True,
@@ -102,7 +124,14 @@ class YOLOModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
+            self.val_skipped = 0
             return
+        skipped = self.trainer.strategy.reduce(torch.tensor(float(self.val_skipped), device=self.device),
+                                               reduce_op="sum")
+        self.skipped_images["val"] = int(skipped)
+        self.val_skipped = 0
+        if int(skipped):
+            self.log("val/skipped_samples", skipped)
         if self._accuracy_due() and self.val_accuracy.update_count:
             acc = self.val_accuracy.compute()  # synced across ranks (sum states)
             self.log_dict({f"val/{k}": v for k, v in acc.items()}, prog_bar=True)

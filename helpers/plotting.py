@@ -22,6 +22,7 @@ import io
 import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -442,15 +443,44 @@ def read_metrics_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return cols
 
 
+def read_run_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every session of a run as one table (column -> float array): `path` is the CSVLogger's folder
+    (`<run_dir>/logs`, holding a `version_N/metrics.csv` per session), or the run folder holding it.
+
+    A resumed session restarts at its checkpoint's step, so the rows an earlier session logged from
+    that step on (steps redone after a kill) are replaced by the later session's."""
+    folder = Path(path)
+    if (folder / "logs").is_dir():
+        folder = folder / "logs"
+    files = sorted(folder.glob("version_*/metrics.csv"), key=lambda f: int(f.parent.name.split("_")[-1]))
+    if not files:
+        raise ValueError(f"{folder}: no version_*/metrics.csv (has training logged anything yet?)")
+    rows: list[dict] = []
+    for file in files:
+        with open(file, newline="") as f:
+            session = [r for r in csv.DictReader(f) if r.get("step") not in ("", None)]
+        if not session:
+            continue
+        first = min(float(r["step"]) for r in session)
+        rows = [r for r in rows if float(r["step"]) < first] + session
+    if not rows:
+        raise ValueError(f"{folder}: no rows (has training logged anything yet?)")
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return {k: np.array([float(r[k]) if r.get(k) not in ("", None) else np.nan for r in rows]) for k in keys}
+
+
 def plot_training_curves(metrics) -> Figure:
-    """Losses, accuracies, mAP and learning rate against the optimizer step, from a Lightning
-    CSVLogger `metrics.csv` (path) or a dict of columns (name -> list/array, NaN where empty).
+    """Losses, accuracies, mAP and learning rate against the optimizer step, from a run's log folder
+    (`<run_dir>/logs` or `<run_dir>`: every session merged, see `read_run_metrics`), a Lightning
+    CSVLogger `metrics.csv`, or a dict of columns (name -> list/array, NaN where empty).
 
     Panels appear for what was logged: train loss per step (light) and per epoch, val loss; the
     course's accuracies (val/class_acc, val/noobj_acc, val/obj_acc); val mAP; the learning rate.
     """
-    cols = read_metrics_csv(metrics) if isinstance(metrics, (str, os.PathLike)) else {
-        k: np.asarray(v, float) for k, v in metrics.items()}
+    if isinstance(metrics, (str, os.PathLike)):
+        cols = read_run_metrics(metrics) if Path(metrics).is_dir() else read_metrics_csv(metrics)
+    else:
+        cols = {k: np.asarray(v, float) for k, v in metrics.items()}
     if "step" not in cols:
         raise ValueError("plot_training_curves: the metrics have no 'step' column (a Lightning CSVLogger file has)")
     step = cols["step"]

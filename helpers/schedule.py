@@ -35,6 +35,9 @@ class OneCycleSpec:
     final_div_factor: float = 1e4
     anneal_strategy: str = "cos"
     three_phase: bool = False
+    # "config": max_lr is the run's --max-lr, checked on resume; "given": chosen at the start (the
+    # LR range test) and kept by every resume
+    max_lr_source: str = "config"
 
     @property
     def total_steps(self) -> int:
@@ -76,20 +79,33 @@ class Schedule:
             raise ValueError(f"step must be >= 0, got {step}")
         return self.lrs[min(step, len(self.lrs) - 1)]
 
-    def check_matches(self, batch_size: int, steps_per_epoch: int, path: str | os.PathLike = "") -> None:
-        """Refuse a run whose batch size or steps per epoch differ from the file's."""
-        problems = []
+    def check_matches(self, batch_size: int, steps_per_epoch: int, path: str | os.PathLike = "",
+                      **settings) -> None:
+        """Refuse a run whose batch size, steps per epoch or any OneCycle setting given in `settings`
+        (epochs, max_lr, pct_start, div_factor, final_div_factor, anneal_strategy, three_phase) differ
+        from the file's. max_lr is compared only where the file's came from the config."""
+        where = f" {path}" if path else ""
         if batch_size != self.spec.batch_size:
-            problems.append(f"batch size {batch_size} (the file was computed for {self.spec.batch_size})")
-        if steps_per_epoch != self.spec.steps_per_epoch:
-            problems.append(f"{steps_per_epoch} steps per epoch (the file was computed for "
-                            f"{self.spec.steps_per_epoch})")
-        if problems:
-            where = f" {path}" if path else ""
             raise ScheduleMismatch(
-                f"schedule file{where} does not match this run: it has " + " and ".join(problems)
-                + ". Recompute the schedule for this run (OneCycle is only valid for the batch size "
-                "it was computed for).")
+                f"schedule file{where} was computed for batch size {self.spec.batch_size}, this run has batch "
+                f"size {batch_size}: rerun with --batch-size {self.spec.batch_size} to resume, or use a new "
+                "--run-dir (OneCycle is only valid for the batch size it was computed for)")
+        if steps_per_epoch != self.spec.steps_per_epoch:
+            raise ScheduleMismatch(
+                f"schedule file{where} was computed for {self.spec.steps_per_epoch} steps per epoch, this run "
+                f"has {steps_per_epoch} ({self.spec.dataset_length} images then; a changed dataset, "
+                "--limit-train-batches or number of devices): rerun with the same data and flags to resume, "
+                "or use a new --run-dir")
+        if self.spec.max_lr_source != "config":
+            settings.pop("max_lr", None)
+        for key, value in settings.items():
+            saved = getattr(self.spec, key)
+            same = abs(value - saved) <= 1e-9 * abs(saved) if isinstance(saved, float) else value == saved
+            if not same:
+                raise ScheduleMismatch(
+                    f"schedule file{where} was computed for {key} {saved}, this run asks {value}: rerun with "
+                    f"--{key.replace('_', '-')} {saved} to resume, or use a new --run-dir to train with "
+                    f"{key} {value} from the start (a resume continues the saved schedule line by line)")
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file, then rename); refuse to overwrite a different schedule."""
@@ -125,7 +141,7 @@ class Schedule:
             except ValueError as e:
                 raise ValueError(f"{path}, line {n}: cannot read {line!r} ({e})") from None
         missing = set(types) - set(header) - {"pct_start", "div_factor", "final_div_factor",
-                                              "anneal_strategy", "three_phase"}
+                                              "anneal_strategy", "three_phase", "max_lr_source"}
         if missing:
             raise ValueError(f"{path}: header lacks {sorted(missing)}")
         spec = OneCycleSpec(**header)
@@ -137,6 +153,16 @@ class Schedule:
     @classmethod
     def compute(cls, spec: OneCycleSpec) -> Schedule:
         return cls(spec, compute_schedule(spec))
+
+
+def limited_steps(batches: int, limit: float | int | None) -> int:
+    """Optimizer steps per epoch once Lightning's `limit_train_batches` is applied (its own rule: an
+    int caps the count, a float is a fraction, rounded down)."""
+    if limit is None or (isinstance(limit, float) and limit == 1.0):
+        return batches
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return min(batches, limit)
+    return int(batches * limit)
 
 
 def _parse(kind, value: str):

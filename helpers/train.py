@@ -19,17 +19,34 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.rank_zero import rank_zero_only
 
 from .annotations import DatasetError, find_dataset
-from .checkpoints import NoOverwriteCheckpointIO, PeriodicCheckpoint, find_latest
+from .checkpoints import (
+    CheckpointError,
+    NoOverwriteCheckpointIO,
+    PeriodicCheckpoint,
+    StorageFull,
+    check_resumable,
+    find_latest,
+    free_bytes,
+    human,
+    remove_temporaries,
+    set_aside,
+    storage_plan,
+)
 from .config import Config, DataConfig, ModelConfig, TrainConfig
 from .datamodule import YOLODataModule
 from .module import YOLOModule
-from .schedule import OneCycleSpec, Schedule, ScheduleMismatch
+from .schedule import OneCycleSpec, Schedule, ScheduleMismatch, limited_steps
 
 SCHEDULE_FILE = "schedule.txt"
+# CSV rows are appended to metrics.csv every LOG_FLUSH_STEPS steps: a kill loses at most the rows since
+# (and a resume redoes the steps after its checkpoint, so curves keep no gap). An append a step is cheap.
+LOG_FLUSH_STEPS = 1
 
 
 def embedded_default() -> Config:
@@ -39,13 +56,17 @@ def embedded_default() -> Config:
         data=DataConfig(root=None, image_size=160, train_sizes=(128, 160, 192), batch_size=8, num_workers=2,
                         mosaic=0.5),
         train=TrainConfig(epochs=8, max_lr=2e-3, pct_start=0.2, precision="32-true", run_dir="runs/default",
-                          checkpoint_every_minutes=1.0, map_every=4),
+                          checkpoint_every_minutes=1.0, keep_last_k=2, map_every=4),
     )
 
 
 def course_preset() -> Config:
-    """The course's run: full Darknet-53, 40 epochs, batch 16, 16-bit, 320-608 training sizes."""
-    return Config(train=TrainConfig(run_dir="runs/course"))
+    """The course's run: full Darknet-53, 40 epochs, batch 16, 16-bit, 320-608 training sizes.
+
+    Storage: a full training state every 20 minutes and at each epoch end, the last two kept (~0.74 GB
+    each), plus each epoch's weights alone (~0.12 GB, fp16): ~7.2 GB for 40 epochs, within a free
+    Google Drive (15 GB, shared with Gmail and Photos)."""
+    return Config(train=TrainConfig(run_dir="runs/course", checkpoint_every_minutes=20.0, keep_last_k=2))
 
 
 PRESETS = {"default": embedded_default, "course": course_preset}
@@ -95,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="JSON file with {model: {...}, data: {...}, train: {...}}")
     p.add_argument("--data", dest="root", help="dataset folder: a VOCdevkit or the Kaggle/course layout")
     p.add_argument("--resume", help="'latest' (newest checkpoint that loads in the checkpoint folder) or a path")
+    p.add_argument("--start-fresh", action="store_true",
+                   help="start over on purpose: move the checkpoint folder's files into a set-aside-* subfolder first")
     p.add_argument("--lr-find", action="store_true",
                    help="run the LR range test first and use its suggestion as max LR (see helpers.lr_finder)")
     p.add_argument("--checkpoint-every-steps", type=int, default=0,
@@ -135,22 +158,32 @@ def choose_precision(requested: str) -> str:
 
 
 def prepare_schedule(cfg: Config, run_dir: Path, steps_per_epoch: int, dataset_length: int,
-                     max_lr: float) -> Schedule:
-    """Read the run's schedule file, or compute and write it; refuse one made for another run."""
+                     max_lr: float | None = None, max_lr_source: str | None = None) -> Schedule:
+    """Read the run's schedule file, or compute and write it; refuse one made for another run.
+
+    steps_per_epoch: the training loader's batches per epoch and process; `limit_train_batches` is
+    applied here. max_lr: None for the config's; a value chosen at the start (the LR range test's) is
+    recorded as such ("given"), and a resume keeps it instead of comparing it with the config's."""
     path = run_dir / SCHEDULE_FILE
     t = cfg.train
+    steps = limited_steps(steps_per_epoch, t.limit_train_batches)
+    if max_lr is None:
+        max_lr = t.max_lr
+    source = max_lr_source or ("config" if max_lr == t.max_lr else "given")
+    settings = dict(epochs=t.epochs, max_lr=max_lr, pct_start=t.pct_start, div_factor=t.div_factor,
+                    final_div_factor=t.final_div_factor, anneal_strategy=t.anneal_strategy,
+                    three_phase=t.three_phase)
     if path.exists():
         schedule = Schedule.read(path)
-        schedule.check_matches(cfg.data.batch_size, steps_per_epoch, path)
-        print(f"schedule: reusing {path} ({schedule.spec.total_steps} steps, max LR {schedule.spec.max_lr:.3g})")
+        schedule.check_matches(cfg.data.batch_size, steps, path, **settings)
+        rank_zero_only(print)(f"schedule: reusing {path} ({schedule.spec.total_steps} steps, max LR "
+                              f"{schedule.spec.max_lr:.3g})")
         return schedule
-    spec = OneCycleSpec(max_lr=max_lr, epochs=t.epochs, steps_per_epoch=steps_per_epoch,
-                        batch_size=cfg.data.batch_size, dataset_length=dataset_length, pct_start=t.pct_start,
-                        div_factor=t.div_factor, final_div_factor=t.final_div_factor,
-                        anneal_strategy=t.anneal_strategy, three_phase=t.three_phase)
+    spec = OneCycleSpec(steps_per_epoch=steps, batch_size=cfg.data.batch_size, dataset_length=dataset_length,
+                        max_lr_source=source, **settings)
     schedule = Schedule.compute(spec)
     schedule.write(path)
-    print(f"schedule: wrote {path} ({spec.total_steps} steps = {t.epochs} epochs x {steps_per_epoch})")
+    rank_zero_only(print)(f"schedule: wrote {path} ({spec.total_steps} steps = {t.epochs} epochs x {steps})")
     return schedule
 
 
@@ -178,13 +211,73 @@ def run_lr_finder(cfg: Config, datamodule, run_dir: Path) -> float:
     return result.max_lr
 
 
+def resolve_resume(resume: str | None, ckpt_dir: Path, cfg: Config) -> Path | None:
+    """The checkpoint to resume from, checked against this run (CheckpointError, one line, if it
+    cannot be used): 'latest' = the newest full state in `ckpt_dir` that loads (None: there is
+    none, a fresh start), else a path."""
+    if not resume:
+        return None
+    path = find_latest(ckpt_dir) if resume == "latest" else Path(resume)
+    if path is None:
+        rank_zero_only(print)(f"resume: no checkpoint in {ckpt_dir}; starting fresh")
+        return None
+    check_resumable(path, cfg)
+    rank_zero_only(print)(f"resume: {path}")
+    return path
+
+
+def finished_summary(run_dir: Path, ckpt_path: Path | None) -> dict | None:
+    """The summary of a run that already ended (metrics.json written after the checkpoint's final
+    step), or None: what a rerun of `train` on a finished run returns instead of training."""
+    summary_file, schedule_file = run_dir / "metrics.json", run_dir / SCHEDULE_FILE
+    if ckpt_path is None or not summary_file.is_file() or not schedule_file.is_file():
+        return None
+    step = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1)
+    try:
+        summary = json.loads(summary_file.read_text())
+    except (OSError, ValueError):
+        return None
+    total = Schedule.read(schedule_file).spec.total_steps
+    return summary if step >= total and summary.get("global_step") == step else None
+
+
+def storage_report(plan, folder: Path, free: int) -> str:
+    """What the run's checkpoints will take, and a warning when `free` bytes fall short."""
+    text = plan.describe(folder)
+    if free < plan.full_state + plan.weights:
+        text += (f"\nwarning: only {human(free)} free in {folder}, short of the next save (~{human(plan.full_state)}"
+                 " full state + weights): free some space first (on Google Drive, empty the Trash)")
+    elif free < plan.total:
+        text += f"\nwarning: {human(free)} free in {folder}; this run may need up to {human(plan.total)}"
+    return text
+
+
 def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpoint_every_steps: int = 0,
-          extra_callbacks: list | None = None, trainer_kwargs: dict | None = None) -> dict:
-    """Fit with `cfg`; returns a summary (paths and final metrics) that is also written as JSON."""
+          extra_callbacks: list | None = None, trainer_kwargs: dict | None = None,
+          start_fresh: bool = False) -> dict:
+    """Fit with `cfg`; returns a summary (paths and final metrics) that is also written as JSON.
+
+    resume: None (a new run), 'latest' or a checkpoint path. A checkpoint that cannot be used stops
+    the run with `CheckpointError` (one line; `start_fresh=True` sets the folder's checkpoints aside
+    into a `set-aside-*` subfolder and starts over); a changed schedule setting with
+    `ScheduleMismatch`; a full disk with `StorageFull`. Rerun on a finished run, it returns that
+    run's summary (metrics.json) without training."""
     t = cfg.train
     run_dir = Path(t.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = Path(t.checkpoint_dir or run_dir / "checkpoints")
+    if rank_zero_only.rank == 0:
+        count, freed = remove_temporaries(ckpt_dir)
+        if count:
+            print(f"checkpoints: removed {count} temporary file(s) left by an interrupted save in {ckpt_dir}, "
+                  f"{human(freed)} freed")
+        if start_fresh and (moved := set_aside(ckpt_dir)):
+            print(f"start fresh: moved the earlier checkpoints to {moved} (nothing deleted)")
+    ckpt_path = resolve_resume(resume, ckpt_dir, cfg)
+    if (done := finished_summary(run_dir, ckpt_path)) is not None:
+        rank_zero_only(print)(f"run already complete (step {done['global_step']}): returning its summary from "
+                              f"{run_dir / 'metrics.json'}")
+        return done
     pl.seed_everything(t.seed, workers=True, verbose=False)
     precision = choose_precision(t.precision)
 
@@ -194,25 +287,22 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
     world = t.devices if isinstance(t.devices, int) and t.devices > 0 else 1
     steps_per_epoch = datamodule.num_training_batches(world)
     schedule_path = run_dir / SCHEDULE_FILE
-    max_lr = t.max_lr
+    max_lr = None
     if lr_find and not schedule_path.exists():
         max_lr = run_lr_finder(cfg, datamodule, run_dir)
-    schedule = prepare_schedule(cfg, run_dir, steps_per_epoch, len(datamodule.train_dataset), max_lr)
+    schedule = prepare_schedule(cfg, run_dir, steps_per_epoch, len(datamodule.train_dataset), max_lr,
+                                "given" if lr_find else None)
+    module = YOLOModule(cfg.to_dict(), schedule_path=str(schedule_path))
+    plan = storage_plan(module.model, t.epochs, t.keep_last_k, t.optimizer)
+    rank_zero_only(print)(storage_report(plan, ckpt_dir, free_bytes(ckpt_dir)))
 
-    ckpt_path = None
-    if resume == "latest":
-        ckpt_path = find_latest(ckpt_dir)
-        print(f"resume: {ckpt_path or 'no checkpoint found in ' + str(ckpt_dir) + '; starting fresh'}")
-    elif resume:
-        ckpt_path = Path(resume)
-
-    loggers = [pl.loggers.CSVLogger(run_dir, name="logs")]
+    loggers = [pl.loggers.CSVLogger(run_dir, name="logs", flush_logs_every_n_steps=LOG_FLUSH_STEPS)]
     try:
         loggers.append(pl.loggers.TensorBoardLogger(run_dir, name="tensorboard"))
     except ModuleNotFoundError:
         pass
     callbacks = [PeriodicCheckpoint(ckpt_dir, every_minutes=t.checkpoint_every_minutes,
-                                    every_n_steps=checkpoint_every_steps, keep_last_k=t.keep_last_k),
+                                    every_n_steps=checkpoint_every_steps, keep_last_k=t.keep_last_k, plan=plan),
                  # ~20 refreshes an epoch: a logged notebook stays small, a terminal stays lively.
                  pl.callbacks.TQDMProgressBar(refresh_rate=max(1, steps_per_epoch // 20))]
     if t.ema:  # exponential moving average of the weights, used for validation and the final model
@@ -222,7 +312,7 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
     callbacks += extra_callbacks or []
     strategy = t.strategy
     if world > 1 and not torch.cuda.is_available():
-        print("DDP on CPU: BatchNorm statistics stay per process (SyncBatchNorm needs GPUs)")
+        rank_zero_only(print)("DDP on CPU: BatchNorm statistics stay per process (SyncBatchNorm needs GPUs)")
     kwargs = dict(
         max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices, strategy=strategy,
         precision=precision, logger=loggers, callbacks=callbacks, enable_checkpointing=False,
@@ -232,16 +322,15 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
     )
     kwargs.update(trainer_kwargs or {})
     trainer = pl.Trainer(**kwargs)
-    module = YOLOModule(cfg.to_dict(), schedule_path=str(schedule_path))
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     summary = {
         "run_dir": str(run_dir), "schedule": str(schedule_path), "checkpoints": str(ckpt_dir),
-        "logs": str(Path(loggers[0].log_dir) / "metrics.csv"), "global_step": trainer.global_step,
+        "weights": str(ckpt_dir / "weights"), "logs": str(run_dir / "logs"), "global_step": trainer.global_step,
         "epochs": trainer.current_epoch, "seconds": round(time.time() - started, 1),
-        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
-        "schedule_steps": schedule.spec.total_steps,
+        "metrics": _final_metrics(run_dir / "logs", trainer), "schedule_steps": schedule.spec.total_steps,
+        "skipped_images": dict(module.skipped_images),
     }
     if module.last_map:
         summary["ap_per_class_voc07"] = _ap_table(module.last_map["voc07"], cfg.data.classes)
@@ -249,6 +338,23 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
         _save_plots(summary, run_dir)
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _final_metrics(logs: Path, trainer) -> dict[str, float]:
+    """The last value of every metric over all the run's sessions (each resume logs a new version),
+    then this session's in-memory values on top."""
+    metrics = {}
+    try:
+        from .plotting import read_run_metrics
+
+        for name, values in read_run_metrics(logs).items():
+            finite = values[~np.isnan(values)]
+            if name not in ("step", "epoch") and len(finite):
+                metrics[name] = float(finite[-1])
+    except (ImportError, ValueError, OSError):
+        pass
+    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    return metrics
 
 
 def _ap_table(result: dict, classes) -> dict:
@@ -277,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg.data.root = str(find_dataset(cfg.data.root))
             print(f"data: {cfg.data.root}")
         summary = train(cfg, resume=args.resume, lr_find=args.lr_find,
-                        checkpoint_every_steps=args.checkpoint_every_steps)
-    except (ScheduleMismatch, DatasetError) as e:  # the user's input: say what and where, no traceback
+                        checkpoint_every_steps=args.checkpoint_every_steps, start_fresh=args.start_fresh)
+    except (ScheduleMismatch, DatasetError, CheckpointError, StorageFull) as e:  # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:

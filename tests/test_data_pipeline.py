@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import voc_xml
+from lightning_fabric.utilities.data import _set_sampler_epoch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from helpers.annotations import Record
 from helpers.config import VOC_CLASSES, DataConfig
 from helpers.datamodule import (
     MultiScaleBatchSampler,
+    ResumableDataLoader,
     ShardSampler,
     YOLODataModule,
     collate,
@@ -358,8 +360,65 @@ def test_collate_drops_unreadable_samples_and_counts_them():
     assert boxes[:, 0].tolist() == [0.0, 2.0, 2.0] and boxes[:, 1].tolist() == [1.0, 2.0, 3.0]
     images, boxes, skipped = collate([None])
     assert images.shape[0] == 0 and boxes.shape == (0, 6) and int(skipped) == 1
-    images, boxes, metas = collate_with_meta([(*one, {"path": "a"}), None])
-    assert images.shape[0] == 1 and metas == [{"path": "a"}]
+    images, boxes, metas, skipped = collate_with_meta([(*one, {"path": "a"}), None])
+    assert images.shape[0] == 1 and metas == [{"path": "a"}] and int(skipped) == 1
+    images, boxes, metas, skipped = collate_with_meta([None, None])
+    assert images.shape[0] == 0 and metas == [] and int(skipped) == 2
+
+
+def test_the_epoch_lightning_gives_the_inner_sampler_draws_new_sizes_and_orders():
+    """Lightning calls set_epoch on the batch sampler's `sampler` only (lightning_fabric's
+    _set_sampler_epoch): the batch sampler takes its epoch from there."""
+    data = list(range(64))
+    loaders = [DataLoader(data, batch_sampler=MultiScaleBatchSampler(
+        DistributedSampler(data, 2, rank, shuffle=True, seed=5), 4, (64, 96, 128, 160), seed=5)) for rank in (0, 1)]
+    epochs = []
+    for epoch in (0, 1, 2):
+        for loader in loaders:
+            _set_sampler_epoch(loader, epoch)
+        draws = [list(loader.batch_sampler) for loader in loaders]
+        sizes = [[b[0][1] for b in d] for d in draws]
+        assert sizes[0] == sizes[1]  # the ranks agree at every step
+        epochs.append((sizes[0], [i for b in draws[0] for i, _ in b]))
+    assert epochs[0][0] != epochs[1][0] != epochs[2][0]  # sizes differ between epochs
+    assert epochs[0][1] != epochs[1][1]  # and so does the order
+
+
+def test_a_batch_sampler_resumed_mid_epoch_continues_with_the_same_batches_and_sizes():
+    data = list(range(40))
+    inner = DistributedSampler(data, 1, 0, shuffle=True, seed=3)
+    sampler = MultiScaleBatchSampler(inner, 4, (64, 96, 128), seed=3)
+    sampler.set_epoch(2)
+    whole = list(sampler)
+    fresh = MultiScaleBatchSampler(DistributedSampler(data, 1, 0, shuffle=True, seed=3), 4, (64, 96, 128), seed=3)
+    fresh.resume_at(2, 7)  # 7 batches of epoch 2 were done before the kill
+    assert list(fresh) == whole[7:]
+    assert list(fresh) == whole  # the skip applies to one iteration only: the next is the whole epoch
+    assert len(fresh) == len(whole) == 10
+
+
+def test_the_training_loader_is_stateful_for_lightning_and_restores_its_position():
+    from lightning_fabric.utilities.types import _Stateful
+
+    class Keys(Dataset):  # an item is its key: (index, size)
+        def __len__(self):
+            return 24
+
+        def __getitem__(self, key):
+            return key
+
+    def make(position=None):
+        return ResumableDataLoader(Keys(), batch_sampler=MultiScaleBatchSampler(
+            DistributedSampler(range(24), 1, 0, seed=1), 4, (64, 96), seed=1), collate_fn=list, position=position)
+
+    saved = make(position=lambda: (1, 4)).state_dict()
+    assert isinstance(make(), _Stateful) and saved == {"epoch": 1, "batches_done": 4}
+    loader = make()
+    _set_sampler_epoch(loader, 1)
+    reference = list(loader)
+    restored = make()
+    restored.load_state_dict(saved)
+    assert list(restored) == reference[4:] and len(reference) == 6
 
 
 def test_shards_cover_the_evaluation_set_once_in_order():
@@ -407,7 +466,7 @@ def test_ranks_draw_the_same_sizes_and_split_the_evaluation_set(voc_shared, monk
     for rank in (0, 1):
         monkeypatch.setattr(dm, "world", lambda r=rank: (2, r))
         sizes.append([batch[0][1] for batch in dm.train_dataloader().batch_sampler])
-        seen.append([m["path"] for _, _, metas in dm.val_dataloader() for m in metas])
+        seen.append([m["path"] for _, _, metas, _ in dm.val_dataloader() for m in metas])
     assert sizes[0] == sizes[1] and len(set(sizes[0])) > 1
     all_paths = [str(r.image_path) for r in dm.val_dataset.records]
     assert sorted(seen[0] + seen[1]) == sorted(all_paths) and seen[0] == all_paths[0::2]
@@ -416,7 +475,7 @@ def test_ranks_draw_the_same_sizes_and_split_the_evaluation_set(voc_shared, monk
 def test_validation_batches_carry_meta_at_the_fixed_size(voc_shared):
     dm = YOLODataModule(small_config(voc_shared))
     dm.setup("fit")
-    for images, boxes, metas in dm.val_dataloader():
+    for images, boxes, metas, _ in dm.val_dataloader():
         assert images.shape[-2:] == (64, 64) and len(metas) == len(images)
         assert boxes.shape[1] == 6 and {"path", "orig_size", "scale", "pad", "gt"} <= set(metas[0])
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers.schedule import OneCycleSpec, Schedule, ScheduleMismatch
+from helpers.schedule import OneCycleSpec, Schedule, ScheduleMismatch, limited_steps
 
 SPEC = OneCycleSpec(max_lr=1e-3, epochs=3, steps_per_epoch=7, batch_size=16, dataset_length=112,
                     pct_start=0.2, div_factor=100, final_div_factor=100, anneal_strategy="linear")
@@ -42,11 +42,37 @@ def test_file_round_trips_with_its_header(tmp_path):
 
 def test_a_mismatched_batch_size_is_refused_naming_both_values(tmp_path):
     s = Schedule.read(Schedule.compute(SPEC).write(tmp_path / "schedule.txt"))
-    with pytest.raises(ScheduleMismatch, match=r"batch size 32 \(the file was computed for 16\)"):
+    with pytest.raises(ScheduleMismatch, match=r"batch size 16, this run has batch size 32.*--batch-size 16"):
         s.check_matches(batch_size=32, steps_per_epoch=7)
-    with pytest.raises(ScheduleMismatch, match=r"9 steps per epoch \(the file was computed for 7\)"):
+    with pytest.raises(ScheduleMismatch, match=r"7 steps per epoch, this run has 9.*--limit-train-batches"):
         s.check_matches(batch_size=16, steps_per_epoch=9)
     s.check_matches(batch_size=16, steps_per_epoch=7)
+
+
+@pytest.mark.parametrize("key,value", [("epochs", 4), ("max_lr", 5e-3), ("pct_start", 0.3), ("div_factor", 25.0),
+                                       ("final_div_factor", 1e4), ("anneal_strategy", "cos"), ("three_phase", True)])
+def test_a_resume_with_another_one_cycle_setting_is_refused_naming_it_and_the_flag(tmp_path, key, value):
+    s = Schedule.read(Schedule.compute(SPEC).write(tmp_path / "schedule.txt"))
+    saved = getattr(s.spec, key)
+    flag = "--" + key.replace("_", "-")
+    with pytest.raises(ScheduleMismatch, match=rf"computed for {key} {saved}, this run asks {value}: rerun with {flag}"):
+        s.check_matches(16, 7, tmp_path / "schedule.txt", **{key: value})
+    s.check_matches(16, 7, **{key: saved})
+
+
+def test_a_max_lr_chosen_by_the_range_test_is_kept_on_resume_not_compared_with_the_config(tmp_path):
+    spec = OneCycleSpec(**{**SPEC.__dict__, "max_lr": 2.01e-3, "max_lr_source": "given"})
+    s = Schedule.read(Schedule.compute(spec).write(tmp_path / "schedule.txt"))
+    assert s.spec.max_lr_source == "given"
+    s.check_matches(16, 7, max_lr=1e-3, epochs=3)  # the config's default max LR: not the file's, accepted
+    with pytest.raises(ScheduleMismatch, match="epochs"):
+        s.check_matches(16, 7, max_lr=1e-3, epochs=4)
+
+
+def test_limit_train_batches_counts_in_the_steps_per_epoch_as_lightning_counts_it():
+    assert limited_steps(100, None) == limited_steps(100, 1.0) == 100
+    assert limited_steps(100, 10) == 10 and limited_steps(5, 10) == 5
+    assert limited_steps(100, 0.25) == 25 and limited_steps(10, 0.15) == 1
 
 
 def test_stepping_past_the_end_holds_the_last_value_instead_of_crashing():

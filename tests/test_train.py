@@ -48,8 +48,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def lr_by_step(run_dir: Path) -> dict[int, float]:
-    """The LR logged at each optimizer step: Lightning logs step k's values with step = k."""
-    return {int(r["step"]): float(r["lr"]) for r in read_metrics(run_dir) if r.get("lr")}
+    """The LR logged at each optimizer step over every session of the run (Lightning logs step k's
+    values with step = k); a step logged twice is an error."""
+    from helpers.plotting import read_run_metrics
+
+    cols = read_run_metrics(run_dir)
+    logged = [(int(step), lr) for step, lr in zip(cols["step"], cols["lr"]) if lr == lr]
+    assert len({step for step, _ in logged}) == len(logged), "a step logged twice"
+    return dict(logged)
 
 
 @pytest.mark.slow
@@ -161,40 +167,76 @@ def test_a_range_test_that_never_falls_or_turns_nan_gives_no_lr_below_or_beyond_
     assert "capped" in describe_choice(SimpleNamespace(max_lr=1e-4, steepest=1e-3))
 
 
-# A driver run in a fresh process: it trains with the tiny config and, if asked, SIGKILLs itself
-# in the middle of an epoch (right after a given step), as a Colab disconnect would.
+# A driver run in a fresh process: it trains with the given config and, if asked, SIGKILLs itself
+# as a Colab disconnect would: right after a given step, or in the middle of writing the checkpoint
+# of a given step. It records, for every step it trains, the epoch, the image size, the LR and the
+# indices of the batch's images (the dataset is read in-process, then collated: the indices read
+# since the last collate are the batch's).
 DRIVER = textwrap.dedent("""
     import json, os, signal, sys
     import pytorch_lightning as pl
+    import helpers.checkpoints
+    import helpers.datamodule as dm
     from helpers.config import Config
     from helpers.train import train
 
-    class KillAt(pl.Callback):
-        def __init__(self, step):
-            self.step = step
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == self.step:
-                os.kill(os.getpid(), signal.SIGKILL)
+    keys, batch_ids = [], {}
+    getitem, collate = dm.TrainDataset.__getitem__, dm.collate
+    def recording_getitem(self, key):
+        keys.append(int(key[0]))
+        return getitem(self, key)
+    def recording_collate(batch):
+        out = collate(batch)
+        batch_ids[out[0].data_ptr()] = list(keys)
+        keys.clear()
+        return out
+    dm.TrainDataset.__getitem__, dm.collate = recording_getitem, recording_collate
 
-    class RecordSizes(pl.Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            with open(os.environ["SIZES_OUT"] + f".rank{trainer.global_rank}", "a") as f:
-                f.write(f"{trainer.global_step} {batch[0].shape[-1]}\\n")
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            row = [trainer.global_step - 1, trainer.current_epoch, batch[0].shape[-1],
+                   trainer.optimizers[0].param_groups[0]["lr"], batch_ids.pop(batch[0].data_ptr(), None)]
+            with open(os.environ["RECORD"] + f".rank{trainer.global_rank}", "a") as f:
+                f.write(json.dumps(row) + "\\n")
         def on_validation_epoch_end(self, trainer, module):
-            acc = module.val_accuracy
+            acc = module.val_accuracy  # the accuracy's counts, synced across ranks and this rank's own
             if acc.update_count:
                 with acc.sync_context():
                     counted = int(acc.total_pos + acc.total_neg)
-                with open(os.environ["SIZES_OUT"] + f".cells{trainer.global_rank}", "a") as f:
+                with open(os.environ["RECORD"] + f".cells{trainer.global_rank}", "a") as f:
                     f.write(f"{counted} {int(acc.total_pos + acc.total_neg)}\\n")
 
+    class KillAt(pl.Callback):  # before step `step`, once step - 1 is done, saved if due and logged
+        def __init__(self, step):
+            self.step = step
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
     cfg = Config.from_dict(json.loads(sys.argv[1]))
-    kill_at = int(sys.argv[2])
-    resume = sys.argv[3] if len(sys.argv) > 3 else None
-    extra = [KillAt(kill_at)] if kill_at >= 0 else []
-    if os.environ.get("SIZES_OUT"):
-        extra.append(RecordSizes())
-    train(cfg, resume=resume, checkpoint_every_steps=4, extra_callbacks=extra)
+    kill_at, resume = int(sys.argv[2]), (sys.argv[3] if len(sys.argv) > 3 else None)
+    every = int(os.environ.get("EVERY", "4"))
+    extra = [Record()] if os.environ.get("RECORD") else []
+    if kill_at >= 0:
+        extra.append(KillAt(kill_at))
+    class KillInValidation(pl.Callback):
+        def __init__(self, epoch):
+            self.epoch = epoch
+        def on_validation_epoch_start(self, trainer, *args):
+            if trainer.current_epoch == self.epoch:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    if os.environ.get("KILL_IN_VALIDATION"):
+        extra.append(KillInValidation(int(os.environ["KILL_IN_VALIDATION"])))
+    kill_in_save = int(os.environ.get("KILL_IN_SAVE", "-1"))
+    if kill_in_save >= 0:  # killed after the bytes, before the fsync and the link: a stray .tmp
+        fsync = os.fsync
+        def dying_fsync(fd):
+            if f"step={kill_in_save:07d}" in os.readlink(f"/proc/self/fd/{fd}"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            fsync(fd)
+        helpers.checkpoints.os.fsync = dying_fsync
+    train(cfg, resume=resume, checkpoint_every_steps=every, extra_callbacks=extra)
 """)
 
 
@@ -206,47 +248,224 @@ def run_driver(tmp_path, cfg: Config, kill_at: int = -1, resume: str | None = No
     return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.slow
-def test_a_killed_run_resumes_on_its_schedule_line_for_line_and_rewrites_no_checkpoint(voc, tmp_path):
-    run = tmp_path / "run"
-    cfg = tiny_config(voc, run, epochs=3)
-    steps_per_epoch = 6  # 24 images / batch 4
-    total = 3 * steps_per_epoch
+def records(path) -> list[list]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
-    killed = run_driver(tmp_path, cfg, kill_at=9)  # step 9 is mid-epoch 2 (steps 7..12)
+
+@pytest.fixture(scope="module")
+def small_voc(tmp_path_factory):
+    """16 training images: 4 steps an epoch at batch 4."""
+    root = tmp_path_factory.mktemp("small_voc")
+    return make_voc_dataset(root, n_trainval=16, n_test=4, image_size=(64, 48), seed=5)
+
+
+def fast_config(data_root, run_dir, epochs=3) -> Config:
+    cfg = tiny_config(data_root, run_dir, epochs=epochs)
+    cfg.data.train_sizes, cfg.data.image_size = (32, 64), 32
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_voc, tmp_path_factory):
+    """The run the killed ones must equal: {step: [step, epoch, image size, LR, image indices]} and
+    its folder."""
+    where = tmp_path_factory.mktemp("uninterrupted")
+    done = run_driver(where, fast_config(small_voc, where / "run"), env={"RECORD": str(where / "rows")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = records(where / "rows.rank0")
+    assert [row[0] for row in rows] == list(range(12))
+    sizes = [tuple(row[2] for row in rows if row[1] == epoch) for epoch in range(3)]
+    assert len(set(sizes)) > 1, sizes  # the image sizes change between epochs
+    return {row[0]: row for row in rows}, where / "run"
+
+
+def assert_same_steps(record_file, expected: dict, total: int = 12) -> None:
+    rows = records(record_file)
+    for row in rows:  # steps redone after a kill included
+        assert row == expected[row[0]], (row, expected[row[0]])
+    assert {row[0] for row in rows} == set(range(total))
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_random_moments_resumes_exactly_as_an_uninterrupted_run(small_voc, uninterrupted, tmp_path):
+    """SIGKILLs at random steps (one of them in the middle of a checkpoint write), each time resumed
+    with --resume latest: the run ends at the uninterrupted run's step, and every step, including
+    those redone after a kill, has that run's epoch, image size, LR and batch of images."""
+    expected, reference = uninterrupted
+    total = 12  # 16 images / batch 4 = 4 steps an epoch, 3 epochs
+    rng = np.random.default_rng()  # random moments; printed so that a failure can be replayed
+    in_save = int(rng.choice([3, 6]))  # a step with a checkpoint (every 3 steps and at epoch ends)
+    kills = sorted(int(k) for k in rng.choice(np.arange(in_save + 1, total), size=2, replace=False))
+    print(f"killed while writing the checkpoint of step {in_save}, then after steps {kills}")
+    run = tmp_path / "run"
+    cfg = fast_config(small_voc, run)
+    env = {"RECORD": str(tmp_path / "killed.jsonl"), "EVERY": "3"}
+    killed = run_driver(tmp_path, cfg, env={**env, "KILL_IN_SAVE": str(in_save)})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     ckpts = run / "checkpoints"
+    assert list(ckpts.glob(f".*step={in_save:07d}*.tmp")), "the kill left its temporary file"
+    for n, kill in enumerate(kills):
+        killed = run_driver(tmp_path, cfg, kill_at=kill, resume="latest", env=env)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        if n == 0:
+            assert "removed 1 temporary file(s) left by an interrupted save" in killed.stdout
     before = {p.name: p.read_bytes() for p in ckpts.glob("*.ckpt")}
-    assert any("step=0000008" in n for n in before), sorted(before)  # a mid-epoch checkpoint (every 4 steps)
-    # A checkpoint cut short by the disconnect (say, a half-synced Drive copy) must be skipped.
-    (ckpts / "epoch=001-step=0000009-lr=1.0000e-03.ckpt").write_bytes(b"PK\x03\x04 truncated")
-
-    resumed = run_driver(tmp_path, cfg, kill_at=-1, resume="latest")
+    resumed = run_driver(tmp_path, cfg, resume="latest", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "truncated or unreadable" in resumed.stderr + resumed.stdout
+    output = resumed.stdout + resumed.stderr
+    assert "dataloader is" not in output and "not resumable" not in output
 
-    for name, data in before.items():  # nothing written before the kill was rewritten
-        assert (ckpts / name).read_bytes() == data, name
+    assert_same_steps(tmp_path / "killed.jsonl.rank0", expected)
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["global_step"] == total == json.loads((reference / "metrics.json").read_text())["global_step"]
+    for name, data in before.items():  # nothing written before was rewritten
+        assert not (ckpts / name).exists() or (ckpts / name).read_bytes() == data, name
+    assert not list(ckpts.glob(".*.tmp"))
     schedule = Schedule.read(run / "schedule.txt")
     logged = lr_by_step(run)
-    assert sorted(logged) == list(range(total)), sorted(logged)  # every step logged once, 0..total-1
+    assert sorted(logged) == list(range(total)), sorted(logged)  # every step logged, once, over all sessions
     for step, lr in logged.items():
         assert lr == pytest.approx(schedule.lrs[step], rel=1e-6), step
-    summary = json.loads((run / "metrics.json").read_text())
-    assert summary["global_step"] == total  # where an uninterrupted run ends (epochs x steps per epoch)
+    weights = sorted(p.name for p in (ckpts / "weights").glob("*.ckpt"))
+    assert [n.split("-")[0] for n in weights] == ["epoch=000", "epoch=001", "epoch=002"], weights
+
+
+@pytest.mark.slow
+def test_a_kill_during_validation_after_a_save_on_the_epochs_last_batch_resumes_exactly(small_voc, uninterrupted,
+                                                                                         tmp_path):
+    """Every 2 steps, a state is saved at the end of the epoch's last batch (step 4), before its
+    validation; killed there, the run resumes from it without an extra step or a repeated batch."""
+    expected, _ = uninterrupted
+    run = tmp_path / "run"
+    cfg = fast_config(small_voc, run)
+    env = {"RECORD": str(tmp_path / "killed.jsonl"), "EVERY": "2"}
+    killed = run_driver(tmp_path, cfg, env={**env, "KILL_IN_VALIDATION": "0"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert find_latest_name(run) == "epoch=000-step=0000004"
+    resumed = run_driver(tmp_path, cfg, resume="latest", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_steps(tmp_path / "killed.jsonl.rank0", expected)
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 12
+
+
+def find_latest_name(run: Path) -> str:
+    from helpers.checkpoints import find_latest
+
+    return "-".join(find_latest(run / "checkpoints").name.split("-")[:2])
 
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu_uses_one_image_size_per_step_and_syncs_accuracies(voc, tmp_path):
     cfg = tiny_config(voc, tmp_path / "run", epochs=2, strategy="ddp", devices=2)
-    out = tmp_path / "sizes"
-    done = run_driver(tmp_path, cfg, env={"SIZES_OUT": str(out), "MASTER_PORT": "29517"}, timeout=400)
+    out = tmp_path / "record"
+    done = run_driver(tmp_path, cfg, env={"RECORD": str(out), "MASTER_PORT": "29517"}, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]
-    sizes = [dict(line.split() for line in Path(f"{out}.rank{r}").read_text().splitlines()) for r in (0, 1)]
-    assert sizes[0] == sizes[1] and len(sizes[0]) == 2 * 3  # 24 images / (2 ranks x batch 4) = 3 steps
-    assert len(set(sizes[0].values())) >= 1
+    rows = [records(f"{out}.rank{r}") for r in (0, 1)]
+    assert len(rows[0]) == len(rows[1]) == 2 * 3  # 24 images / (2 ranks x batch 4) = 3 steps an epoch
+    for a, b in zip(*rows):
+        assert a[:4] == b[:4]  # step, epoch, image size, LR: the same on both ranks
+        assert not set(a[4]) & set(b[4])  # each rank its own images
+    sizes = [[row[2] for row in rows[0] if row[1] == epoch] for epoch in (0, 1)]
+    assert sizes[0] != sizes[1], sizes  # new sizes every epoch (Lightning sets the epoch on the inner sampler)
     cells = [Path(f"{out}.cells{r}").read_text().split() for r in (0, 1)]
     synced0, local0 = map(int, cells[0][-2:])
     synced1, local1 = map(int, cells[1][-2:])
     assert synced0 == synced1 == local0 + local1  # both ranks see the whole set's counts
     assert local0 > 0 and local1 > 0
+
+
+@pytest.mark.slow
+def test_unreadable_batches_are_skipped_and_counted_and_a_finished_run_reruns_to_its_summary(tmp_path, capsys):
+    from torch.utils.data import DistributedSampler
+
+    from helpers.checkpoints import CheckpointError
+    from helpers.datamodule import YOLODataModule
+    from helpers.train import main, train
+
+    root = make_voc_dataset(tmp_path / "voc", n_trainval=16, n_test=6, image_size=(64, 48), seed=7)
+    run = tmp_path / "run"
+    cfg = fast_config(root, run, epochs=2)
+    cfg.data.mosaic = 0.0  # every sample reads exactly its own image: the counts below are exact
+    cfg.data.train_sizes = (64,)  # a batch left with one image at 32 px would give BatchNorm a 1x1 map
+    dm = YOLODataModule(cfg.data, seed=cfg.train.seed)
+    dm.setup("fit")
+    sampler = DistributedSampler(dm.train_dataset, 1, 0, shuffle=True, seed=cfg.train.seed)
+    first_batch = [dm.train_dataset.records[i].image_path for i in list(sampler)[:4]]
+    last_val_batch = [r.image_path for r in dm.val_dataset.records[4:]]  # the short last batch: 2 images
+    for path in first_batch + last_val_batch:
+        path.write_bytes(b"not a jpeg")
+
+    with pytest.warns(UserWarning):
+        summary = train(cfg)
+    assert summary["global_step"] == 2 * 4  # the unreadable batch still took its step of the schedule
+    assert summary["skipped_images"] == {"train": 2 * 4, "val": 2}
+    written = json.loads((run / "metrics.json").read_text())
+    assert written["skipped_images"] == summary["skipped_images"] and "val/loss" in written["metrics"]
+    assert (run / "training_curves.png").stat().st_size > 0
+
+    capsys.readouterr()
+    again = train(cfg, resume="latest")  # the notebook's cell rerun on a finished run
+    assert again == written and "run already complete" in capsys.readouterr().out
+    assert len(list((run / "logs").glob("version_*"))) == 1  # nothing trained again
+
+    longer = fast_config(root, run, epochs=3)
+    longer.data.mosaic, longer.data.train_sizes = 0.0, (64,)
+    with pytest.raises(CheckpointError, match=r"epochs 2 and this run asks 3.*--epochs 2"):
+        train(longer, resume="latest")
+    garbage = tmp_path / "notes.ckpt"
+    garbage.write_text("my notes")
+    argv = ["--data", str(root), "--run-dir", str(run), "--width", "0.125", "--resume", str(garbage)]
+    assert main(argv) != 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "notes.ckpt" in err[0] and "not a checkpoint" in err[0], err
+    for state in (run / "checkpoints").glob("*.ckpt"):  # every full state cut short (say, a bad sync)
+        state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="no checkpoint in .* loads.*--start-fresh"):
+        train(cfg, resume="latest")
+
+
+def test_curves_merge_every_session_and_a_resumed_session_replaces_the_steps_it_redoes(tmp_path):
+    from helpers.plotting import plot_training_curves, read_run_metrics
+
+    logs = tmp_path / "logs"
+    sessions = {0: "step,lr,train/loss_step\n0,1,9\n1,2,8\n2,3,7\n3,4,6\n",  # killed after step 3
+                1: "",  # a session killed before it logged anything
+                2: "step,lr,train/loss_step,val/loss\n2,3,5\n3,4,4\n3,,,4.5\n4,5,3\n"}  # resumed at step 2
+    for version, text in sessions.items():
+        (logs / f"version_{version}").mkdir(parents=True)
+        (logs / f"version_{version}" / "metrics.csv").write_text(text)
+    cols = read_run_metrics(tmp_path)  # the run folder or its logs folder
+    assert cols["step"].tolist() == [0, 1, 2, 3, 3, 4]
+    assert cols["train/loss_step"][[0, 1, 2, 3, 5]].tolist() == [9, 8, 5, 4, 3]  # steps 2-3 from the resumed session
+    assert np.isnan(cols["val/loss"][:4]).all() and cols["val/loss"][4] == 4.5
+    assert read_run_metrics(logs)["lr"].tolist()[:4] == [1, 2, 3, 4]
+    plot_training_curves(logs)
+    with pytest.raises(ValueError, match="no version"):
+        read_run_metrics(tmp_path / "elsewhere")
+
+
+def test_the_schedule_counts_limit_train_batches_and_a_resume_keeps_the_range_tests_max_lr(tmp_path):
+    from helpers.schedule import ScheduleMismatch
+    from helpers.train import prepare_schedule
+
+    cfg = tiny_config("unused", tmp_path, epochs=4, limit_train_batches=3)
+    schedule = prepare_schedule(cfg, tmp_path, steps_per_epoch=6, dataset_length=24)
+    assert schedule.spec.steps_per_epoch == 3 and len(schedule.lrs) == 12 and schedule.spec.max_lr_source == "config"
+    cfg.train.limit_train_batches = None
+    with pytest.raises(ScheduleMismatch, match="3 steps per epoch, this run has 6"):
+        prepare_schedule(cfg, tmp_path, 6, 24)
+    cfg.train.limit_train_batches = 3
+    cfg.train.max_lr = 5e-3
+    with pytest.raises(ScheduleMismatch, match="max_lr 0.002, this run asks 0.005: rerun with --max-lr 0.002"):
+        prepare_schedule(cfg, tmp_path, 6, 24)
+
+    found = tmp_path / "found"  # the notebook: the range test's LR first, the config's on a resume
+    cfg = tiny_config("unused", found, epochs=4)
+    prepare_schedule(cfg, found, 6, 24, max_lr=3.3e-3)
+    first = Schedule.read(found / "schedule.txt")
+    assert first.spec.max_lr == 3.3e-3 and first.spec.max_lr_source == "given"
+    assert prepare_schedule(cfg, found, 6, 24, max_lr=cfg.train.max_lr).lrs == first.lrs
+    assert prepare_schedule(cfg, found, 6, 24).lrs == first.lrs
+    cfg.train.epochs = 5
+    with pytest.raises(ScheduleMismatch, match="epochs 4, this run asks 5: rerun with --epochs 4"):
+        prepare_schedule(cfg, found, 6, 24)
