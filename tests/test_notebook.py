@@ -37,8 +37,20 @@ def test_the_notebook_runs_top_to_bottom_in_smoke_mode(tmp_path, monkeypatch):
     NotebookClient(nb, timeout=900, kernel_name="python3",
                    resources={"metadata": {"path": str(REPO)}}).execute()
     assert (tmp_path / "run" / "schedule.txt").is_file()
-    assert list((tmp_path / "run").glob("bundle-*/model.safetensors"))
+    bundles = list((tmp_path / "run").glob("bundle-*/model.safetensors"))
+    assert len(bundles) == 1
     assert os.environ["YOLO_SMOKE"] == "1"
+
+    # A student disconnected after training reruns the notebook top to bottom: it completes, the
+    # training cell only reports the finished run, and nothing is written twice.
+    for cell in nb.cells:
+        cell.outputs = [] if cell.cell_type == "code" else None
+    NotebookClient(nb, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "run already complete" in text and "reusing" in text  # the schedule file too
+    assert list((tmp_path / "run").glob("bundle-*/model.safetensors")) == bundles
+    assert len(list((tmp_path / "run" / "logs").glob("version_*"))) == 1
 
 
 def test_without_data_outside_smoke_mode_the_notebook_stops_with_one_clear_message(tmp_path, monkeypatch):
