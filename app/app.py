@@ -41,7 +41,7 @@ from PIL import Image  # noqa: E402
 from helpers.cam import cam_to_original, capture, detection_cams, unravel_index  # noqa: E402
 from helpers.config import VOC_CLASSES, Config  # noqa: E402
 from helpers.export import CONFIG, WEIGHTS, BundleError, load_bundle, read_bundle_config  # noqa: E402
-from helpers.imageio import ImageError, read_image  # noqa: E402
+from helpers.imageio import ImageError, read_image, read_info  # noqa: E402
 from helpers.model import YOLOv3, fuse_for_inference  # noqa: E402
 from helpers.plotting import annotate, overlay  # noqa: E402
 from helpers.postprocess import detect  # noqa: E402
@@ -50,7 +50,7 @@ from helpers.transforms import letterbox  # noqa: E402
 log = logging.getLogger("yolo-app")
 
 MAX_SIDE = 2048  # every upload is brought down to this longest side before anything else
-MAX_UPLOAD = "20mb"  # Gradio refuses larger uploads
+MAX_UPLOAD = 20_000_000  # bytes: Gradio refuses larger uploads, `read_upload` larger files
 SIZES = (320, 416, 512, 608)  # input sizes offered (multiples of 32)
 CAM_METHODS = ("Grad-CAM", "EigenCAM")
 DEFAULT_CONF, DEFAULT_IOU, DEFAULT_TOP_K = 0.4, 0.45, 5
@@ -155,26 +155,27 @@ class Upload:
 def read_upload(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Upload:
     """Decode an uploaded file to upright RGB, downscaled to `max_side`: any mode, EXIF rotation applied.
 
-    Raises ImageError (a message fit for the page) for anything that is not a usable image.
+    Memory is bounded by what is shown, not by the file: oversize files are refused from their size
+    on disk and their header, and a large image is shrunk right after its decode, before any
+    conversion (see `helpers.imageio`). Raises ImageError (a message fit for the page) for anything
+    that is not a usable image.
     """
     path = Path(path)
-    notes: list[str] = []
-    orientation, mode, fmt = 1, None, None
     try:
-        with Image.open(path) as im:  # lazy: header only, to report what the file was
-            mode, fmt = im.mode, im.format
-            orientation = int(im.getexif().get(0x0112, 1) or 1)
-    except Exception:  # noqa: BLE001 - read_image below says what is wrong with the file
-        pass
-    try:
-        # a big JPEG is decoded reduced in the DCT (2-8x faster than in full), to no less than half
-        # of max_side; the cap below then applies
-        image, decode_scale = read_image(path, max_side=max_side // 2, with_scale=True)
+        info = read_info(path, max_file_bytes=MAX_UPLOAD)
+        # a big JPEG is decoded reduced in the DCT (2-8x faster than in full), others shrunk by an
+        # integer factor, to no less than half of max_side; the cap below then applies
+        image = read_image(path, max_side=max_side // 2, max_file_bytes=MAX_UPLOAD)
     except ImageError as e:
         raise ImageError(str(e).replace(str(path), path.name)) from None
-    stored_h, stored_w = round(image.shape[0] / decode_scale), round(image.shape[1] / decode_scale)
-    if mode and mode not in ("RGB", "L"):
-        notes.append(f"converted from {fmt or 'image'} mode {mode} to RGB")
+    notes = []
+    if info.mode not in ("RGB", "L") or info.bits != 8:
+        depth = f"{info.bits}-bit " if info.bits != 8 else ""
+        notes.append(f"converted from {depth}{info.format or 'image'} mode {info.mode} to 8-bit RGB")
+    if info.frames > 1:
+        kind = {"GIF": "animated GIF", "WEBP": "animated WebP", "PNG": "animated PNG", "TIFF": "multi-page TIFF"}
+        notes.append(f"only the first of its {info.frames} frames used ({kind.get(info.format, info.format)})")
+    stored_w, stored_h = info.width, info.height
     if max(image.shape[:2]) > max_side:
         pil = Image.fromarray(image)
         pil.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
@@ -183,9 +184,9 @@ def read_upload(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Upload:
     if max(stored_w, stored_h) > max_side:
         notes.append(f"downscaled from {stored_w}x{stored_h} to {image.shape[1]}x{image.shape[0]}")
     original = (stored_w, stored_h)
-    if orientation in _UPRIGHT:
-        image = np.asarray(Image.fromarray(image).transpose(_UPRIGHT[orientation]))
-        if orientation >= 5:  # a quarter turn swaps width and height
+    if info.orientation in _UPRIGHT:
+        image = np.asarray(Image.fromarray(image).transpose(_UPRIGHT[info.orientation]))
+        if info.orientation >= 5:  # a quarter turn swaps width and height
             original = (stored_h, stored_w)
         notes.append("rotated upright as its EXIF orientation says")
     return Upload(np.ascontiguousarray(image), scale, original, notes)
@@ -277,7 +278,7 @@ def predict_boxes(loaded: LoadedModel | None, image, conf=DEFAULT_CONF, iou=DEFA
     elif len(dets) == MAX_DETECTIONS:
         summary += f" (Only the {MAX_DETECTIONS} best are kept: try a higher confidence threshold.)"
     if upload.notes:
-        summary += " The image was " + "; ".join(upload.notes) + "."
+        summary += " About this image: " + "; ".join(upload.notes) + "."
     result = Result(annotated, rows, [], summary, dets, {"boxes": t_boxes})
     state = {"upload": upload, "x": x, "meta": meta, "capture": cap, "rows": rows_in_output,
              "cam_method": cam_method, "top_k": top_k, "started": started, "size": size}
