@@ -351,18 +351,24 @@ def _about(loaded: LoadedModel | None, hub_repo: str | None) -> str:
         return "\n".join(lines)
     info = loaded.info
     lines += ["### Model",
-              f"YOLOv3 (Darknet-53, width {info['width']}, {info.get('parameters', 0):,} parameters), "
-              f"trained at {info['image_size']}x{info['image_size']}; loaded from `{loaded.source}`."]
+              f"YOLOv3 (Darknet-53, width {info['width']}, {info.get('parameters', 0):,} parameters, "
+              f"{info.get('weights_dtype', 'float32')} weights), trained at {info['image_size']}x{info['image_size']}; "
+              f"loaded from `{loaded.source}`."]
     url = loaded.hub_url or (f"https://huggingface.co/{hub_repo}" if hub_repo else None)
-    lines.append(f"Model page: [{url}]({url})" if url else "Model page: not published (no Hugging Face repo set).")
+    lines += ["", f"Model page: [{url}]({url})" if url else "Model page: not published (no Hugging Face repo set)."]
     training = info.get("training") or {}
+    trained_on = training.get("trained_on") or (f"`{training['dataset']}`" if training.get("dataset") else None)
+    lines += ["", f"**Trained on:** {trained_on}." if trained_on else "**Trained on:** not recorded in the bundle."]
     if training.get("epoch") is not None:
-        lines.append(f"Training: epoch {training['epoch'] + 1} of {training.get('epochs_planned', '?')}, "
-                     f"{training.get('global_step', '?')} steps, data `{training.get('dataset') or 'synthetic'}`.")
+        lines[-1] += (f" {training['epoch'] + 1} of {training.get('epochs_planned', '?')} epochs, "
+                      f"{training.get('global_step', '?')} optimizer steps.")
     metrics = info.get("metrics") or {}
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if numeric:
-        lines += ["", "| metric | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in numeric.items()]
+        where = f" on {training['evaluated_on']}" if training.get("evaluated_on") else ""
+        lines += ["", f"Measured{where} (from the training run's `{metrics.get('source', 'metrics')}`):", "",
+                  "| metric | value |", "|---|---|"] + [f"| {_METRIC_NAMES.get(k, k)} | {v:.4g} |"
+                                                         for k, v in numeric.items()]
     else:
         lines.append("The bundle records no evaluation metrics.")
     ap = metrics.get("ap_per_class_voc07")
@@ -372,11 +378,26 @@ def _about(loaded: LoadedModel | None, hub_repo: str | None) -> str:
     return "\n".join(lines)
 
 
-def sample_images(samples_dir: str | os.PathLike | None) -> list[str]:
+_METRIC_NAMES = {"val/map50_voc07": "mAP at IoU 0.5 (VOC07 11-point)", "val/map50_all": "mAP at IoU 0.5 (all-point)",
+                 "val/class_acc": "class accuracy (%)", "val/noobj_acc": "no-object accuracy (%)",
+                 "val/obj_acc": "object accuracy (%)", "val/loss": "validation loss"}
+
+
+def trained_on_generated_data(loaded: LoadedModel | None) -> bool:
+    """True for a model trained on the project's generated shapes (no dataset folder in its config)."""
+    return loaded is not None and ((loaded.info.get("config") or {}).get("data") or {}).get("root", "") is None
+
+
+GENERATED_SAMPLE = "shapes_"  # sample files named so are generated images (helpers.synthetic), not photos
+
+
+def sample_images(samples_dir: str | os.PathLike | None, generated_first: bool = False) -> list[str]:
+    """The sample files (at most 12); the generated shape images first for a model trained on them."""
     if not samples_dir or not Path(samples_dir).is_dir():
         return []
-    return [str(p) for p in sorted(Path(samples_dir).iterdir())
-            if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")][:12]
+    files = [p for p in Path(samples_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")]
+    files.sort(key=lambda p: (generated_first != p.name.startswith(GENERATED_SAMPLE), p.name))
+    return [str(p) for p in files][:12]
 
 
 def image_input(**kwargs) -> gr.Image:
@@ -407,8 +428,11 @@ def build_demo(bundle: str | os.PathLike | None, samples_dir: str | os.PathLike 
                hub_repo: str | None = None) -> gr.Blocks:
     """The page. Loads the model once (cached for the process); works without one."""
     loaded, status = load_source(bundle, hub_repo)
-    default_size = loaded.info["image_size"] if loaded and loaded.info["image_size"] in SIZES else 416
-    samples = sample_images(samples_dir)
+    trained_size = loaded.info["image_size"] if loaded else 416
+    # the model's own size is offered (and chosen) too: a model trained small sees little at 416
+    sizes = sorted(set(SIZES) | ({trained_size} if trained_size % 32 == 0 and 64 <= trained_size <= 1024 else set()))
+    default_size = trained_size if trained_size in sizes else 416
+    samples = sample_images(samples_dir, generated_first=trained_on_generated_data(loaded))
 
     def run(image, conf, iou, size, cam_method, top_k):
         try:
@@ -424,6 +448,9 @@ def build_demo(bundle: str | os.PathLike | None, samples_dir: str | os.PathLike 
 
     with gr.Blocks(title="YOLOv3 on PASCAL VOC") as demo:
         gr.Markdown("# YOLOv3 on PASCAL VOC: detections and the Grad-CAM of each one")
+        if loaded is not None and trained_on_generated_data(loaded):
+            status += (" This model was trained on the project's **generated coloured shapes**, not on PASCAL VOC "
+                       "photos: it finds those shapes (try the shape samples); on real photos its boxes mean nothing.")
         gr.Markdown(("⚠️ " + NO_MODEL + ("\n\n" + status if status else "")) if loaded is None else status,
                     elem_id="model-status")
         with gr.Row():
@@ -431,11 +458,12 @@ def build_demo(bundle: str | os.PathLike | None, samples_dir: str | os.PathLike 
                 image = image_input(label="Image", sources=["upload", "clipboard"], height=360,
                                     elem_id="input-image")
                 if samples:
-                    gr.Examples(examples=[[p] for p in samples], inputs=[image], label="Samples (test split)",
+                    gr.Examples(examples=[[p] for p in samples], inputs=[image], label="Samples",
                                 examples_per_page=12)
-                conf = gr.Slider(0.01, 0.99, value=DEFAULT_CONF, step=0.01, label="Confidence threshold")
+                conf = gr.Slider(0.01, 0.99, value=DEFAULT_CONF, step=0.01, label="Confidence threshold",
+                                 elem_id="conf")
                 iou = gr.Slider(0.05, 0.95, value=DEFAULT_IOU, step=0.05, label="NMS IoU threshold")
-                size = gr.Radio(list(SIZES), value=default_size, label="Input size (pixels)")
+                size = gr.Radio(sizes, value=default_size, label="Input size (pixels)")
                 cam_method = gr.Radio(list(CAM_METHODS), value="Grad-CAM", label="Explanation")
                 top_k = gr.Slider(0, MAX_TOP_K, value=DEFAULT_TOP_K, step=1, label="CAMs for the top k detections")
                 button = gr.Button("Detect", variant="primary", interactive=loaded is not None)

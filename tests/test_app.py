@@ -67,7 +67,7 @@ def loaded(bundle):
 
 @pytest.fixture(scope="module")
 def sample() -> Path:
-    return sorted(SAMPLES.glob("*.jpg"))[0]
+    return sorted(SAMPLES.glob("0*.jpg"))[0]  # a photo (the generated samples are named shapes_*)
 
 
 def run(loaded, image, **kw):
@@ -396,10 +396,13 @@ def test_app_readme_has_the_spaces_front_matter():
     assert front["app_file"] == "app.py" and {"title", "emoji", "pinned", "license"} <= set(front)
 
 
-def test_app_examples_are_few_real_photos_each_attributed():
-    photos = sorted(SAMPLES.glob("*.jpg"))
+def test_app_examples_are_few_real_photos_each_attributed_and_generated_shapes():
+    photos = sorted(p for p in SAMPLES.glob("*.jpg") if not p.name.startswith(webapp.GENERATED_SAMPLE))
     assert 1 <= len(photos) <= 6
     attribution = (SAMPLES / "ATTRIBUTION.md").read_text()
+    shapes = sorted(SAMPLES.glob(webapp.GENERATED_SAMPLE + "*"))
+    assert 1 <= len(shapes) <= 4 and all(p.name in attribution for p in shapes)
+    assert "helpers.synthetic" in attribution
     known = json.loads((SAMPLES / "coco_licences.json").read_text())["images"]
     for p in photos:
         assert p.name in attribution and known[p.stem]["licence"] in attribution
