@@ -41,7 +41,7 @@ from PIL import Image  # noqa: E402
 from helpers.cam import cam_to_original, capture, detection_cams, unravel_index  # noqa: E402
 from helpers.config import VOC_CLASSES, Config  # noqa: E402
 from helpers.export import CONFIG, WEIGHTS, BundleError, load_bundle, read_bundle_config  # noqa: E402
-from helpers.imageio import ImageError, read_image  # noqa: E402
+from helpers.imageio import ImageError, read_image, read_info  # noqa: E402
 from helpers.model import YOLOv3, fuse_for_inference  # noqa: E402
 from helpers.plotting import annotate, overlay  # noqa: E402
 from helpers.postprocess import detect  # noqa: E402
@@ -50,7 +50,7 @@ from helpers.transforms import letterbox  # noqa: E402
 log = logging.getLogger("yolo-app")
 
 MAX_SIDE = 2048  # every upload is brought down to this longest side before anything else
-MAX_UPLOAD = "20mb"  # Gradio refuses larger uploads
+MAX_UPLOAD = 20_000_000  # bytes: Gradio refuses larger uploads, `read_upload` larger files
 SIZES = (320, 416, 512, 608)  # input sizes offered (multiples of 32)
 CAM_METHODS = ("Grad-CAM", "EigenCAM")
 DEFAULT_CONF, DEFAULT_IOU, DEFAULT_TOP_K = 0.4, 0.45, 5
@@ -155,26 +155,27 @@ class Upload:
 def read_upload(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Upload:
     """Decode an uploaded file to upright RGB, downscaled to `max_side`: any mode, EXIF rotation applied.
 
-    Raises ImageError (a message fit for the page) for anything that is not a usable image.
+    Memory is bounded by what is shown, not by the file: oversize files are refused from their size
+    on disk and their header, and a large image is shrunk right after its decode, before any
+    conversion (see `helpers.imageio`). Raises ImageError (a message fit for the page) for anything
+    that is not a usable image.
     """
     path = Path(path)
-    notes: list[str] = []
-    orientation, mode, fmt = 1, None, None
     try:
-        with Image.open(path) as im:  # lazy: header only, to report what the file was
-            mode, fmt = im.mode, im.format
-            orientation = int(im.getexif().get(0x0112, 1) or 1)
-    except Exception:  # noqa: BLE001 - read_image below says what is wrong with the file
-        pass
-    try:
-        # a big JPEG is decoded reduced in the DCT (2-8x faster than in full), to no less than half
-        # of max_side; the cap below then applies
-        image, decode_scale = read_image(path, max_side=max_side // 2, with_scale=True)
+        info = read_info(path, max_file_bytes=MAX_UPLOAD)
+        # a big JPEG is decoded reduced in the DCT (2-8x faster than in full), others shrunk by an
+        # integer factor, to no less than half of max_side; the cap below then applies
+        image = read_image(path, max_side=max_side // 2, max_file_bytes=MAX_UPLOAD)
     except ImageError as e:
         raise ImageError(str(e).replace(str(path), path.name)) from None
-    stored_h, stored_w = round(image.shape[0] / decode_scale), round(image.shape[1] / decode_scale)
-    if mode and mode not in ("RGB", "L"):
-        notes.append(f"converted from {fmt or 'image'} mode {mode} to RGB")
+    notes = []
+    if info.mode not in ("RGB", "L") or info.bits != 8:
+        depth = f"{info.bits}-bit " if info.bits != 8 else ""
+        notes.append(f"converted from {depth}{info.format or 'image'} mode {info.mode} to 8-bit RGB")
+    if info.frames > 1:
+        kind = {"GIF": "animated GIF", "WEBP": "animated WebP", "PNG": "animated PNG", "TIFF": "multi-page TIFF"}
+        notes.append(f"only the first of its {info.frames} frames used ({kind.get(info.format, info.format)})")
+    stored_w, stored_h = info.width, info.height
     if max(image.shape[:2]) > max_side:
         pil = Image.fromarray(image)
         pil.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
@@ -183,9 +184,9 @@ def read_upload(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Upload:
     if max(stored_w, stored_h) > max_side:
         notes.append(f"downscaled from {stored_w}x{stored_h} to {image.shape[1]}x{image.shape[0]}")
     original = (stored_w, stored_h)
-    if orientation in _UPRIGHT:
-        image = np.asarray(Image.fromarray(image).transpose(_UPRIGHT[orientation]))
-        if orientation >= 5:  # a quarter turn swaps width and height
+    if info.orientation in _UPRIGHT:
+        image = np.asarray(Image.fromarray(image).transpose(_UPRIGHT[info.orientation]))
+        if info.orientation >= 5:  # a quarter turn swaps width and height
             original = (stored_h, stored_w)
         notes.append("rotated upright as its EXIF orientation says")
     return Upload(np.ascontiguousarray(image), scale, original, notes)
@@ -277,7 +278,7 @@ def predict_boxes(loaded: LoadedModel | None, image, conf=DEFAULT_CONF, iou=DEFA
     elif len(dets) == MAX_DETECTIONS:
         summary += f" (Only the {MAX_DETECTIONS} best are kept: try a higher confidence threshold.)"
     if upload.notes:
-        summary += " The image was " + "; ".join(upload.notes) + "."
+        summary += " About this image: " + "; ".join(upload.notes) + "."
     result = Result(annotated, rows, [], summary, dets, {"boxes": t_boxes})
     state = {"upload": upload, "x": x, "meta": meta, "capture": cap, "rows": rows_in_output,
              "cam_method": cam_method, "top_k": top_k, "started": started, "size": size}
@@ -350,18 +351,24 @@ def _about(loaded: LoadedModel | None, hub_repo: str | None) -> str:
         return "\n".join(lines)
     info = loaded.info
     lines += ["### Model",
-              f"YOLOv3 (Darknet-53, width {info['width']}, {info.get('parameters', 0):,} parameters), "
-              f"trained at {info['image_size']}x{info['image_size']}; loaded from `{loaded.source}`."]
+              f"YOLOv3 (Darknet-53, width {info['width']}, {info.get('parameters', 0):,} parameters, "
+              f"{info.get('weights_dtype', 'float32')} weights), trained at {info['image_size']}x{info['image_size']}; "
+              f"loaded from `{loaded.source}`."]
     url = loaded.hub_url or (f"https://huggingface.co/{hub_repo}" if hub_repo else None)
-    lines.append(f"Model page: [{url}]({url})" if url else "Model page: not published (no Hugging Face repo set).")
+    lines += ["", f"Model page: [{url}]({url})" if url else "Model page: not published (no Hugging Face repo set)."]
     training = info.get("training") or {}
+    trained_on = training.get("trained_on") or (f"`{training['dataset']}`" if training.get("dataset") else None)
+    lines += ["", f"**Trained on:** {trained_on}." if trained_on else "**Trained on:** not recorded in the bundle."]
     if training.get("epoch") is not None:
-        lines.append(f"Training: epoch {training['epoch'] + 1} of {training.get('epochs_planned', '?')}, "
-                     f"{training.get('global_step', '?')} steps, data `{training.get('dataset') or 'synthetic'}`.")
+        lines[-1] += (f" {training['epoch'] + 1} of {training.get('epochs_planned', '?')} epochs, "
+                      f"{training.get('global_step', '?')} optimizer steps.")
     metrics = info.get("metrics") or {}
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if numeric:
-        lines += ["", "| metric | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in numeric.items()]
+        where = f" on {training['evaluated_on']}" if training.get("evaluated_on") else ""
+        lines += ["", f"Measured{where} (from the training run's `{metrics.get('source', 'metrics')}`):", "",
+                  "| metric | value |", "|---|---|"] + [f"| {_METRIC_NAMES.get(k, k)} | {v:.4g} |"
+                                                         for k, v in numeric.items()]
     else:
         lines.append("The bundle records no evaluation metrics.")
     ap = metrics.get("ap_per_class_voc07")
@@ -371,11 +378,26 @@ def _about(loaded: LoadedModel | None, hub_repo: str | None) -> str:
     return "\n".join(lines)
 
 
-def sample_images(samples_dir: str | os.PathLike | None) -> list[str]:
+_METRIC_NAMES = {"val/map50_voc07": "mAP at IoU 0.5 (VOC07 11-point)", "val/map50_all": "mAP at IoU 0.5 (all-point)",
+                 "val/class_acc": "class accuracy (%)", "val/noobj_acc": "no-object accuracy (%)",
+                 "val/obj_acc": "object accuracy (%)", "val/loss": "validation loss"}
+
+
+def trained_on_generated_data(loaded: LoadedModel | None) -> bool:
+    """True for a model trained on the project's generated shapes (no dataset folder in its config)."""
+    return loaded is not None and ((loaded.info.get("config") or {}).get("data") or {}).get("root", "") is None
+
+
+GENERATED_SAMPLE = "shapes_"  # sample files named so are generated images (helpers.synthetic), not photos
+
+
+def sample_images(samples_dir: str | os.PathLike | None, generated_first: bool = False) -> list[str]:
+    """The sample files (at most 12); the generated shape images first for a model trained on them."""
     if not samples_dir or not Path(samples_dir).is_dir():
         return []
-    return [str(p) for p in sorted(Path(samples_dir).iterdir())
-            if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")][:12]
+    files = [p for p in Path(samples_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")]
+    files.sort(key=lambda p: (generated_first != p.name.startswith(GENERATED_SAMPLE), p.name))
+    return [str(p) for p in files][:12]
 
 
 def image_input(**kwargs) -> gr.Image:
@@ -406,8 +428,11 @@ def build_demo(bundle: str | os.PathLike | None, samples_dir: str | os.PathLike 
                hub_repo: str | None = None) -> gr.Blocks:
     """The page. Loads the model once (cached for the process); works without one."""
     loaded, status = load_source(bundle, hub_repo)
-    default_size = loaded.info["image_size"] if loaded and loaded.info["image_size"] in SIZES else 416
-    samples = sample_images(samples_dir)
+    trained_size = loaded.info["image_size"] if loaded else 416
+    # the model's own size is offered (and chosen) too: a model trained small sees little at 416
+    sizes = sorted(set(SIZES) | ({trained_size} if trained_size % 32 == 0 and 64 <= trained_size <= 1024 else set()))
+    default_size = trained_size if trained_size in sizes else 416
+    samples = sample_images(samples_dir, generated_first=trained_on_generated_data(loaded))
 
     def run(image, conf, iou, size, cam_method, top_k):
         try:
@@ -423,6 +448,9 @@ def build_demo(bundle: str | os.PathLike | None, samples_dir: str | os.PathLike 
 
     with gr.Blocks(title="YOLOv3 on PASCAL VOC") as demo:
         gr.Markdown("# YOLOv3 on PASCAL VOC: detections and the Grad-CAM of each one")
+        if loaded is not None and trained_on_generated_data(loaded):
+            status += (" This model was trained on the project's **generated coloured shapes**, not on PASCAL VOC "
+                       "photos: it finds those shapes (try the shape samples); on real photos its boxes mean nothing.")
         gr.Markdown(("⚠️ " + NO_MODEL + ("\n\n" + status if status else "")) if loaded is None else status,
                     elem_id="model-status")
         with gr.Row():
@@ -430,11 +458,12 @@ def build_demo(bundle: str | os.PathLike | None, samples_dir: str | os.PathLike 
                 image = image_input(label="Image", sources=["upload", "clipboard"], height=360,
                                     elem_id="input-image")
                 if samples:
-                    gr.Examples(examples=[[p] for p in samples], inputs=[image], label="Samples (test split)",
+                    gr.Examples(examples=[[p] for p in samples], inputs=[image], label="Samples",
                                 examples_per_page=12)
-                conf = gr.Slider(0.01, 0.99, value=DEFAULT_CONF, step=0.01, label="Confidence threshold")
+                conf = gr.Slider(0.01, 0.99, value=DEFAULT_CONF, step=0.01, label="Confidence threshold",
+                                 elem_id="conf")
                 iou = gr.Slider(0.05, 0.95, value=DEFAULT_IOU, step=0.05, label="NMS IoU threshold")
-                size = gr.Radio(list(SIZES), value=default_size, label="Input size (pixels)")
+                size = gr.Radio(sizes, value=default_size, label="Input size (pixels)")
                 cam_method = gr.Radio(list(CAM_METHODS), value="Grad-CAM", label="Explanation")
                 top_k = gr.Slider(0, MAX_TOP_K, value=DEFAULT_TOP_K, step=1, label="CAMs for the top k detections")
                 button = gr.Button("Detect", variant="primary", interactive=loaded is not None)

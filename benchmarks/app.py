@@ -5,10 +5,13 @@ this machine's CPU, next to one forward pass of the same model. "Upload to boxes
 server does with the uploaded file: decode, EXIF, letterbox, forward, decode + NMS, draw, table.
 The goal: boxes <= 1.2x one forward pass; boxes + 5 CAMs <= 3x one forward pass.
 
-    python benchmarks/app.py [--repeats 5] [--served]
+    python benchmarks/app.py [--repeats 5] [--served] [--memory [--tree DIR]]
 
 --served also times the whole round trip through a local Gradio server with gradio_client
 (upload over HTTP, queue, JPEG encoding of the outputs, download).
+--memory: peak memory (ru_maxrss, in a fresh process that has imported the app) of reading one
+10,000 x 10,000 16-bit grayscale PNG upload (~220 KB on disk, 200 MB decoded); `--tree DIR` runs
+it against another checkout of the project (e.g. `git archive OLD app helpers | tar -x -C DIR`).
 """
 from __future__ import annotations
 
@@ -37,12 +40,41 @@ def timed(fn, repeats: int) -> float:
     return timed_ms(fn, repeats, warmup=1) / 1000
 
 
+def upload_memory(tree: Path) -> str:
+    """One line: the peak memory of `read_upload` on a 10,000^2 16-bit PNG, in a fresh process."""
+    import subprocess
+
+    import numpy as np
+
+    row = (np.arange(10_000, dtype=np.uint32) * 6 % 65536).astype(np.uint16)
+    a = np.broadcast_to(row, (10_000, 10_000)).copy()
+    a[4000:6000, 3000:7000] = 60000
+    path = Path(tempfile.mkdtemp()) / "scan16.png"
+    Image.fromarray(a).save(path, compress_level=9)
+    del a
+    # The peak (ru_maxrss) is a high-water mark that importing may already have set: the growth is
+    # measured from the resident size just before the read.
+    code = ("import resource, sys, time\nfrom app import app\n"
+            "rss = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() // 1024\n"
+            "t = time.perf_counter()\n"
+            f"u = app.read_upload({str(path)!r})\nt = time.perf_counter() - t\n"
+            "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "print(f'resident {rss / 1024:.0f} MB after importing the app, peak {after / 1024:.0f} MB while reading '"
+            "     f'(+{(after - rss) / 1024:.0f} MB) in {t:.2f} s; shown at {u.image.shape[1]}x{u.image.shape[0]}')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, check=True)
+    return f"{path.stat().st_size / 1e3:.0f} KB 10000x10000 16-bit PNG: " + done.stdout.strip()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--size", type=int, default=416)
     p.add_argument("--served", action="store_true")
+    p.add_argument("--memory", action="store_true", help="also the peak memory of a huge 16-bit PNG upload")
+    p.add_argument("--tree", default=str(ROOT), help="checkout whose app --memory measures")
     args = p.parse_args()
+    if args.memory:
+        print(upload_memory(Path(args.tree)))
     size = args.size
     torch.manual_seed(0)
     cfg = Config()

@@ -6,10 +6,16 @@ only plain values. `config.json` says what the app needs to run and to describe 
     {"format": "yolov3-voc-bundle", "format_version": 1,
      "classes": [...20 names], "num_classes": 20, "anchors": 3x3 (w, h) fractions, "strides": [32, 16, 8],
      "image_size": 416, "width": 1.0, "parameters": 61626049,
-     "config": Config.to_dict(), "training": {epoch, global_step, ...}, "metrics": {...},
-     "hub_repo": "user/name" or null, "weights_sha256": "...", "created": "...Z"}
+     "config": Config.to_dict(), "training": {epoch, global_step, trained_on, evaluated_on, ...},
+     "metrics": {...}, "hub_repo": "user/name" or null, "weights_dtype": "float32" | "float16",
+     "weights_sha256": "...", "created": "...Z"}
 
-`python -m helpers.export --checkpoint CKPT --out DIR [--hub-repo ID] [--metrics FILE]` writes one
+`training.trained_on` and `training.evaluated_on` say in words what data the weights were trained
+and measured on (the app's About section shows them with the metrics); they are written at export
+time from the checkpoint's config, never typed by hand. `--fp16` stores the floating-point weights
+in half precision (half the bytes; loading casts them back to float32).
+
+`python -m helpers.export --checkpoint CKPT --out DIR [--hub-repo ID] [--metrics FILE] [--fp16]` writes one
 from a training checkpoint; the run's `metrics.json` (written by `helpers.train` in the run folder,
 the parent of the checkpoint folder) is read when present. An existing bundle is never replaced:
 the export refuses and asks for a new folder. The folder is assembled under a temporary name and
@@ -67,8 +73,9 @@ def bundle_config(model: YOLOv3, config: Config, *, training: dict | None = None
 
 
 def write_bundle(model: YOLOv3, config: Config, out: str | os.PathLike, *, training: dict | None = None,
-                 metrics: dict | None = None, hub_repo: str | None = None) -> Path:
-    """Write `out/model.safetensors` + `out/config.json`; refuses if `out` exists and is not empty."""
+                 metrics: dict | None = None, hub_repo: str | None = None, fp16: bool = False) -> Path:
+    """Write `out/model.safetensors` + `out/config.json`; refuses if `out` exists and is not empty.
+    `fp16` stores floating-point tensors in half precision (integer buffers stay as they are)."""
     out = Path(out)
     _refuse_existing(out)
     if len(config.data.classes) != config.model.num_classes:
@@ -76,7 +83,10 @@ def write_bundle(model: YOLOv3, config: Config, out: str | os.PathLike, *, train
                           f"{config.model.num_classes} classes")
     # contiguous, unshared copies: safetensors refuses tensors that share storage
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    if fp16:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     info = bundle_config(model, config, training=training, metrics=metrics, hub_repo=hub_repo)
+    info["weights_dtype"] = "float16" if fp16 else "float32"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -136,8 +146,23 @@ def summarise_run(summary: dict) -> dict:
     return metrics
 
 
+def describe_data(config: Config) -> tuple[str, str]:
+    """(what the model was trained on, what its metrics were measured on), in words for a model card."""
+    d = config.data
+    if d.root is None:
+        from .datamodule import SYNTHETIC
+
+        w, h = SYNTHETIC["image_size"]
+        data = (f"generated coloured shapes (helpers.synthetic: {SYNTHETIC['n_trainval']} trainval and "
+                f"{SYNTHETIC['n_test']} test images of {w}x{h}, one shape and colour per VOC class name), "
+                "not PASCAL VOC photos")
+        return data, f"the generated {d.val_split} split ({SYNTHETIC['n_test']} images) at {d.image_size} px"
+    return (f"`{Path(d.root).name}` ({d.train_split} split)",
+            f"the {d.val_split} split of `{Path(d.root).name}` at {d.image_size} px")
+
+
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, hub_repo: str | None = None,
-                      metrics_file: str | os.PathLike | None = None) -> Path:
+                      metrics_file: str | os.PathLike | None = None, fp16: bool = False) -> Path:
     """A bundle from a `helpers.train` checkpoint, with the run's training summary and metrics."""
     from .checkpoints import load_model
 
@@ -153,6 +178,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
                 "epochs_planned": config.train.epochs, "image_size": config.data.image_size,
                 "dataset": config.data.root, "train_split": config.data.train_split,
                 "val_split": config.data.val_split}
+    training["trained_on"], training["evaluated_on"] = describe_data(config)
     summary, source = run_metrics(checkpoint, config)
     metrics = summarise_run(summary)
     if source is not None:
@@ -162,7 +188,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         extra = _read_json(Path(metrics_file), "metrics")
         metrics.update(summarise_run(extra) if "metrics" in extra else extra)
         metrics["source"] = Path(metrics_file).name
-    return write_bundle(model, config, out, training=training, metrics=metrics, hub_repo=hub_repo)
+    return write_bundle(model, config, out, training=training, metrics=metrics, hub_repo=hub_repo, fp16=fp16)
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -221,18 +247,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="new folder for the bundle (never overwritten)")
     p.add_argument("--hub-repo", help="Hugging Face model repo id the bundle will be published as (user/name)")
     p.add_argument("--metrics", help="a JSON file of evaluation metrics to include (e.g. from helpers.evaluate)")
+    p.add_argument("--fp16", action="store_true", help="store the weights in half precision (half the size)")
     args = p.parse_args(argv)
     from .checkpoints import resolve_checkpoint
 
     try:
         checkpoint = resolve_checkpoint(args.checkpoint, args.run_dir)
-        out = export_checkpoint(checkpoint, args.out, hub_repo=args.hub_repo, metrics_file=args.metrics)
+        out = export_checkpoint(checkpoint, args.out, hub_repo=args.hub_repo, metrics_file=args.metrics,
+                                fp16=args.fp16)
     except (BundleError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = read_bundle_config(out)
     print(f"bundle written: {out}")
-    print(f"  {WEIGHTS}  {(out / WEIGHTS).stat().st_size / 1e6:.1f} MB, {info['parameters']:,} parameters")
+    print(f"  {WEIGHTS}  {(out / WEIGHTS).stat().st_size / 1e6:.1f} MB, {info['parameters']:,} parameters "
+          f"({info['weights_dtype']})")
     print(f"  {CONFIG}  {info['num_classes']} classes, image size {info['image_size']}, width {info['width']}, "
           f"metrics: {', '.join(k for k in info['metrics'] if k != 'source') or 'none'}")
     return 0

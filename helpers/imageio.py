@@ -1,16 +1,22 @@
 """Decode an image file to RGB uint8, whatever its mode, with clear errors naming the file.
 
 - Any mode (grayscale, RGBA, palette, 16-bit PNG, CMYK JPEG) becomes 3-channel RGB uint8;
-  transparent areas become black, the colour of the letterbox padding.
+  transparent areas become black, the colour of the letterbox padding. A multi-frame file (animated
+  GIF or WebP, multi-page TIFF) gives its first frame.
 - EXIF orientation is NOT applied. VOC's annotators drew their boxes on the pixels as stored, and
   the course's labels were computed on them too, so the boxes follow the stored pixels; turning
   the image upright would put every box of a rotated photo in the wrong place. (The app, which
   shows photos to people, applies the orientation itself.)
-- Huge images: a JPEG is decoded reduced in the DCT (by 2, 4 or 8) when it is at least twice as
-  large as needed, so a 10000x10000 JPEG never exists in memory at full size; other formats are
-  decoded in full up to `MAX_PIXELS` and refused beyond it with a clear error. `scale` (decoded /
-  stored, exactly 1/2, 1/4, ... for a reduced decode) says how the returned pixels relate to the
-  file's: a stored x maps to x * scale.
+- Memory is bounded by bytes, not pixels: a file over `MAX_FILE_BYTES` on disk, or whose header
+  says it decodes to more than `MAX_DECODED_BYTES` (pixels x bands x bytes per sample), is refused
+  before any decoding. A JPEG is decoded reduced in the DCT (by 2, 4 or 8) when it is at least twice
+  as large as needed, so a 10000x10000 JPEG never exists in memory at full size. Other formats are
+  decoded once in their own mode (PIL cannot decode them reduced) and then shrunk by an integer
+  factor before any conversion: a mode PIL cannot shrink (16-bit grayscale, palette, 1-bit) is
+  converted band by band of rows, so no full-size copy in a wider mode (a 16-bit image as 32-bit
+  integers or floats, a palette image as RGB) ever exists. `scale` (decoded / stored, exactly 1/2,
+  1/4, ... for a reduced decode) says how the returned pixels relate to the file's: a stored x maps
+  to x * scale.
 - A truncated JPEG is an error (OpenCV would quietly return it with a grey band at the bottom).
 """
 from __future__ import annotations
@@ -18,23 +24,57 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageMode, UnidentifiedImageError
 
 # OpenCV's own thread pool, once started in a parent process, can deadlock DataLoader workers
 # forked from it (seen in a Jupyter kernel); the workers are the parallelism here.
 cv2.setNumThreads(0)
 
-MAX_PIXELS = 120_000_000  # non-JPEG images are decoded in full: ~360 MB at this cap, refused beyond
-MAX_SIDE = 4096  # default need: larger JPEGs are decoded reduced (a power-of-2 reduction)
+MAX_FILE_BYTES = 200_000_000  # a file larger than this on disk is refused unread
+MAX_DECODED_BYTES = 360_000_000  # pixels x bands x bytes per sample, from the header: refused beyond
+MAX_SIDE = 4096  # default need: larger images are decoded reduced (JPEG) or shrunk (others)
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+# Modes `Image.reduce` cannot average, and the mode each band of rows is converted to first.
+_REDUCE_AS = {"I;16": "I", "I;16L": "I", "I;16B": "I", "I;16N": "I", "1": "L", "P": "RGB", "PA": "RGBA"}
+_BAND_BYTES = 16 << 20  # one band of rows in its converted mode
 
 
 class ImageError(ValueError):
     """An image that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a file's header says, read without decoding its pixels."""
+
+    width: int
+    height: int
+    format: str | None  # PIL's name: JPEG, PNG, GIF, WEBP, TIFF, ...
+    mode: str  # PIL's mode as opened: RGB, L, P, I;16, ...
+    bits: int  # bits per sample as stored (16 for a 16-bit PNG, also one PIL opens as 8-bit RGB)
+    frames: int  # 1, or more for an animated GIF/WebP or a multi-page TIFF
+    orientation: int  # EXIF orientation tag (1 = as stored)
+    file_bytes: int
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes of the pixels decoded in PIL's mode: pixels x bands x bytes per sample."""
+        return decoded_bytes(self.mode, self.width, self.height)
+
+
+def decoded_bytes(mode: str, width: int, height: int) -> int:
+    """Bytes of a width x height image in PIL's `mode`: pixels x bands x bytes per sample."""
+    try:
+        m = ImageMode.getmode(mode)
+        per_pixel = len(m.bands) * int(m.typestr[-1])
+    except (KeyError, ValueError):  # a mode PIL has no table entry for: assume the widest common one
+        per_pixel = 4
+    return width * height * per_pixel
 
 
 @contextlib.contextmanager
@@ -45,7 +85,8 @@ def _opened(path: Path, problem: str):
         raise ImageError(f"{path}: image file not found")
     try:
         with warnings.catch_warnings():
-            # Our own pixel cap (read_image) replaces PIL's decompression-bomb warning.
+            # Our own byte caps (read_image) replace PIL's decompression-bomb warning, which would
+            # otherwise land in a server's log for every large upload.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 yield im
@@ -57,28 +98,70 @@ def _opened(path: Path, problem: str):
         raise ImageError(f"{path}: {problem} ({e})") from None
 
 
+def _info(path: Path, im: Image.Image) -> ImageInfo:
+    bits = 8 * int(ImageMode.getmode(im.mode).typestr[-1]) if im.mode != "1" else 1
+    rawmode = im.tile[0].args if im.tile else None  # e.g. "RGB;16B": PIL turns 16-bit RGB into 8-bit
+    rawmode = rawmode[0] if isinstance(rawmode, tuple) and rawmode else rawmode
+    if isinstance(rawmode, str) and ";16" in rawmode:
+        bits = 16
+    try:
+        orientation = int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block only loses the orientation
+        orientation = 1
+    return ImageInfo(im.size[0], im.size[1], im.format, im.mode, bits, int(getattr(im, "n_frames", 1) or 1),
+                     orientation, path.stat().st_size)
+
+
+def check_file_size(path: str | Path, max_file_bytes: int | None = None) -> None:
+    """Raise ImageError if the file on disk is larger than `max_file_bytes` (default MAX_FILE_BYTES)."""
+    path = Path(path)
+    limit = MAX_FILE_BYTES if max_file_bytes is None else max_file_bytes
+    if path.is_file() and path.stat().st_size > limit:
+        raise ImageError(f"{path}: the file is {_size(path.stat().st_size)}, more than this project reads "
+                         f"({_size(limit)}); shrink or recompress it")
+
+
+def read_info(path: str | Path, max_file_bytes: int | None = None) -> ImageInfo:
+    """The header's facts (size, format, mode, bit depth, frames, EXIF orientation); no decode.
+    A file over `max_file_bytes` (default MAX_FILE_BYTES) is refused unopened."""
+    path = Path(path)
+    check_file_size(path, max_file_bytes)
+    with _opened(path, "not a readable image") as im:
+        return _info(path, im)
+
+
 def read_size(path: str | Path) -> tuple[int, int]:
     """(width, height) as stored, from the file's header only (no decode)."""
     with _opened(Path(path), "not a readable image") as im:
         return im.size
 
 
-def read_image(path: str | Path, max_side: int = MAX_SIDE, with_scale: bool = False):
+def read_image(path: str | Path, max_side: int = MAX_SIDE, with_scale: bool = False, *,
+               max_file_bytes: int | None = None, max_decoded_bytes: int | None = None):
     """RGB uint8 [H, W, 3] (and the decode scale, decoded / stored, when `with_scale`).
 
     `max_side` is the longest side the caller needs: a JPEG at least twice as large is decoded
     reduced in the DCT (several times faster than decoding in full and resizing, and it never
-    holds the full image), never below `max_side` on its longest side.
+    holds the full image), never below `max_side` on its longest side; any other image at least
+    twice as large is shrunk by an integer factor right after its decode, before any conversion.
+    Files over `max_file_bytes` on disk or `max_decoded_bytes` decoded (defaults: the module's caps)
+    are refused before decoding.
     """
     path = Path(path)
+    max_decoded_bytes = MAX_DECODED_BYTES if max_decoded_bytes is None else max_decoded_bytes
+    check_file_size(path, max_file_bytes)
     with _opened(path, "cannot decode image") as im:
         w, h = im.size
-        if im.format == "JPEG" and im.mode in ("RGB", "L"):
-            array, factor = _decode_jpeg(path, max(w, h), max_side)
+        jpeg = im.format == "JPEG" and im.mode in ("RGB", "L")
+        factor = _jpeg_factor(max(w, h), max_side) if jpeg else 1
+        # a JPEG decoded reduced holds 3 bytes per decoded pixel (OpenCV's BGR); others their own mode
+        need = math.ceil(w / factor) * math.ceil(h / factor) * 3 if jpeg else decoded_bytes(im.mode, w, h)
+        if need > max_decoded_bytes:
+            raise ImageError(f"{path}: {w}x{h} {im.format} {im.mode} decodes to {_size(need)}, more than this "
+                             f"project decodes ({_size(max_decoded_bytes)}); shrink it or convert it to JPEG")
+        if jpeg:
+            array = _decode_jpeg(path, factor)
         else:
-            if w * h > MAX_PIXELS:
-                raise ImageError(f"{path}: {w}x{h} {im.format} is more pixels than this project decodes "
-                                 f"in full ({MAX_PIXELS:,}); convert it to JPEG or shrink it")
             im.load()
             reduced, factor = _reduce(im, max_side)
             array = _to_rgb(reduced)
@@ -88,39 +171,59 @@ def read_image(path: str | Path, max_side: int = MAX_SIDE, with_scale: bool = Fa
     return (array, scale) if with_scale else array
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 1_000_000 else f"{n:,} bytes"
+
+
 def decoded_size(width: int, height: int, scale: float) -> tuple[int, int]:
     """(width, height) that `read_image` returns for a stored width x height image decoded at `scale`."""
     return math.ceil(width * scale - 1e-9), math.ceil(height * scale - 1e-9)
 
 
-def _decode_jpeg(path: Path, longest: int, max_side: int) -> tuple[np.ndarray, int]:
-    """OpenCV's JPEG decode (libjpeg-turbo, faster than PIL's here), reduced in the DCT when the image
-    is 2, 4 or 8 times larger than needed; EXIF orientation ignored (see the module docstring)."""
+def _jpeg_factor(longest: int, max_side: int) -> int:
+    """The DCT reduction (8, 4, 2 or 1) that keeps the longest side >= max_side."""
+    return next((f for f, _ in _REDUCED if longest / f >= max_side), 1)
+
+
+def _decode_jpeg(path: Path, factor: int) -> np.ndarray:
+    """OpenCV's JPEG decode (libjpeg-turbo, faster than PIL's here), reduced in the DCT by `factor`
+    (1, 2, 4 or 8); EXIF orientation ignored (see the module docstring)."""
     data = np.fromfile(path, np.uint8)
     # Markers cannot occur inside entropy-coded data (0xFF is stuffed), so a file without its
     # end-of-image marker near the end was cut short.
     if b"\xff\xd9" not in data[-1024:].tobytes():
         raise ImageError(f"{path}: truncated JPEG (no end-of-image marker; {len(data):,} bytes)")
-    flags, factor = cv2.IMREAD_COLOR, 1
-    for f, reduced in _REDUCED:
-        if longest / f >= max_side:
-            flags, factor = reduced, f
-            break
+    flags = dict(_REDUCED).get(factor, cv2.IMREAD_COLOR)
     bgr = cv2.imdecode(data, flags | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:
         raise ImageError(f"{path}: cannot decode image (corrupt JPEG data)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), factor
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def _reduce(im: Image.Image, max_side: int) -> tuple[Image.Image, int]:
-    """A huge non-JPEG image shrunk by an integer factor (box filter) before any conversion copies it."""
+    """A huge non-JPEG image shrunk by an integer factor (box filter) before any conversion copies it.
+
+    A mode `Image.reduce` cannot average is converted band by band of rows (a few MB each) and each
+    band reduced, so the result is what reducing the whole converted image would give, without
+    that full-size converted copy ever existing.
+    """
     factor = max(im.size) // max_side
-    if factor < 2 or im.mode in ("1", "P", "PA"):  # palette indices cannot be averaged
+    if factor < 2:
         return im, 1
-    try:
-        return im.reduce(factor), factor
-    except ValueError:  # a mode PIL cannot reduce: convert in full
-        return im, 1
+    mode = _REDUCE_AS.get(im.mode)
+    if mode == "RGB" and "transparency" in im.info:
+        mode = "RGBA"
+    if mode is None:
+        try:
+            return im.reduce(factor), factor
+        except ValueError:  # a mode PIL cannot reduce: convert in full
+            return im, 1
+    w, h = im.size
+    out = Image.new(mode, (math.ceil(w / factor), math.ceil(h / factor)))
+    rows = factor * max(1, _BAND_BYTES // (4 * w * factor))  # a multiple of factor: blocks never straddle bands
+    for top in range(0, h, rows):
+        out.paste(im.crop((0, top, w, min(h, top + rows))).convert(mode).reduce(factor), (0, top // factor))
+    return out, factor
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:

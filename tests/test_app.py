@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import threading
+import warnings
 import zlib
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def loaded(bundle):
 
 @pytest.fixture(scope="module")
 def sample() -> Path:
-    return sorted(SAMPLES.glob("*.jpg"))[0]
+    return sorted(SAMPLES.glob("0*.jpg"))[0]  # a photo (the generated samples are named shapes_*)
 
 
 def run(loaded, image, **kw):
@@ -191,10 +192,10 @@ def test_broken_bundle_fails_gracefully(tmp_path):
 
 
 # --- bad input ------------------------------------------------------------------------------------
-def _png_claiming(width: int, height: int) -> bytes:
+def _png_claiming(width: int, height: int, mode: str = "L") -> bytes:
     """A valid 1x1 PNG whose header claims width x height (a decompression bomb, without the memory)."""
     buf = io.BytesIO()
-    Image.new("L", (1, 1)).save(buf, format="PNG")
+    Image.new(mode, (1, 1)).save(buf, format="PNG")
     data = bytearray(buf.getvalue())
     ihdr = 8  # signature, then the IHDR chunk: length(4) type(4) width(4) height(4) ...
     data[ihdr + 8: ihdr + 16] = struct.pack(">II", width, height)
@@ -241,6 +242,77 @@ def test_any_image_mode_gives_a_correct_result(loaded, sample, tmp_path, mode):
     assert len(r.rows) > 0 and len(r.cams) == 3
     if mode not in ("L",):
         assert "converted from" in r.message
+
+
+def _write(image: Image.Image, path: Path, **kw) -> Path:
+    image.save(path, **kw)
+    return path
+
+
+@pytest.mark.parametrize("make, note", [
+    (lambda p: _write(Image.fromarray(np.arange(160 * 120, dtype=np.uint16).reshape(120, 160) * 3), p / "g.png"),
+     "converted from 16-bit PNG mode I;16 to 8-bit RGB"),
+    (lambda p: p / "rgb48.png" if cv2_write(p / "rgb48.png", np.full((120, 160, 3), 40000, np.uint16)) else None,
+     "converted from 16-bit PNG mode RGB to 8-bit RGB"),
+    (lambda p: _write(Image.new("RGB", (160, 120)), p / "a.gif", save_all=True,
+                      append_images=[Image.new("RGB", (160, 120), (255, 0, 0)), Image.new("RGB", (160, 120), "blue")]),
+     "only the first of its 3 frames used (animated GIF)"),
+    (lambda p: _write(Image.new("RGB", (160, 120)), p / "a.webp", save_all=True,
+                      append_images=[Image.new("RGB", (160, 120), (255, 0, 0))]),
+     "only the first of its 2 frames used (animated WebP)"),
+    (lambda p: _write(Image.new("RGB", (160, 120)), p / "pages.tif", save_all=True,
+                      append_images=[Image.new("RGB", (160, 120), (255, 0, 0))]),
+     "only the first of its 2 frames used (multi-page TIFF)"),
+])
+def test_the_page_says_when_an_image_was_converted_or_only_its_first_frame_used(loaded, tmp_path, make, note):
+    r = run(loaded, str(make(tmp_path)), top_k=0)
+    assert r.annotated is not None and r.annotated.size == (160, 120)
+    assert note in r.message
+
+
+def cv2_write(path: Path, array: np.ndarray) -> bool:
+    import cv2
+
+    return cv2.imwrite(str(path), array)
+
+
+def test_oversize_files_are_refused_before_decoding_with_one_line_and_no_warning(loaded, tmp_path, monkeypatch):
+    # 12000 x 12000 RGB: 432 MB decoded, over the decode cap; PIL itself would only warn about it
+    bomb = tmp_path / "wide.png"
+    bomb.write_bytes(_png_claiming(12000, 12000, mode="RGB"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = run(loaded, str(bomb))
+    assert "wide.png: 12000x12000 PNG RGB decodes to 432.0 MB, more than this project decodes" in r.message
+    assert "\n" not in r.message and r.annotated is None
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff\xd8" + bytes(webapp.MAX_UPLOAD))  # never opened: refused from its size on disk
+    r = run(loaded, str(big))
+    assert f"big.jpg: the file is {(webapp.MAX_UPLOAD + 2) / 1e6:.1f} MB, more than this project reads" in r.message
+
+
+@pytest.mark.slow
+def test_a_huge_16_bit_png_costs_its_decoded_bytes_not_a_float_copy_of_them(tmp_path):
+    """10,000 x 10,000 16-bit grayscale (a few hundred KB on disk, 200 MB decoded): decoded once, then
+    shrunk band by band to 8 bits. The process's peak grows by about the 200 MB decode, not by the
+    ~1.5 GB of converting the whole image through floats (what the app did before)."""
+    row = (np.arange(10_000, dtype=np.uint32) * 6 % 65536).astype(np.uint16)
+    a = np.broadcast_to(row, (10_000, 10_000)).copy()
+    a[4000:6000, 3000:7000] = 60000
+    path = _write(Image.fromarray(a), tmp_path / "scan.png", compress_level=1)
+    del a
+    code = ("import resource\nfrom app import app\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"u = app.read_upload({str(path)!r})\n"
+            "grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024\n"
+            "print(u.image.shape[1], u.image.shape[0], grew, int(u.image[555, 555].mean()), int(u.image[0, 0].mean()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    w, h, grew_mb, bright, dark = map(int, out.stdout.split())
+    assert (w, h) == (1112, 1112)  # reduced by 9: no less than half of the app's MAX_SIDE
+    assert grew_mb < 400, f"peak memory grew by {grew_mb} MB"
+    assert bright > 220 and dark < 10  # the bright patch is where it was, the 16-bit range scaled to 8 bits
 
 
 def test_exif_rotated_photo_is_shown_upright_with_boxes_on_the_upright_image(loaded, sample, tmp_path):
@@ -324,10 +396,13 @@ def test_app_readme_has_the_spaces_front_matter():
     assert front["app_file"] == "app.py" and {"title", "emoji", "pinned", "license"} <= set(front)
 
 
-def test_app_examples_are_few_real_photos_each_attributed():
-    photos = sorted(SAMPLES.glob("*.jpg"))
+def test_app_examples_are_few_real_photos_each_attributed_and_generated_shapes():
+    photos = sorted(p for p in SAMPLES.glob("*.jpg") if not p.name.startswith(webapp.GENERATED_SAMPLE))
     assert 1 <= len(photos) <= 6
     attribution = (SAMPLES / "ATTRIBUTION.md").read_text()
+    shapes = sorted(SAMPLES.glob(webapp.GENERATED_SAMPLE + "*"))
+    assert 1 <= len(shapes) <= 4 and all(p.name in attribution for p in shapes)
+    assert "helpers.synthetic" in attribution
     known = json.loads((SAMPLES / "coco_licences.json").read_text())["images"]
     for p in photos:
         assert p.name in attribution and known[p.stem]["licence"] in attribution

@@ -2,7 +2,9 @@
 
 Uploads a photo, waits for the annotated image, the table and the CAM gallery, and saves a
 screenshot (to tmp_path; to images/app_screenshot.png as well when YOLO_APP_SCREENSHOT=1, with the
-model from YOLO_BUNDLE if set, else the tiny test model). Skipped where Chromium or Playwright is
+model from YOLO_BUNDLE if set, else the tiny test model). A model trained on the generated shapes gets
+a generated shapes sample, any other a photo (YOLO_APP_SAMPLE names another file in app/examples;
+YOLO_APP_CONF sets the confidence threshold first). Skipped where Chromium or Playwright is
 missing. Never downloads a browser.
 """
 from __future__ import annotations
@@ -66,9 +68,20 @@ def _serve(bundle):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    demo, url = _serve(_bundle(tmp_path_factory))
-    yield url
+    bundle = _bundle(tmp_path_factory)
+    demo, url = _serve(bundle)
+    yield url, webapp.load_source(bundle)[0]
     demo.close()
+
+
+def _sample(loaded) -> Path:
+    """YOLO_APP_SAMPLE (a file in app/examples) if set; else a generated shapes image for a model trained
+    on those, a photo for any other."""
+    if os.environ.get("YOLO_APP_SAMPLE"):
+        return SAMPLES / os.environ["YOLO_APP_SAMPLE"]
+    if webapp.trained_on_generated_data(loaded):
+        return sorted(SAMPLES.glob(webapp.GENERATED_SAMPLE + "*"))[0]
+    return SAMPLES / "000000000542.jpg"
 
 
 def _upload(page, path: Path) -> None:
@@ -76,17 +89,22 @@ def _upload(page, path: Path) -> None:
 
 
 def test_upload_shows_boxes_table_and_cam_gallery(browser, served, tmp_path):
+    url, loaded = served
     page = browser.new_page(viewport={"width": 1400, "height": 1200})
     page.set_default_timeout(TIMEOUT_MS)
-    page.goto(served)
+    page.goto(url)
     about = page.locator("#about")
     about.get_by_text("The 20 classes this model detects").wait_for()
     assert about.get_by_text("tvmonitor").count() >= 1
+    assert about.get_by_text("Trained on:").count() == 1
     if not os.environ.get("YOLO_BUNDLE"):  # the test bundle's metrics and model link
-        assert about.get_by_text("val/map50_voc07").count() == 1
+        assert about.get_by_text("mAP at IoU 0.5 (VOC07 11-point)").count() == 1
         assert about.locator("a[href='https://huggingface.co/someone/yolov3-voc']").count() == 1
-    photo = SAMPLES / "000000000542.jpg"
-    _upload(page, photo)
+    if os.environ.get("YOLO_APP_CONF"):  # the confidence threshold to show the model at, set before the upload
+        number = page.locator("#conf input[type=number]")
+        number.fill(os.environ["YOLO_APP_CONF"])
+        number.press("Enter")
+    _upload(page, _sample(loaded))
     page.locator("#annotated img").first.wait_for(state="visible")
     page.locator("#cams img").first.wait_for(state="visible")
     page.locator("#message").get_by_text("for the top").wait_for()
@@ -108,7 +126,7 @@ def test_a_corrupt_upload_gets_a_message_in_the_page(browser, served, tmp_path):
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a photo" * 10)
     page = browser.new_page()
     page.set_default_timeout(TIMEOUT_MS)
-    page.goto(served)
+    page.goto(served[0])
     _upload(page, bad)
     page.locator("#message").get_by_text("cannot be used as an image").wait_for()
     assert "Traceback" not in page.content()

@@ -299,9 +299,31 @@ def test_a_large_png_is_reduced_and_one_beyond_the_cap_refused_by_name(tmp_path,
     Image.new("RGB", (3000, 2000), (10, 200, 30)).save(tmp_path / "big.png")
     image, scale = read_image(tmp_path / "big.png", max_side=1000, with_scale=True)
     assert image.shape == (667, 1000, 3) and scale == pytest.approx(1 / 3, abs=1e-3)
-    monkeypatch.setattr(imageio, "MAX_PIXELS", 1_000_000)
-    with pytest.raises(ImageError, match=r"big.png: 3000x2000 PNG is more pixels than this project decodes"):
+    monkeypatch.setattr(imageio, "MAX_DECODED_BYTES", 10_000_000)  # 3000 x 2000 x 3 bands x 1 byte = 18 MB
+    with pytest.raises(ImageError, match=r"big.png: 3000x2000 PNG RGB decodes to 18.0 MB, more than this project decodes \(10.0 MB\)"):
         read_image(tmp_path / "big.png")
+    monkeypatch.setattr(imageio, "MAX_FILE_BYTES", 1_000)  # refused by its size on disk, before any decode
+    with pytest.raises(ImageError, match=r"big.png: the file is [\d,]+ bytes, more than this project reads \(1,000 bytes\)"):
+        read_image(tmp_path / "big.png")
+
+
+@pytest.mark.parametrize("mode", ["I;16", "P", "PT", "1"])
+def test_modes_pil_cannot_reduce_are_reduced_band_by_band_as_if_converted_whole(tmp_path, monkeypatch, mode):
+    """16-bit, palette and 1-bit images are converted a band of rows at a time, each band reduced: the
+    result is the whole converted image reduced, the decode scale exact, the size ceil(stored / factor)."""
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        im = Image.fromarray(rng.integers(0, 65535, (403, 517), dtype=np.uint16))
+    else:
+        im = noise_image(517, 403).convert("P" if mode == "PT" else mode)
+    path = tmp_path / "x.png"
+    im.save(path, **({"transparency": 3} if mode == "PT" else {}))
+    monkeypatch.setattr(imageio, "_BAND_BYTES", 50_000)  # many bands, the last one partial
+    out, scale = read_image(path, max_side=100, with_scale=True)
+    assert scale == 1 / 5 and (out.shape[1], out.shape[0]) == imageio.decoded_size(517, 403, scale)
+    whole = Image.open(path)
+    whole = whole.convert({"I;16": "I", "P": "RGB", "PT": "RGBA", "1": "L"}[mode]).reduce(5)
+    np.testing.assert_array_equal(out, imageio._to_rgb(whole))
 
 
 def test_an_annotation_whose_size_disagrees_with_the_image_is_warned_and_boxes_follow(voc, write_voc):

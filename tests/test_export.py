@@ -64,6 +64,32 @@ def test_bundle_round_trip_gives_identical_outputs(tmp_path, model_and_config):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_fp16_bundle_is_half_the_bytes_and_loads_as_float32_with_close_outputs(tmp_path, model_and_config):
+    model, cfg = model_and_config
+    full, half = write_bundle(model, cfg, tmp_path / "full"), write_bundle(model, cfg, tmp_path / "half", fp16=True)
+    assert read_bundle_config(half)["weights_dtype"] == "float16"
+    assert (half / WEIGHTS).stat().st_size < 0.55 * (full / WEIGHTS).stat().st_size
+    loaded, _ = load_bundle(half)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model(x), loaded(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0.05 * float(a.abs().max()))
+
+
+def test_export_says_in_words_what_the_model_was_trained_and_measured_on(tmp_path, model_and_config):
+    model, cfg = model_and_config
+    ckpt = fake_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", model, cfg)
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({"metrics": {"val/map50_voc07": 0.5}}))
+    training = read_bundle_config(export_checkpoint(ckpt, tmp_path / "b"))["training"]
+    assert "generated coloured shapes" in training["trained_on"] and "not PASCAL VOC" in training["trained_on"]
+    assert training["evaluated_on"].startswith("the generated test split") and "64 px" in training["evaluated_on"]
+    cfg.data.root = "/data/VOCdevkit"
+    training = read_bundle_config(export_checkpoint(fake_checkpoint(tmp_path / "voc.ckpt", model, cfg),
+                                                    tmp_path / "c"))["training"]
+    assert training["trained_on"] == "`VOCdevkit` (trainval split)"
+
+
 def test_bundle_config_lists_classes_anchors_size_width(tmp_path, model_and_config):
     model, cfg = model_and_config
     info = read_bundle_config(write_bundle(model, cfg, tmp_path / "b", hub_repo="me/yolo"))
