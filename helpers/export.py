@@ -149,6 +149,7 @@ def summarise_run(summary: dict) -> dict:
 def describe_data(config: Config) -> tuple[str, str]:
     """(what the model was trained on, what its metrics were measured on), in words for a model card."""
     d = config.data
+    val_split = d.val_split or "test"  # None: the layout's default, test in both layouts
     if d.root is None:
         from .datamodule import SYNTHETIC
 
@@ -156,9 +157,9 @@ def describe_data(config: Config) -> tuple[str, str]:
         data = (f"generated coloured shapes (helpers.synthetic: {SYNTHETIC['n_trainval']} trainval and "
                 f"{SYNTHETIC['n_test']} test images of {w}x{h}, one shape and colour per VOC class name), "
                 "not PASCAL VOC photos")
-        return data, f"the generated {d.val_split} split ({SYNTHETIC['n_test']} images) at {d.image_size} px"
-    return (f"`{Path(d.root).name}` ({d.train_split} split)",
-            f"the {d.val_split} split of `{Path(d.root).name}` at {d.image_size} px")
+        return data, f"the generated {val_split} split ({SYNTHETIC['n_test']} images) at {d.image_size} px"
+    return (f"`{Path(d.root).name}` ({d.train_split or 'default'} split)",
+            f"the {val_split} split of `{Path(d.root).name}` at {d.image_size} px")
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, hub_repo: str | None = None,

@@ -284,6 +284,8 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
     datamodule = YOLODataModule(cfg.data, seed=t.seed)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    # The splits the layout chose (None = its default) go into the checkpoint's config by name.
+    cfg.data.train_split, cfg.data.val_split = datamodule.train_dataset.split, datamodule.val_dataset.split
     world = t.devices if isinstance(t.devices, int) and t.devices > 0 else 1
     steps_per_epoch = datamodule.num_training_batches(world)
     schedule_path = run_dir / SCHEDULE_FILE

@@ -84,7 +84,7 @@ def test_export_says_in_words_what_the_model_was_trained_and_measured_on(tmp_pat
     training = read_bundle_config(export_checkpoint(ckpt, tmp_path / "b"))["training"]
     assert "generated coloured shapes" in training["trained_on"] and "not PASCAL VOC" in training["trained_on"]
     assert training["evaluated_on"].startswith("the generated test split") and "64 px" in training["evaluated_on"]
-    cfg.data.root = "/data/VOCdevkit"
+    cfg.data.root, cfg.data.train_split = "/data/VOCdevkit", "trainval"  # train() records the split it used
     training = read_bundle_config(export_checkpoint(fake_checkpoint(tmp_path / "voc.ckpt", model, cfg),
                                                     tmp_path / "c"))["training"]
     assert training["trained_on"] == "`VOCdevkit` (trainval split)"
