@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             group.add_argument(_flag(f.name), dest=f"{section}.{f.name}", metavar=str(f.type).upper().split(" ")[0],
                                type=lambda text, k=str(f.type): _parse_value(k, text),
+                               choices=f.metadata.get("choices"),
                                help=f"default: the preset's ({f.type})")
     return p
 
