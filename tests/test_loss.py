@@ -214,3 +214,22 @@ def test_an_unknown_variant_is_refused_in_one_line_naming_it_and_the_choices(kwa
         YoloLoss(**kwargs)
     message = str(e.value)
     assert "\n" not in message and name in message and "use one of" in message
+
+
+def test_the_command_line_chooses_the_variant_and_defaults_to_the_presets():
+    from helpers.train import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["--obj-loss", "mse", "--box-loss", "giou"]))
+    assert (cfg.train.obj_loss, cfg.train.box_loss) == ("mse", "giou")
+    for preset in ("default", "course"):
+        cfg = config_from_args(build_parser().parse_args(["--preset", preset]))
+        assert (cfg.train.obj_loss, cfg.train.box_loss) == (TrainConfig().obj_loss, TrainConfig().box_loss)
+
+
+def test_the_command_line_refuses_an_unknown_variant_in_one_line(capsys):
+    from helpers.train import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--obj-loss", "focal"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--obj-loss" in error and "'focal'" in error and "'bce'" in error and "'mse'" in error
