@@ -128,12 +128,16 @@ def plot(out: Path) -> Path:
     parts = sorted({r["part"] for r in runs}, reverse=True)  # memorise, generalise
     keys = [("map50_voc07", "mAP@0.5 (VOC07)"), ("class_acc", "class acc %"), ("noobj_acc", "no-object acc %"),
             ("obj_acc", "object acc %")]
+    def label(r):
+        return r["variant"] + ("" if r["lambda_noobj"] == 10 else f" noobj×{r['lambda_noobj']:g}")
+
+    colours = {name: f"C{i}" for i, name in enumerate(sorted({label(r) for r in runs}))}  # same colour in every panel
     fig, axes = plt.subplots(len(parts), len(keys), figsize=(4 * len(keys), 3.2 * len(parts)), squeeze=False)
     for row, part in zip(axes, parts):
         for ax, (key, title) in zip(row, keys):
             for r in (r for r in runs if r["part"] == part):
-                label = r["variant"] + ("" if r["lambda_noobj"] == 10 else f" noobj×{r['lambda_noobj']:g}")
-                ax.plot([p["step"] for p in r["curve"]], [p[key] for p in r["curve"]], marker=".", label=label)
+                ax.plot([p["step"] for p in r["curve"]], [p[key] for p in r["curve"]], marker=".", label=label(r),
+                        color=colours[label(r)])
             ax.set_title(f"{part}: {title}", fontsize=10)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
