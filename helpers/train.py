@@ -32,7 +32,7 @@ SCHEDULE_FILE = "schedule.txt"
 
 
 def embedded_default() -> Config:
-    """A run that shows every part working on a 2-core CPU in a few minutes."""
+    """A run that shows every part working on a 2-core CPU in a few minutes (loss: TrainConfig's default)."""
     return Config(
         model=ModelConfig(num_classes=20, width=0.25),
         data=DataConfig(root=None, image_size=160, train_sizes=(128, 160, 192), batch_size=8, num_workers=2,
@@ -43,7 +43,10 @@ def embedded_default() -> Config:
 
 
 def course_preset() -> Config:
-    """The course's run: full Darknet-53, 40 epochs, batch 16, 16-bit, 320-608 training sizes."""
+    """The course's run: full Darknet-53, 40 epochs, batch 16, 16-bit, 320-608 training sizes.
+
+    Its loss is TrainConfig's default, BCE objectness, not the course's MSE one, which learns no
+    objectness on real photos (benchmarks/RESULTS.md, issue 16); `--obj-loss mse` restores it."""
     return Config(train=TrainConfig(run_dir="runs/course"))
 
 
