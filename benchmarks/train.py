@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from helpers.config import DataConfig
+from helpers.config import DataConfig, TrainConfig
 from helpers.loss import YoloLoss
 from helpers.model import YOLOv3
 from helpers.targets import build_targets
@@ -119,7 +119,7 @@ def main() -> None:
         for precision in args.precision:
             model = YOLOv3(num_classes=20, width=args.width).to(device).train()
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-            step = step_fn(model, optimizer, YoloLoss(), device, precision)
+            step = step_fn(model, optimizer, YoloLoss.from_config(TrainConfig()), device, precision)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             model_rate = measure(step, synthetic_batches(args.batch_size, size), device, args.warmup, args.steps)

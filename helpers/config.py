@@ -22,6 +22,10 @@ ANCHORS: tuple[tuple[tuple[float, float], ...], ...] = (
 )
 STRIDES: tuple[int, ...] = (32, 16, 8)
 
+# Loss variants (helpers.loss.YoloLoss): the course's object term is "mse", its box term "mse".
+OBJ_LOSSES: tuple[str, ...] = ("mse", "bce")
+BOX_LOSSES: tuple[str, ...] = ("mse", "giou", "diou", "ciou")
+
 # The YOLOv3 paper's multi-scale range: 320 ... 608 in steps of 32.
 MULTI_SCALE_SIZES: tuple[int, ...] = tuple(range(320, 609, 32))
 
@@ -73,6 +77,10 @@ class TrainConfig:
     lambda_noobj: float = 10.0
     lambda_obj: float = 1.0
     lambda_box: float = 10.0
+    # loss variants (helpers.loss): "mse"/"mse" is the course's loss. "bce" objectness learns real
+    # photos where the course's does not (benchmarks/RESULTS.md, "Learning").
+    obj_loss: str = field(default="bce", metadata={"choices": OBJ_LOSSES})
+    box_loss: str = field(default="mse", metadata={"choices": BOX_LOSSES})
     # evaluation
     conf_threshold: float = 0.05
     nms_iou: float = 0.45

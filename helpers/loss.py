@@ -9,6 +9,15 @@ Per scale (summed over the 3 scales):
 - class: softmax cross-entropy of the class logits, over positive cells.
 Weights default to the course's (class 1, no-object 10, object 1, box 10).
 
+Variants (`TrainConfig.obj_loss`, `TrainConfig.box_loss`; the constructor's defaults are the course's):
+- obj_loss "mse": the course's term above. Its gradient in the logit carries sigmoid'(logit), which
+  vanishes once the 10x no-object term has pushed objectness down, so positives cannot pull it back
+  up (on real photos it learns no objectness at all: benchmarks/RESULTS.md, "Learning").
+- obj_loss "bce": BCE-with-logits of the objectness logit against the detached IoU (darknet's
+  logistic objectness, ultralytics' objectness loss); its gradient is sigmoid(logit) - IoU.
+- box_loss "mse": the course's term above; "giou" | "diou" | "ciou": torchvision.ops' generalized /
+  distance / complete IoU loss of the decoded predicted box against the target box (cell units).
+
 Unlike the course: a term over an empty selection is 0, not NaN (mean = sum / max(count, 1));
 inputs are never written to; everything is computed in fp32, even inside fp16 autocast, with the
 exponent clamped so extreme fp16 logits stay finite.
@@ -21,10 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .boxes import paired_iou
-from .config import ANCHORS
+from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
+
+from .boxes import cxcywh_to_xyxy, paired_iou
+from .config import ANCHORS, BOX_LOSSES, OBJ_LOSSES
 
 MAX_LOG_SCALE = 10.0  # exp(10) x anchor is far beyond any image: clamp before exp, never inf
+IOU_BOX_LOSSES = {"giou": generalized_box_iou_loss, "diou": distance_box_iou_loss, "ciou": complete_box_iou_loss}
 
 
 @dataclass
@@ -72,10 +84,23 @@ class YoloLoss(nn.Module):
         lambda_noobj: float = 10.0,
         lambda_obj: float = 1.0,
         lambda_box: float = 10.0,
+        obj_loss: str = "mse",
+        box_loss: str = "mse",
     ):
         super().__init__()
+        if obj_loss not in OBJ_LOSSES:
+            raise ValueError(f"obj_loss {obj_loss!r} is not a known objectness loss: use one of {', '.join(OBJ_LOSSES)}")
+        if box_loss not in BOX_LOSSES:
+            raise ValueError(f"box_loss {box_loss!r} is not a known box loss: use one of {', '.join(BOX_LOSSES)}")
         self.register_buffer("anchors", torch.as_tensor(anchors, dtype=torch.float32), persistent=False)
         self.weights = (lambda_box, lambda_obj, lambda_noobj, lambda_class)
+        self.obj_loss, self.box_loss = obj_loss, box_loss
+
+    @classmethod
+    def from_config(cls, t) -> YoloLoss:
+        """The loss a `TrainConfig` asks for (weights and variants)."""
+        return cls(lambda_class=t.lambda_class, lambda_noobj=t.lambda_noobj, lambda_obj=t.lambda_obj,
+                   lambda_box=t.lambda_box, obj_loss=t.obj_loss, box_loss=t.box_loss)
 
     def forward(self, outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
         """outputs: 3 x [B, 3, S, S, 5+C] raw; targets: 3 x [B, 3, S, S, 6]. Returns a 0-d tensor."""
@@ -92,8 +117,7 @@ class YoloLoss(nn.Module):
         box, obj, noobj, cls = weighted.unbind()
         return LossParts(box=box, obj=obj, noobj=noobj, cls=cls, total=weighted.sum())
 
-    @staticmethod
-    def _scale_terms(pred: torch.Tensor, target: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    def _scale_terms(self, pred: torch.Tensor, target: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """pred [B,3,S_h,S_w,5+C], target [B,3,S_h,S_w,6], anchors [3,2] (fraction of the image).
 
         Returns the unweighted [box, obj, noobj, class] losses of this scale.
@@ -115,10 +139,19 @@ class YoloLoss(nn.Module):
         wh = torch.exp(p[:, 3:5].clamp(max=MAX_LOG_SCALE)) * anchor_cells
         with torch.no_grad():
             iou = paired_iou(torch.cat([xy, wh], 1), t[:, 1:5])
-        obj_loss = _mean((torch.sigmoid(p[:, 0]) - iou) ** 2)
+        if self.obj_loss == "bce":
+            obj_loss = _mean(F.binary_cross_entropy_with_logits(p[:, 0], iou, reduction="none"))
+        else:
+            obj_loss = _mean((torch.sigmoid(p[:, 0]) - iou) ** 2)
 
-        target_twh = torch.log(1e-16 + t[:, 3:5] / anchor_cells)
-        box_loss = _mean((torch.cat([xy, p[:, 3:5]], 1) - torch.cat([t[:, 1:3], target_twh], 1)) ** 2)
+        if self.box_loss == "mse":
+            target_twh = torch.log(1e-16 + t[:, 3:5] / anchor_cells)
+            box_loss = _mean((torch.cat([xy, p[:, 3:5]], 1) - torch.cat([t[:, 1:3], target_twh], 1)) ** 2)
+        else:
+            # Clamped below too: a zero width or height makes CIoU's aspect term atan(0/0) = NaN.
+            wh_box = torch.exp(p[:, 3:5].clamp(-MAX_LOG_SCALE, MAX_LOG_SCALE)) * anchor_cells
+            box_loss = _mean(IOU_BOX_LOSSES[self.box_loss](cxcywh_to_xyxy(torch.cat([xy, wh_box], 1)),
+                                                           cxcywh_to_xyxy(t[:, 1:5]), reduction="none"))
 
         if p.shape[0]:
             cls_loss = F.cross_entropy(p[:, 5:], t[:, 5].long())

@@ -26,8 +26,7 @@ class YOLOModule(pl.LightningModule):
         self.cfg = Config.from_dict(config)
         t = self.cfg.train
         self.model = build_model(self.cfg.model)
-        self.loss_fn = YoloLoss(lambda_class=t.lambda_class, lambda_noobj=t.lambda_noobj,
-                                lambda_obj=t.lambda_obj, lambda_box=t.lambda_box)
+        self.loss_fn = YoloLoss.from_config(t)
         self.val_accuracy = YoloAccuracy(threshold=t.conf_threshold)
         self.val_map_inputs = DetectionsAndTruths()
         self.schedule = Schedule.read(schedule_path) if schedule_path else None

@@ -50,7 +50,7 @@ LOG_FLUSH_STEPS = 1
 
 
 def embedded_default() -> Config:
-    """A run that shows every part working on a 2-core CPU in a few minutes."""
+    """A run that shows every part working on a 2-core CPU in a few minutes (loss: TrainConfig's default)."""
     return Config(
         model=ModelConfig(num_classes=20, width=0.25),
         data=DataConfig(root=None, image_size=160, train_sizes=(128, 160, 192), batch_size=8, num_workers=2,
@@ -65,7 +65,9 @@ def course_preset() -> Config:
 
     Storage: a full training state every 20 minutes and at each epoch end, the last two kept (~0.74 GB
     each), plus each epoch's weights alone (~0.12 GB, fp16): ~7.2 GB for 40 epochs, within a free
-    Google Drive (15 GB, shared with Gmail and Photos)."""
+    Google Drive (15 GB, shared with Gmail and Photos). Its loss is TrainConfig's default, BCE
+    objectness, not the course's MSE one, which learns no objectness on real photos
+    (benchmarks/RESULTS.md, issue 16); `--obj-loss mse` restores it."""
     return Config(train=TrainConfig(run_dir="runs/course", checkpoint_every_minutes=20.0, keep_last_k=2))
 
 
@@ -129,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             group.add_argument(_flag(f.name), dest=f"{section}.{f.name}", metavar=str(f.type).upper().split(" ")[0],
                                type=_parser_for(str(f.type)),
+                               choices=f.metadata.get("choices"),
                                help=f"default: the preset's ({f.type})")
     return p
 
