@@ -384,6 +384,8 @@ MODEL_KEYS = ("num_classes", "width")
 SCHEDULE_KEYS = (("train", "epochs"), ("train", "max_lr"), ("train", "pct_start"), ("train", "div_factor"),
                  ("train", "final_div_factor"), ("train", "anneal_strategy"), ("train", "three_phase"),
                  ("train", "optimizer"), ("train", "limit_train_batches"), ("data", "batch_size"))
+# The loss terms, and what a checkpoint written before they were settings used (the course's).
+LOSS_KEYS = {"obj_loss": "mse", "box_loss": "mse"}
 
 
 def check_resumable(path: str | os.PathLike, config: Config) -> None:
@@ -409,6 +411,13 @@ def check_resumable(path: str | os.PathLike, config: Config) -> None:
         if here != there:
             raise CheckpointError(f"cannot resume from {path}: its model has {key} {there}, this run's {here} "
                                   f"(pass --{key.replace('_', '-')} {there}, or use another --run-dir)")
+    saved_train = ckpt["hyper_parameters"]["config"].get("train") or {}
+    for key, before_it_was_a_setting in LOSS_KEYS.items():
+        here, there = getattr(config.train, key), saved_train.get(key, before_it_was_a_setting)
+        if here != there:
+            raise CheckpointError(
+                f"cannot resume from {path}: it was trained with {key} {there} and this run asks {here} "
+                f"(rerun with --{key.replace('_', '-')} {there} to resume, or use a new --run-dir)")
     for section, key in SCHEDULE_KEYS:
         here, there = getattr(getattr(config, section), key), getattr(getattr(saved, section), key)
         if here != there:

@@ -298,3 +298,15 @@ def test_a_save_warns_when_the_folder_is_short_of_it(tmp_path, monkeypatch):
     trainer.global_step = 3
     with pytest.warns(UserWarning, match=r"only 1 KB free in .* the next checkpoint needs ~"):
         PeriodicCheckpoint(tmp_path, plan=plan).save(trainer)
+
+
+def test_a_resume_keeps_the_loss_it_was_trained_with_even_from_before_the_loss_was_a_setting(tmp_path):
+    cfg = Config(model=ModelConfig(num_classes=20, width=0.125))  # obj_loss bce, the default
+    old = training_state(cfg)
+    for key in ("obj_loss", "box_loss"):  # a checkpoint written when the course's loss was the only one
+        del old["hyper_parameters"]["config"]["train"][key]
+    torch.save(old, tmp_path / "old.ckpt")
+    with pytest.raises(CheckpointError, match="obj_loss mse and this run asks bce.*--obj-loss mse"):
+        check_resumable(tmp_path / "old.ckpt", cfg)
+    cfg.train.obj_loss = "mse"
+    check_resumable(tmp_path / "old.ckpt", cfg)
