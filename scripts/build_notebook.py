@@ -44,7 +44,7 @@ the training requirements (Colab's and Kaggle's torch and Jupyter are kept), mou
 Colab, and stops at once on a GPU the installed torch cannot run (Kaggle's P100)."""),
     ("code", """REPO_URL = "{repo_url}"  # <- your copy of this repository (e.g. your fork on GitHub)
 
-import os, sys, subprocess, json, time
+import os, sys, subprocess, json
 from pathlib import Path
 
 # Optional settings from the environment: YOLO_SMOKE=1 forces the CPU smoke run; YOLO_DATA names a
