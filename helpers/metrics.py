@@ -335,6 +335,11 @@ def voc_map(
 
 
 # --------------------------------------------------------------------------- COCO AP
+# pycocotools' `Params.setDetParams`, float64: 0.5, 0.55, ..., 0.95 and 0, 0.01, ..., 1.
+COCO_IOU_THRESHOLDS: list[float] = np.linspace(0.5, 0.95, round((0.95 - 0.5) / 0.05) + 1).tolist()
+COCO_RECALL_THRESHOLDS: list[float] = np.linspace(0.0, 1.0, round(1.0 / 0.01) + 1).tolist()
+
+
 def coco_map(detections: Sequence[torch.Tensor], ground_truths: Sequence[Mapping], num_classes: int = 20) -> dict:
     """COCO-style AP through torchmetrics' MeanAveragePrecision on the faster-coco-eval backend.
 
@@ -343,12 +348,17 @@ def coco_map(detections: Sequence[torch.Tensor], ground_truths: Sequence[Mapping
     over the detection's area, and may absorb several detections, as a difficult object may).
     Returns floats: "map_50_95", "map_50", "map_75", "map_small", "map_medium", "map_large",
     "mar_100" (-1 where COCO has nothing to average, e.g. no ground truth at all).
+    Equal to pycocotools' COCOeval on the same data (to float32 rounding): the IoU and recall
+    thresholds are pycocotools' own float64 ones (`COCO_IOU_THRESHOLDS`, `COCO_RECALL_THRESHOLDS`);
+    torchmetrics' defaults come from a float32 linspace (IoU 0.699999988, recall 0.07000000029...),
+    which moves AP by up to ~1e-3 where a recall or an IoU lands on a threshold.
     """
     from torchmetrics.detection import MeanAveragePrecision
 
     if len(detections) != len(ground_truths):
         raise ValueError(f"coco_map: {len(detections)} images of detections but {len(ground_truths)} of ground truth")
-    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval",
+                                  iou_thresholds=COCO_IOU_THRESHOLDS, rec_thresholds=COCO_RECALL_THRESHOLDS)
     preds, targets = [], []
     for det, gt in zip(detections, ground_truths):
         det = torch.as_tensor(det).detach().cpu().float().reshape(-1, 6)
