@@ -264,6 +264,24 @@ def test_fast_voc_map_equals_a_literal_devkit_loop_on_random_sets(seed, method, 
     assert r["map"] == pytest.approx(ref_map, abs=1e-12)
 
 
+def test_both_voc_methods_come_from_one_matching_and_equal_separate_calls(monkeypatch):
+    import helpers.metrics as metrics
+
+    found, truths = random_set(0)
+    separate = {m: voc_map(found, truths, method=m, num_classes=4) for m in ("voc07", "all")}
+    calls = []
+    real = metrics.match_detections
+    monkeypatch.setattr(metrics, "match_detections", lambda *a, **k: calls.append(1) or real(*a, **k))
+    both = voc_map(found, truths, method=("voc07", "all"), num_classes=4)
+    assert len(calls) == 1 and set(both) == {"voc07", "all"}
+    for m, r in separate.items():
+        assert both[m]["method"] == m and both[m]["map"] == r["map"]
+        np.testing.assert_array_equal(both[m]["ap"], r["ap"])
+        for c in range(4):
+            np.testing.assert_array_equal(both[m]["precision"][c], r["precision"][c])
+    assert separate["voc07"]["map"] != separate["all"]["map"]  # the two methods really differ here
+
+
 # --------------------------------------------------------------------------- COCO AP
 def test_coco_map_is_one_for_a_perfect_detector_and_ignores_difficult_objects():
     truths = [gt([A, B], [0, 1]), gt([B, FAR], [1, 0], difficult=[False, True])]
