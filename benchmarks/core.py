@@ -108,7 +108,7 @@ def main() -> None:
     compare_targets(boxes, 16, threads=1)  # as in a DataLoader worker, where the course's loop runs
     compare_targets(boxes, 16, threads=torch.get_num_threads())
 
-    outs = [torch.randn(8, 3, 416 // s, 416 // s, 25, generator=g).requires_grad_() for s in (32, 16, 8)]
+    outs = [torch.randn(8, 3, 416 // s, 416 // s, 25, generator=g).requires_grad_() for s in STRIDES]
     targets = build_targets(random_boxes(8, 3.5, g), 8, 416)
     loss_fn = YoloLoss()
 
