@@ -9,6 +9,8 @@ per-sample target loop at batch 16 (`course_targets` below, the reference it is 
 from __future__ import annotations
 
 import platform
+import statistics
+import time
 
 import torch
 
@@ -51,18 +53,36 @@ def course_targets(boxes: list[list[float]], image_size: int = 416, anchors=ANCH
     return targets
 
 
-def compare_targets(batch: torch.Tensor, batch_size: int, threads: int) -> None:
-    """Time ours (one call per batch) against the course loop (one call per sample), per sample."""
+def compare_targets(batch: torch.Tensor, batch_size: int, threads: int, rounds: int = 8, block: int = 5) -> None:
+    """Time ours (one call per batch) against the course loop (one call per sample), per sample.
+
+    Blocks of `block` batches of each, alternating for `rounds` rounds, so that load from other
+    work on the machine falls on both alike while each runs in its own steady state (as in
+    training: the course's loop in a data worker, ours once per step); medians over all batches of
+    the wall time and of this process's CPU time (which a descheduled process does not accrue: the
+    steadier figure on a shared machine).
+    """
     per_image = [[[float(v) for v in (*b[2:6], b[1])] for b in batch[batch[:, 0] == k]] for k in range(batch_size)]
+    runs = {"ours": lambda: build_targets(batch, batch_size, 416),
+            "course": lambda: [course_targets(boxes) for boxes in per_image]}
+    clocks = {"wall": time.perf_counter, "CPU": time.process_time}
+    per_sample = {(who, name): [] for who in runs for name in clocks}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        ours = timed(lambda: build_targets(batch, batch_size, 416), repeats=100) / batch_size
-        course = timed(lambda: [course_targets(boxes) for boxes in per_image], repeats=20) / batch_size
+        for r in range(rounds + 1):  # round 0 warms up
+            for who, run in runs.items():
+                for _ in range(block):
+                    t0 = {name: clock() for name, clock in clocks.items()}
+                    run()
+                    for name in clocks if r else ():
+                        per_sample[who, name].append((clocks[name]() - t0[name]) * 1000 / batch_size)
     finally:
         torch.set_num_threads(before)
-    print(f"  {threads} torch thread(s): ours {ours:6.3f} ms per sample ({ours * batch_size:.2f} ms per batch), "
-          f"course loop {course:6.3f} ms per sample: {course / ours:4.1f}x")
+    for name in clocks:
+        o, c = statistics.median(per_sample["ours", name]), statistics.median(per_sample["course", name])
+        print(f"  {threads} torch thread(s), {name:4s} time: ours {o:6.3f} ms per sample ({o * batch_size:5.2f} ms per "
+              f"batch), course loop {c:6.3f} ms per sample: {c / o:4.1f}x")
 
 
 def agreement(batch: torch.Tensor, batch_size: int) -> str:

@@ -19,6 +19,7 @@ writes that must not land go to a sink row that is then dropped.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,18 @@ from .boxes import grid_shapes, wh_iou
 from .config import ANCHORS, STRIDES
 
 IGNORE_IOU = 0.5
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor of Python numbers on `device`, made once per device: a fresh `torch.tensor(...,
+    device="cuda")` is a copy from pageable memory, which waits for the device. Never modified."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _grid_tensor(grids: Sequence[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """[S, 2] long (S_h, S_w) per scale, on the device."""
+    return _constant(tuple(tuple(int(v) for v in g) for g in grids), torch.long, device)
 
 
 @dataclass(frozen=True)
@@ -63,7 +76,8 @@ def assign_anchors(
     Returns an `Assignment`, on the boxes' device.
     """
     device = boxes.device
-    anchor_wh = torch.as_tensor(anchors, dtype=torch.float32, device=device)  # [S, A, 2]
+    anchor_wh = _constant(tuple(tuple(tuple(float(v) for v in a) for a in scale) for scale in anchors),
+                          torch.float32, device)  # [S, A, 2]
     n_scales, n_anchors = anchor_wh.shape[:2]
     n = boxes.shape[0]
     if n == 0:
@@ -87,10 +101,10 @@ def _cells(xy: torch.Tensor, grids: Sequence[tuple[int, int]]) -> tuple[torch.Te
     """Centres xy [N, 2] (normalised) -> (row, col) [N, S] long: the cell of each grid holding them.
 
     A centre at exactly 1.0 (or beyond) belongs in the last cell, one below 0 in the first."""
-    size = torch.tensor(grids, dtype=torch.float32, device=xy.device)  # [S, 2] (S_h, S_w)
+    size = _grid_tensor(grids, xy.device)  # [S, 2] (S_h, S_w)
     xy = xy.clamp(0.0, 1.0)
-    row = (xy[:, 1:2] * size[:, 0]).long().minimum(size[:, 0].long() - 1)
-    col = (xy[:, 0:1] * size[:, 1]).long().minimum(size[:, 1].long() - 1)
+    row = (xy[:, 1:2] * size[:, 0]).long().minimum(size[:, 0] - 1)
+    col = (xy[:, 0:1] * size[:, 1]).long().minimum(size[:, 1] - 1)
     return row, col
 
 
@@ -107,7 +121,7 @@ def _resolve_slots(image: torch.Tensor, row: torch.Tensor, col: torch.Tensor, gr
     """
     n, n_scales, n_anchors = shape_iou.shape
     device = shape_iou.device
-    widths = torch.tensor([w for _, w in grids], device=device)
+    widths = _grid_tensor(grids, device)[:, 1]
     cells = max(h * w for h, w in grids)
     cell = row * widths + col  # [N, S]
     scale = torch.arange(n_scales, device=device)
@@ -156,9 +170,9 @@ def build_targets(
     sizes = [batch_size * n_anchors * h * w for h, w in grids]
     buffer = torch.zeros(sum(sizes) + 1, 6, device=device)
     sink = sum(sizes)
-    start = torch.tensor([0, *sizes[:-1]], device=device).cumsum(0)  # [S]
-    grid = torch.tensor(grids, dtype=torch.float32, device=device)  # [S, 2] (S_h, S_w)
-    heights, widths = grid[:, 0].long(), grid[:, 1].long()
+    start = _constant(tuple(sum(sizes[:s]) for s in range(len(sizes))), torch.long, device)  # [S]
+    grid = _grid_tensor(grids, device)  # [S, 2] (S_h, S_w)
+    heights, widths = grid[:, 0], grid[:, 1]
     image = boxes[:, 0].long()
 
     def slot(anchor: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
