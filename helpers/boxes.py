@@ -1,14 +1,33 @@
-"""Box conversions and IoUs: pure, vectorised tensor functions (torchvision.ops where it has them).
+"""Box conversions and IoUs: pure, vectorised tensor functions (torchvision.ops where it has them),
+and the image geometry boxes live on (image size, grid of each stride).
 
 Formats: `cxcywh` = centre x, centre y, width, height; `xyxy` = x1, y1, x2, y2. Any unit, as long
 as both sides of an IoU share it.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torchvision.ops import box_convert, box_iou
 
-__all__ = ["cxcywh_to_xyxy", "xyxy_to_cxcywh", "box_iou", "paired_iou", "wh_iou"]
+from .config import STRIDES
+
+__all__ = ["as_hw", "grid_shapes", "cxcywh_to_xyxy", "xyxy_to_cxcywh", "box_iou", "paired_iou", "wh_iou"]
+
+
+def as_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """An image size given as a side (square) or as (H, W) -> (H, W) ints."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    h, w = image_size
+    return int(h), int(w)
+
+
+def grid_shapes(image_size: int | Sequence[int], strides: Sequence[int] = STRIDES) -> list[tuple[int, int]]:
+    """(S_h, S_w) of each scale's grid, coarse to fine: (H / stride, W / stride) per stride."""
+    h, w = as_hw(image_size)
+    return [(h // s, w // s) for s in strides]
 
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:

@@ -46,9 +46,10 @@ import torch.nn.functional as F
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
 from torch import nn
 
-from .boxes import wh_iou
-from .config import ANCHORS
-from .model import ScalePrediction, Upsample, YOLOv3, is_route
+from .boxes import as_hw, grid_shapes
+from .config import ANCHORS, STRIDES
+from .model import YOLOv3
+from .targets import assign_anchors
 
 SCORES = ("log", "prob", "against")
 
@@ -131,21 +132,30 @@ def locate_detections(outputs: Sequence[torch.Tensor], detections: torch.Tensor,
 
 
 def assigned_index(boxes: torch.Tensor, image_size, anchors=ANCHORS) -> torch.Tensor:
-    """For boxes [K,4] x1y1x2y2 in input pixels, the flat row training assigns each: the anchor of best
-    shape IoU over all scales, at the cell holding the box centre (the explanation of a missed object)."""
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    a = torch.as_tensor(anchors, dtype=torch.float32)  # [scales, 3, 2]
-    wh = torch.stack(((b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h), dim=1)
-    best = wh_iou(wh, a.reshape(-1, 2)).argmax(dim=1)
-    scale, anchor = best // a.shape[1], best % a.shape[1]
-    strides = torch.tensor([32, 16, 8])[scale]
-    sh, sw = h // strides, w // strides
-    cx, cy = (b[:, 0] + b[:, 2]) / 2 / w, (b[:, 1] + b[:, 3]) / 2 / h
-    row = (cy * sh).long().clamp(max=sh - 1).clamp(min=0)
-    col = (cx * sw).long().clamp(max=sw - 1).clamp(min=0)
-    shapes = [(h // s, w // s) for s in (32, 16, 8)]
-    return ravel_index(torch.stack((scale, anchor, row, col), dim=1), shapes)
+    """For ground-truth boxes [K,4] x1y1x2y2 in input pixels (of one image), the flat row training
+    assigns each (the explanation of a missed object): `helpers.targets.assign_anchors` on these
+    boxes, as `build_targets` runs it, gives each box a positive on up to one anchor per scale; of
+    those, the one whose shape fits the box best. A box with no positive (all its slots taken by
+    boxes listed before it, or no area) gets its best-fitting anchor of all. Returns long [K].
+    """
+    h, w = as_hw(image_size)
+    b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).cpu()
+    k = len(b)
+    grids = grid_shapes((h, w))
+    normalised = torch.stack(((b[:, 0] + b[:, 2]) / 2 / w, (b[:, 1] + b[:, 3]) / 2 / h,
+                              (b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h), dim=1)
+    a = assign_anchors(torch.cat((torch.zeros(k, 2), normalised), dim=1), grids, anchors)
+    n_scales, n_anchors = a.shape_iou.shape[1:]
+    fit = a.shape_iou.gather(2, a.anchor.clamp(min=0)[..., None])[..., 0]  # [K, S] IoU of each positive
+    fit = torch.where(a.anchor >= 0, fit, -1.0)
+    scale = fit.argmax(dim=1)
+    anchor = a.anchor[torch.arange(k), scale]
+    best_of_all = a.shape_iou.reshape(k, n_scales * n_anchors).argmax(dim=1)
+    none = anchor < 0
+    scale = torch.where(none, best_of_all // n_anchors, scale)
+    anchor = torch.where(none, best_of_all % n_anchors, anchor)
+    where = torch.stack((scale, anchor, a.row[torch.arange(k), scale], a.col[torch.arange(k), scale]), dim=1)
+    return ravel_index(where, grids)
 
 
 # --- the target -------------------------------------------------------------------------------
@@ -177,32 +187,10 @@ class DetectionTarget:
 
 
 # --- one pass without gradients, then the tail with them --------------------------------------
-@dataclass
-class _Plan:
-    """Where things are in `model.layers`: the prediction of each scale, the route stack after each step."""
-    pred_index: list[int]
-    routes_after: list[tuple[int, ...]]
-    route_steps: set[int]
-
-    @classmethod
-    def of(cls, model: YOLOv3) -> _Plan:
-        pred, after, stack = [], [], []
-        for i, layer in enumerate(model.layers):  # the route rules of YOLOv3.run_layers
-            if isinstance(layer, ScalePrediction):
-                pred.append(i)
-            elif is_route(layer):
-                stack.append(i)
-            elif isinstance(layer, Upsample):
-                stack.pop()
-            after.append(tuple(stack))
-        return cls(pred, after, {i for s in after for i in s})
-
-
 def prediction_features(model: YOLOv3) -> list[nn.Module]:
-    """Per scale, coarse to fine, the module whose output is the last feature map of that scale: the
-    3x3 conv block inside its prediction head, whose output only the 1x1 prediction conv separates
-    from the raw output. The default Grad-CAM layer (see `detection_cams`)."""
-    return [m.pred[0] for m in model.layers if isinstance(m, ScalePrediction)]
+    """Per scale, coarse to fine, the last feature map's module (`YOLOv3.prediction_features`): the
+    default Grad-CAM layer (see `detection_cams`)."""
+    return model.prediction_features
 
 
 TARGET_LAYER_CHOICES = {"prediction": prediction_features, "head_inputs": lambda m: list(m.head_inputs)}
@@ -234,14 +222,13 @@ def capture(model: YOLOv3, image: torch.Tensor, target_layers: Sequence[nn.Modul
     """Run the model once on one image ([3,H,W] or [1,3,H,W]) without gradients, keeping what the CAMs of
     the default layers (both choices) and of `target_layers` start from. Modes untouched (eval inside)."""
     x = _one_image(image).to(_device(model))
-    plan = _Plan.of(model)
     layers = prediction_features(model) + list(model.head_inputs) + list(target_layers or [])
-    keep = set(plan.route_steps) | _starts(model, layers)
+    keep = set(model.plan.routes) | _starts(model, layers)
     states: dict[int, torch.Tensor] = {}
     with _untouched(model), torch.no_grad():
         model.eval()
         outputs = model.run_layers(x, keep=keep, states=states)
-    return Capture(x, [outputs[s] for s in range(len(plan.pred_index))], states)
+    return Capture(x, [outputs[s] for s in range(len(model.plan.predictions))], states)
 
 
 class _Tail(nn.Module):
@@ -252,9 +239,9 @@ class _Tail(nn.Module):
     (constants: a target only ever selects a row of a scale the tail computes, see detection_cams).
     The model's own modules run inside, so pytorch-grad-cam's hooks on them fire as usual."""
 
-    def __init__(self, model: YOLOv3, plan: _Plan, cap: Capture, start: int, stop: int):
+    def __init__(self, model: YOLOv3, cap: Capture, start: int, stop: int):
         super().__init__()
-        self.model, self.plan, self.cap, self.start, self.stop = model, plan, cap, start, stop
+        self.model, self.cap, self.start, self.stop = model, cap, start, stop
 
     def start_input(self, copies: int) -> torch.Tensor:
         first = self.cap.image if self.start < 0 else self.cap.states[self.start]
@@ -262,7 +249,7 @@ class _Tail(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = x.shape[0]
-        routes = [self.cap.states[i].expand(k, -1, -1, -1) for i in self.plan.routes_after[self.start]] \
+        routes = [self.cap.states[i].expand(k, -1, -1, -1) for i in self.model.plan.pending[self.start]] \
             if self.start >= 0 else []
         outputs = self.model.run_layers(x, self.start, self.stop, routes)
         full = [outputs.get(s, o.expand(k, *o.shape[1:])) for s, o in enumerate(self.cap.outputs)]
@@ -304,8 +291,8 @@ def _one_image(image: torch.Tensor) -> torch.Tensor:
         x = x[None]
     if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != 3:
         raise ValueError(f"cam: the image must be one [3,H,W] or [1,3,H,W] tensor, got {tuple(x.shape)}")
-    if x.shape[-1] % 32 or x.shape[-2] % 32:
-        raise ValueError(f"cam: image height and width must be multiples of 32, got {tuple(x.shape[-2:])}")
+    if x.shape[-1] % STRIDES[0] or x.shape[-2] % STRIDES[0]:
+        raise ValueError(f"cam: image height and width must be multiples of {STRIDES[0]}, got {tuple(x.shape[-2:])}")
     return x.float().clone()  # a normal tensor even if it was made under inference_mode
 
 
@@ -375,7 +362,6 @@ def detection_cams(
         raise ValueError("cam: indices need their classes (or the detections)")
     if detections is not None:
         detections = torch.as_tensor(detections).detach().cpu().float().reshape(-1, 6)
-    plan = _Plan.of(model)
     per_scale = None if not isinstance(target_layers, str) else TARGET_LAYER_CHOICES[target_layers](model)
     layers_used = per_scale if per_scale is not None else list(target_layers)
     cap = cache
@@ -394,10 +380,10 @@ def detection_cams(
     scales = unravel_index(indices, cap.outputs)[:, 0]
 
     if per_scale is not None:  # one group per scale, each with that scale's layer
-        groups = [(torch.nonzero(scales == s).flatten(), [per_scale[s]], plan.pred_index[s])
+        groups = [(torch.nonzero(scales == s).flatten(), [per_scale[s]], model.plan.predictions[s])
                   for s in scales.unique().tolist()]
     else:
-        groups = [(torch.arange(k), list(layers_used), max(plan.pred_index[s] for s in scales.tolist()))]
+        groups = [(torch.arange(k), list(layers_used), max(model.plan.predictions[s] for s in scales.tolist()))]
     order = {id(m): n for n, m in enumerate(model.modules())}
     gradient_free = method == "eigencam"
     with _untouched(model), torch.inference_mode(False), torch.enable_grad():
@@ -406,7 +392,7 @@ def detection_cams(
             layers = sorted(layers, key=lambda m: order[id(m)])
             steps = [_ancestor(model, m) for m in layers]
             n = 1 if gradient_free else len(members)  # EigenCAM is class-agnostic: one map per group
-            tail = _Tail(model, plan, cap, min(steps) - 1, max(steps) if gradient_free else max(stop, max(steps)))
+            tail = _Tail(model, cap, min(steps) - 1, max(steps) if gradient_free else max(stop, max(steps)))
             start = tail.start_input(n).requires_grad_(not gradient_free)  # params are frozen: grads go here
             targets = [DetectionTarget(int(indices[m]), int(classes[m]), score) for m in members[:n].tolist()]
             maps = _library_cams(METHODS[method], tail, layers, start, targets, (width, height))

@@ -20,7 +20,11 @@ ANCHORS: tuple[tuple[tuple[float, float], ...], ...] = (
     ((0.07, 0.15), (0.15, 0.11), (0.14, 0.29)),
     ((0.02, 0.03), (0.04, 0.07), (0.08, 0.06)),
 )
+# Pixels per grid cell of each scale, coarse to fine (the model's outputs are H/32, H/16, H/8).
 STRIDES: tuple[int, ...] = (32, 16, 8)
+# The clamp on the size logits tw, th before exp (loss and decode alike): exp(10) x anchor is far
+# beyond any image, so no real box is cut, and extreme or fp16 logits never decode to inf.
+MAX_LOG_SCALE: float = 10.0
 
 # Loss variants (helpers.loss.YoloLoss): the course's object term is "mse", its box term "mse".
 OBJ_LOSSES: tuple[str, ...] = ("mse", "bce")

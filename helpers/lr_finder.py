@@ -22,6 +22,7 @@ import torch
 from matplotlib.figure import Figure
 from torch_lr_finder import LRFinder, TrainDataLoaderIter
 
+from .config import STRIDES
 from .loss import YoloLoss
 from .plotting import plot_lr_finder
 from .targets import build_targets
@@ -43,7 +44,7 @@ class _TargetsThenLoss(torch.nn.Module):
 
     def forward(self, outputs: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
         coarse = outputs[0]
-        size = (coarse.shape[2] * 32, coarse.shape[3] * 32)
+        size = (coarse.shape[2] * STRIDES[0], coarse.shape[3] * STRIDES[0])
         return self.loss(outputs, build_targets(boxes, coarse.shape[0], size))
 
 

@@ -274,34 +274,26 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, method: str = "
     return float(((mrec[i] - mrec[i - 1]) * mpre[i]).sum())
 
 
-def voc_map(
+def voc_curves(
     detections: Sequence[torch.Tensor],
     ground_truths: Sequence[Mapping],
     iou_threshold: float = 0.5,
-    method: str = "voc07",
     num_classes: int = 20,
 ) -> dict:
-    """PASCAL VOC mean average precision, as the devkit computes it (see the module docstring).
+    """One devkit matching of the whole set (`match_detections`), as per-class PR curves: what every
+    VOC AP method reads (`voc_ap`), so the 11-point and the all-point AP share one matching.
 
-    detections: per image a [K, 6] tensor x1, y1, x2, y2, score, class (as `detect` returns).
-    ground_truths: per image a dict {"boxes": [G, 4] x1y1x2y2, "labels": [G], "difficult": [G] bool}
-        (difficult optional, default False); same pixels as the detections.
-    Returns a dict:
-      "map": mean AP over the classes with at least one non-difficult ground truth (NaN if none);
-      "ap": np.ndarray [C], NaN for classes without non-difficult ground truth;
+    Same inputs as `voc_map`. Returns a dict:
       "precision", "recall": per class the PR curve (np arrays, descending score; empty if no GT);
       "scores": per class the detection scores along the curve (for choosing a threshold);
       "num_gt": [C] non-difficult GT counts; "num_tp", "num_fp": [C] counts over all detections;
-      "method", "iou_threshold".
+      "iou_threshold".
     """
-    if method not in METHODS:
-        raise ValueError(f"voc_map: method must be one of {METHODS}, got {method!r}")
     _, cls, scores, tp, fp, npos = match_detections(detections, ground_truths, iou_threshold, num_classes)
     by_class = np.argsort(cls, kind="stable")  # keeps descending score inside each class
     cls, scores, tp, fp = cls[by_class], scores[by_class], tp[by_class], fp[by_class]
     bounds = np.searchsorted(cls, np.arange(num_classes + 1))
 
-    ap = np.full(num_classes, np.nan)
     precisions, recalls, class_scores = [], [], []
     num_tp, num_fp = np.zeros(num_classes, dtype=np.int64), np.zeros(num_classes, dtype=np.int64)
     for c in range(num_classes):
@@ -314,27 +306,65 @@ def voc_map(
             precisions.append(np.zeros(0))
             recalls.append(np.zeros(0))
             continue
-        rec = ctp / npos[c]
-        prec = ctp / np.maximum(ctp + cfp, 1)  # every kept detection is a TP or an FP: never 0/0
-        precisions.append(prec)
-        recalls.append(rec)
-        ap[c] = average_precision(rec, prec, method)
+        recalls.append(ctp / npos[c])
+        precisions.append(ctp / np.maximum(ctp + cfp, 1))  # every kept detection is a TP or an FP: never 0/0
+    return {"precision": precisions, "recall": recalls, "scores": class_scores, "num_gt": npos,
+            "num_tp": num_tp, "num_fp": num_fp, "iou_threshold": iou_threshold}
+
+
+def voc_ap(curves: Mapping, method: str = "voc07") -> dict:
+    """AP per class and their mean from `voc_curves`' result, by one method ("voc07" or "all").
+
+    Returns the curves' dict plus "map" (mean AP over the classes with at least one non-difficult
+    ground truth, NaN if none), "ap" (np.ndarray [C], NaN for classes without) and "method".
+    """
+    if method not in METHODS:
+        raise ValueError(f"voc_map: method must be one of {METHODS}, got {method!r}")
+    npos = curves["num_gt"]
+    ap = np.full(len(npos), np.nan)
+    for c in np.flatnonzero(npos > 0):
+        ap[c] = average_precision(curves["recall"][c], curves["precision"][c], method)
     valid = npos > 0
-    return {
-        "map": float(ap[valid].mean()) if valid.any() else float("nan"),
-        "ap": ap,
-        "precision": precisions,
-        "recall": recalls,
-        "scores": class_scores,
-        "num_gt": npos,
-        "num_tp": num_tp,
-        "num_fp": num_fp,
-        "method": method,
-        "iou_threshold": iou_threshold,
-    }
+    return {"map": float(ap[valid].mean()) if valid.any() else float("nan"), "ap": ap, **curves, "method": method}
+
+
+def voc_map(
+    detections: Sequence[torch.Tensor],
+    ground_truths: Sequence[Mapping],
+    iou_threshold: float = 0.5,
+    method: str | Sequence[str] = "voc07",
+    num_classes: int = 20,
+) -> dict:
+    """PASCAL VOC mean average precision, as the devkit computes it (see the module docstring).
+
+    detections: per image a [K, 6] tensor x1, y1, x2, y2, score, class (as `detect` returns).
+    ground_truths: per image a dict {"boxes": [G, 4] x1y1x2y2, "labels": [G], "difficult": [G] bool}
+        (difficult optional, default False); same pixels as the detections.
+    method: "voc07" (11-point) or "all" (all-point); or several, e.g. ("voc07", "all"): one
+        matching then serves them all, and the result is {method: that method's dict}.
+    Returns a dict:
+      "map": mean AP over the classes with at least one non-difficult ground truth (NaN if none);
+      "ap": np.ndarray [C], NaN for classes without non-difficult ground truth;
+      "precision", "recall": per class the PR curve (np arrays, descending score; empty if no GT);
+      "scores": per class the detection scores along the curve (for choosing a threshold);
+      "num_gt": [C] non-difficult GT counts; "num_tp", "num_fp": [C] counts over all detections;
+      "method", "iou_threshold".
+    """
+    methods = (method,) if isinstance(method, str) else tuple(method)
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"voc_map: method must be one of {METHODS}, got {m!r}")
+    curves = voc_curves(detections, ground_truths, iou_threshold, num_classes)
+    results = {m: voc_ap(curves, m) for m in methods}
+    return results[method] if isinstance(method, str) else results
 
 
 # --------------------------------------------------------------------------- COCO AP
+# pycocotools' `Params.setDetParams`, float64: 0.5, 0.55, ..., 0.95 and 0, 0.01, ..., 1.
+COCO_IOU_THRESHOLDS: list[float] = np.linspace(0.5, 0.95, round((0.95 - 0.5) / 0.05) + 1).tolist()
+COCO_RECALL_THRESHOLDS: list[float] = np.linspace(0.0, 1.0, round(1.0 / 0.01) + 1).tolist()
+
+
 def coco_map(detections: Sequence[torch.Tensor], ground_truths: Sequence[Mapping], num_classes: int = 20) -> dict:
     """COCO-style AP through torchmetrics' MeanAveragePrecision on the faster-coco-eval backend.
 
@@ -343,12 +373,17 @@ def coco_map(detections: Sequence[torch.Tensor], ground_truths: Sequence[Mapping
     over the detection's area, and may absorb several detections, as a difficult object may).
     Returns floats: "map_50_95", "map_50", "map_75", "map_small", "map_medium", "map_large",
     "mar_100" (-1 where COCO has nothing to average, e.g. no ground truth at all).
+    Equal to pycocotools' COCOeval on the same data (to float32 rounding): the IoU and recall
+    thresholds are pycocotools' own float64 ones (`COCO_IOU_THRESHOLDS`, `COCO_RECALL_THRESHOLDS`);
+    torchmetrics' defaults come from a float32 linspace (IoU 0.699999988, recall 0.07000000029...),
+    which moves AP by up to ~1e-3 where a recall or an IoU lands on a threshold.
     """
     from torchmetrics.detection import MeanAveragePrecision
 
     if len(detections) != len(ground_truths):
         raise ValueError(f"coco_map: {len(detections)} images of detections but {len(ground_truths)} of ground truth")
-    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval",
+                                  iou_thresholds=COCO_IOU_THRESHOLDS, rec_thresholds=COCO_RECALL_THRESHOLDS)
     preds, targets = [], []
     for det, gt in zip(detections, ground_truths):
         det = torch.as_tensor(det).detach().cpu().float().reshape(-1, 6)

@@ -11,12 +11,16 @@ Output of `forward(x [B,3,H,W])`, H and W multiples of 32: a list of 3 raw tenso
 """
 from __future__ import annotations
 
+import bisect
 import copy
-from collections.abc import Container, Mapping
+from collections.abc import Container, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .config import STRIDES
 
 # The course's layer list. (channels, kernel, stride) is a conv block; ("B", n) a residual block of
 # n repeats; "S" a scale head (3 modules: residual without skip, 1x1 conv, prediction); "U" a 2x
@@ -99,6 +103,42 @@ def is_route(layer: nn.Module) -> bool:
     return isinstance(layer, ResidualBlock) and layer.repeats == 8
 
 
+@dataclass(frozen=True)
+class RoutePlan:
+    """The wiring of `YOLOv3.layers`, as step indices: what `run_layers` follows, and what a caller
+    that runs part of the network (Grad-CAM, `helpers.cam`) needs to know.
+
+    predictions: the `ScalePrediction` steps, coarse to fine (their outputs are the model's outputs);
+    routes: the steps whose output is saved for a later join (see `is_route`);
+    joins: the `Upsample` steps, each concatenating the last saved route not yet joined;
+    pending: per step, the routes saved and not yet joined once that step has run.
+    """
+
+    predictions: tuple[int, ...]
+    routes: tuple[int, ...]
+    joins: tuple[int, ...]
+    pending: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, layers: Sequence[nn.Module]) -> RoutePlan:
+        predictions, routes, joins, pending, stack = [], [], [], [], []
+        for i, layer in enumerate(layers):
+            if isinstance(layer, ScalePrediction):
+                predictions.append(i)
+            elif is_route(layer):
+                routes.append(i)
+                stack.append(i)
+            elif isinstance(layer, Upsample):
+                joins.append(i)
+                stack.pop()
+            pending.append(tuple(stack))
+        return cls(tuple(predictions), tuple(routes), tuple(joins), tuple(pending))
+
+    def scales_before(self, step: int) -> int:
+        """How many scales steps 0 .. step predict (the scale index of the next prediction)."""
+        return bisect.bisect_right(self.predictions, step)
+
+
 def _scaled(c: int, width: float) -> int:
     """Channels at a width multiplier: a multiple of 8, at least 8 (1.0 leaves them as they are)."""
     return c if width == 1.0 else max(8, int(round(c * width / 8)) * 8)
@@ -127,10 +167,11 @@ class YOLOv3(nn.Module):
             elif spec == "U":
                 self.layers.append(Upsample())
                 c = c * 3  # upsampled c, concatenated with the 2c route of the backbone
+        self.plan = RoutePlan.of(self.layers)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if x.shape[-1] % 32 or x.shape[-2] % 32:
-            raise ValueError(f"input height and width must be multiples of 32, got {tuple(x.shape[-2:])}")
+        if x.shape[-1] % STRIDES[0] or x.shape[-2] % STRIDES[0]:
+            raise ValueError(f"input height and width must be multiples of {STRIDES[0]}, got {tuple(x.shape[-2:])}")
         outputs = self.run_layers(x)
         return [outputs[s] for s in range(len(outputs))]
 
@@ -140,24 +181,25 @@ class YOLOv3(nn.Module):
         """Steps start+1 .. stop of `self.layers` (all of them by default) on x, the output of step
         `start` (the image for -1), as `forward` runs them; a part of the network for Grad-CAM.
 
-        routes: the route stack at `start` (outputs of route steps, see `is_route`, not yet joined
-        by an upsample; consumed). The outputs of the steps in `keep` are stored in `states`.
+        routes: the outputs of the steps `self.plan.pending[start]`, in that order (consumed).
+        The outputs of the steps in `keep` are stored in `states`.
         Returns the predictions made, {scale index (0 = coarse): [B, 3, S_h, S_w, 5+C]}.
         """
+        plan = self.plan
         stop = len(self.layers) - 1 if stop is None else stop
         routes = [] if routes is None else routes
-        scale = sum(isinstance(m, ScalePrediction) for m in self.layers[: start + 1])
+        scale = plan.scales_before(start)
         outputs = {}
         for i in range(start + 1, stop + 1):
             layer = self.layers[i]
-            if isinstance(layer, ScalePrediction):
+            if i in plan.predictions:
                 outputs[scale] = layer(x)
                 scale += 1
                 continue
             x = layer(x)
-            if is_route(layer):
+            if i in plan.routes:
                 routes.append(x)
-            elif isinstance(layer, Upsample):
+            elif i in plan.joins:
                 x = torch.cat([x, routes.pop()], dim=1)
             if i in keep:
                 states[i] = x
@@ -166,7 +208,14 @@ class YOLOv3(nn.Module):
     @property
     def head_inputs(self) -> list[nn.Module]:
         """The module whose output feeds each scale's prediction, coarse to fine (Grad-CAM's layers)."""
-        return [self.layers[i - 1] for i, m in enumerate(self.layers) if isinstance(m, ScalePrediction)]
+        return [self.layers[i - 1] for i in self.plan.predictions]
+
+    @property
+    def prediction_features(self) -> list[nn.Module]:
+        """Per scale, coarse to fine, the module whose output is the last feature map of that scale:
+        the 3x3 conv block inside its prediction head, which only the 1x1 prediction conv separates
+        from the raw output (Grad-CAM's default layers)."""
+        return [self.layers[i].pred[0] for i in self.plan.predictions]
 
 
 # The course builds a BatchNorm in front of each head's last conv and never applies it.

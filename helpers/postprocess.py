@@ -15,20 +15,10 @@ from collections.abc import Sequence
 import torch
 from torchvision.ops import batched_nms
 
-from .config import ANCHORS
-
-# exp(10) x anchor is far beyond any image, and every box is clipped to the image anyway: clamping
-# the size logits here (as the loss does) keeps extreme or fp16 logits from decoding to inf.
-MAX_LOG_SCALE = 10.0
+from .boxes import as_hw
+from .config import ANCHORS, MAX_LOG_SCALE, STRIDES
 
 SCORES = ("obj*cls", "obj")
-
-
-def _as_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    h, w = image_size
-    return int(h), int(w)
 
 
 def _check_outputs(outputs: Sequence[torch.Tensor], anchors) -> None:
@@ -55,15 +45,15 @@ def decode(
     outputs: list of 3 raw tensors [B, 3, S_h, S_w, 5+C], coarse to fine, last axis
         [obj, tx, ty, tw, th, class logits...] (as `YOLOv3.forward` returns them).
     anchors: 3 x 3 (w, h) as fractions of the image, coarse to fine.
-    image_size: (H, W) or side of the input images in pixels; None = 32 x the coarse grid.
+    image_size: (H, W) or side of the input images in pixels; None = the coarse grid x its stride.
     Returns float32 [B, A, 5+C] with A = sum over scales of 3 * S_h * S_w (10,647 at 416), last axis
     [x1, y1, x2, y2 (input pixels, not clipped), sigmoid(obj), softmax(class logits)...].
     The class probabilities are a softmax because the loss trains the classes with cross-entropy.
     """
     _check_outputs(outputs, anchors)
     if image_size is None:
-        image_size = (outputs[0].shape[2] * 32, outputs[0].shape[3] * 32)
-    height, width = _as_hw(image_size)
+        image_size = (outputs[0].shape[2] * STRIDES[0], outputs[0].shape[3] * STRIDES[0])
+    height, width = as_hw(image_size)
     batch = outputs[0].shape[0]
     decoded = []
     for out, scale_anchors in zip(outputs, anchors):
@@ -75,7 +65,7 @@ def decode(
         anchor_wh = torch.as_tensor(scale_anchors, dtype=torch.float32, device=device).view(1, n_a, 1, 1, 2)
         cx = (p[..., 1].sigmoid() + jj) * (width / sw)
         cy = (p[..., 2].sigmoid() + ii) * (height / sh)
-        wh = p[..., 3:5].clamp(max=MAX_LOG_SCALE).exp() * anchor_wh
+        wh = p[..., 3:5].clamp(max=MAX_LOG_SCALE).exp() * anchor_wh  # no inf from extreme or fp16 logits
         w, h = wh[..., 0] * width, wh[..., 1] * height
         boxes = torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
         obj = p[..., :1].sigmoid()
@@ -135,7 +125,7 @@ def detect(
     """
     if score not in SCORES:
         raise ValueError(f"postprocess: score must be one of {SCORES}, got {score!r}")
-    height, width = _as_hw(image_size)
+    height, width = as_hw(image_size)
     dec = decode(outputs, anchors, image_size=(height, width))  # [B, A, 5+C]
     batch, n_anchors, _ = dec.shape
     device = dec.device

@@ -259,6 +259,23 @@ def test_assigned_index_is_a_positive_of_build_targets():
         assert targets[s][0, a, i, j, 0] == 1 and targets[s][0, a, i, j, 5] == c
 
 
+def test_assigned_index_follows_build_targets_when_boxes_share_a_slot():
+    # Two boxes of the same shape in one cell: training gives the second the next-best anchor of
+    # the cell (its best one is taken). The row explained must be that box's own positive.
+    boxes01 = torch.tensor([[0, 0, 0.5, 0.5, 0.30, 0.22], [0, 1, 0.51, 0.51, 0.30, 0.22]])
+    targets = build_targets(boxes01, 1, 128)
+    cx, cy, w, h = boxes01[:, 2:].unbind(1)
+    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1) * 128
+    rows = assigned_index(xyxy, 128)
+    assert rows[0] != rows[1]
+    for (s, a, i, j), c in zip(unravel_index(rows, [t.shape[2:4] for t in targets]).tolist(), (0, 1)):
+        assert targets[s][0, a, i, j, 0] == 1 and targets[s][0, a, i, j, 5] == c
+
+
+def test_assigned_index_of_no_boxes_is_empty():
+    assert assigned_index(torch.zeros(0, 4), 128).shape == (0,)
+
+
 # --- letterbox ------------------------------------------------------------------------------------
 def test_cam_to_original_cuts_the_padding_and_puts_a_spot_where_it_belongs():
     # original 100 (h) x 200 (w), letterboxed to 64: scale 0.32, 64 x 32 content, 16 px pad on top.

@@ -151,3 +151,29 @@ def test_the_fused_inference_copy_gives_the_same_outputs_and_leaves_the_original
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+
+
+def test_the_model_names_its_route_plan_as_the_course_wires_it():
+    # COURSE_FACTS.md: heads at 15, 22, 29; upsamples at 17, 24 joining the 8-block stages at 6 and 8.
+    plan = YOLOv3(num_classes=20, width=0.125).plan
+    assert plan.predictions == (15, 22, 29)
+    assert plan.routes == (6, 8) and plan.joins == (17, 24)
+    assert plan.pending[5] == () and plan.pending[8] == (6, 8) and plan.pending[17] == (6,)
+    assert plan.pending[24] == () and [plan.scales_before(i) for i in (-1, 14, 15, 22, 29)] == [0, 0, 1, 2, 3]
+
+
+def test_running_the_layers_from_any_step_with_its_pending_routes_gives_the_forward_outputs():
+    torch.manual_seed(0)
+    model = YOLOv3(num_classes=3, width=0.125).eval()
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        full = model(x)
+        states = {}
+        model.run_layers(x, keep=range(len(model.layers)), states=states)
+        for start in (7, 16, 20):
+            routes = [states[i] for i in model.plan.pending[start]]
+            part = model.run_layers(states[start], start, routes=routes)
+            first = model.plan.scales_before(start)
+            assert sorted(part) == list(range(first, 3))
+            for s, out in part.items():
+                torch.testing.assert_close(out, full[s])

@@ -1,9 +1,10 @@
-"""build_targets: the course's assignment for hand-made boxes, minus its defects."""
+"""assign_anchors and build_targets: the course's assignment for hand-made boxes, minus its defects."""
 import pytest
 import torch
 
+from helpers.boxes import grid_shapes
 from helpers.config import ANCHORS
-from helpers.targets import build_targets
+from helpers.targets import IGNORE_IOU, assign_anchors, build_targets
 
 
 def box(img, cls, cx, cy, w, h):
@@ -97,3 +98,57 @@ def test_targets_are_built_on_the_boxes_device_and_do_not_modify_them():
     t = build_targets(b, 1, 320)
     assert all(x.device == b.device for x in t)
     assert torch.equal(b, before)
+
+
+# --- the assignment step on its own ---------------------------------------------------------------
+def test_no_boxes_give_an_empty_assignment_of_the_right_shapes():
+    a = assign_anchors(torch.zeros(0, 6), grid_shapes(416))
+    assert a.anchor.shape == a.row.shape == a.col.shape == (0, 3)
+    assert a.ignore.shape == a.shape_iou.shape == (0, 3, 3)
+
+
+def test_the_assignment_names_each_boxs_anchor_and_cell_per_scale():
+    b = torch.tensor([box(0, 1, 0.55, 0.40, 0.30, 0.24), box(0, 2, 0.55, 0.40, 0.0, 0.24)])
+    a = assign_anchors(b, grid_shapes((320, 416)))
+    assert a.row[0].tolist() == [4, 8, 16] and a.col[0].tolist() == [7, 14, 28]  # int(0.40*10), int(0.55*13)...
+    assert a.anchor[0].tolist() == a.shape_iou[0].argmax(dim=1).tolist()  # no collision: best of each scale
+    assert a.anchor[1].tolist() == [-1, -1, -1] and not a.ignore[1].any()  # no area: nothing to learn
+    assert torch.equal(a.ignore[0], (a.shape_iou[0] > IGNORE_IOU) & (torch.arange(3) != a.anchor[0, :, None]))
+
+
+def _rounds_reference(boxes, grids, anchors=ANCHORS):
+    """The rule written as the plain loop it vectorises: on each scale, round r walks the boxes in
+    order and gives each one still without an anchor its r-th best anchor if that slot is free."""
+    anchor_wh = torch.tensor(anchors)
+    out = torch.full((len(boxes), len(grids)), -1, dtype=torch.long)
+    for s, (sh, sw) in enumerate(grids):
+        taken = set()
+        for r in range(anchor_wh.shape[1]):
+            for n, (img, _, cx, cy, w, h) in enumerate(boxes.tolist()):
+                if out[n, s] >= 0 or w <= 0 or h <= 0:
+                    continue
+                inter = torch.minimum(torch.tensor([w, h]), anchor_wh[s]).prod(1)
+                ious = inter / (w * h + anchor_wh[s].prod(1) - inter)
+                a = int(ious.argsort(descending=True, stable=True)[r])
+                slot = (int(img), a, min(int(min(cy, 1.0) * sh), sh - 1), min(int(min(cx, 1.0) * sw), sw - 1))
+                if slot not in taken:
+                    taken.add(slot)
+                    out[n, s] = a
+    return out
+
+
+def test_crowded_boxes_are_assigned_as_the_plain_loop_assigns_them():
+    g = torch.Generator().manual_seed(3)
+    n = 60  # 3 images, centres packed into the middle: many boxes share cells on every scale
+    b = torch.cat([torch.randint(0, 3, (n, 1), generator=g).float(), torch.zeros(n, 1),
+                   torch.rand(n, 2, generator=g) * 0.2 + 0.4, torch.rand(n, 2, generator=g) * 0.5], 1)
+    b[::7, 4] = 0.0  # some without area
+    grids = grid_shapes((320, 480))
+    assert torch.equal(assign_anchors(b, grids).anchor, _rounds_reference(b, grids))
+
+
+def test_build_targets_needs_no_data_dependent_shapes_or_host_syncs():
+    # On the meta device tensors have no values: .item(), bool(), nonzero() and boolean-mask
+    # indexing all fail there, so this passes only if nothing in it waits for the device.
+    t = build_targets(torch.rand(10, 6, device="meta"), 4, 416)
+    assert [tuple(x.shape) for x in t] == [(4, 3, 13, 13, 6), (4, 3, 26, 26, 6), (4, 3, 52, 52, 6)]
