@@ -73,8 +73,9 @@ def evaluate(model: torch.nn.Module, loader) -> dict:
         gts += [m["gt"] for m in metas]
     model.train()
     result = {k: round(float(v), 2) for k, v in acc.compute().items()}
-    result["map50_voc07"] = round(float(voc_map(dets, gts, 0.5, method="voc07")["map"]), 4)
-    result["map50_all"] = round(float(voc_map(dets, gts, 0.5, method="all")["map"]), 4)
+    both = voc_map(dets, gts, 0.5, method=("voc07", "all"))
+    result["map50_voc07"] = round(float(both["voc07"]["map"]), 4)
+    result["map50_all"] = round(float(both["all"]["map"]), 4)
     result["obj_pos"] = round(obj_sum[1] / max(obj_n[1], 1), 4)
     result["obj_neg"] = round(obj_sum[0] / max(obj_n[0], 1), 5)
     return result

@@ -146,8 +146,8 @@ def evaluate(
                                 device=device, progress=progress, max_batches=max_batches, **collect_kwargs)
     inference_s = time.perf_counter() - start
     start = time.perf_counter()
-    v07 = voc_map(dets, truths, iou_threshold=t.map_iou, method="voc07", num_classes=num_classes)
-    vall = voc_map(dets, truths, iou_threshold=t.map_iou, method="all", num_classes=num_classes)
+    both = voc_map(dets, truths, iou_threshold=t.map_iou, method=("voc07", "all"), num_classes=num_classes)
+    v07, vall = both["voc07"], both["all"]
     coco_result = coco_map(dets, truths, num_classes=num_classes) if coco and len(dets) else None
     metrics_s = time.perf_counter() - start
 

@@ -139,13 +139,11 @@ class YOLOModule(pl.LightningModule):
             dets, gts = self.val_map_inputs.compute()
             self.val_map_inputs.reset()
             t = self.cfg.train
-            result07 = voc_map(dets, gts, iou_threshold=t.map_iou, method="voc07",
-                               num_classes=self.cfg.model.num_classes)
-            result_all = voc_map(dets, gts, iou_threshold=t.map_iou, method="all",
-                                 num_classes=self.cfg.model.num_classes)
-            self.log("val/map50_voc07", float(result07["map"]))
-            self.log("val/map50_all", float(result_all["map"]))
-            self.last_map = {"voc07": result07, "all": result_all}
+            results = voc_map(dets, gts, iou_threshold=t.map_iou, method=("voc07", "all"),  # one matching
+                              num_classes=self.cfg.model.num_classes)
+            self.log("val/map50_voc07", float(results["voc07"]["map"]))
+            self.log("val/map50_all", float(results["all"]["map"]))
+            self.last_map = results
 
     # --- optimizer ---------------------------------------------------------------------------
     def configure_optimizers(self):
