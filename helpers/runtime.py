@@ -127,6 +127,10 @@ def _readable_schedule(run: Path) -> bool:
 CONFIG_FILE = "config.json"
 
 
+class TrainingFailed(RuntimeError):
+    """The training process ended with an error (its own output, shown above, says which)."""
+
+
 def train_command(cfg: Config, resume: str = "latest") -> list[str]:
     """Write `cfg` to `<run_dir>/config.json` and return the command that trains it (any devices)."""
     run_dir = Path(cfg.train.run_dir)
@@ -137,13 +141,13 @@ def train_command(cfg: Config, resume: str = "latest") -> list[str]:
 
 def train_in_subprocess(cfg: Config, resume: str = "latest") -> dict:
     """Train `cfg` in a child process (`train_command`), its output shown here line by line; the
-    run's summary (`metrics.json`) when it succeeds, else a RuntimeError with its exit status."""
+    run's summary (`metrics.json`) when it succeeds, else TrainingFailed with its exit status."""
     command = train_command(cfg, resume)
     print("$", " ".join(command), flush=True)
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as child:
         for line in child.stdout:
             print(line, end="", flush=True)
     if child.returncode:
-        raise RuntimeError(f"training stopped with exit status {child.returncode} (its output is above); "
+        raise TrainingFailed(f"training stopped with exit status {child.returncode} (its output is above); "
                            "rerun the cell to resume from the newest checkpoint")
     return json.loads((Path(cfg.train.run_dir) / "metrics.json").read_text())

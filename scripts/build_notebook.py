@@ -67,6 +67,7 @@ if IN_COLAB or IN_KAGGLE:  # training packages only: never Jupyter, never the pl
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
 
 import torch
+from helpers.checkpoints import CheckpointError
 from helpers.runtime import adopt_earlier_run, detect, gpu_problem
 
 if (problem := gpu_problem()):
@@ -76,8 +77,12 @@ if runtime.kind == "colab":
     from google.colab import drive
     drive.mount("/content/drive")  # checkpoints and schedule survive a disconnect
 RUN_DIR = os.environ.get("YOLO_RUN_DIR", str(runtime.run_dir))
-if runtime.kind == "kaggle" and (earlier := adopt_earlier_run(RUN_DIR)):
-    print(f"resuming the run saved in {earlier} (copied into {RUN_DIR})")
+if runtime.kind == "kaggle":
+    try:
+        if (earlier := adopt_earlier_run(RUN_DIR)):
+            print(f"resuming the run saved in {earlier} (copied into {RUN_DIR})")
+    except CheckpointError as e:  # the attached run's checkpoints cannot be read: said in one line
+        raise SystemExit(str(e)) from None
 SMOKE = (not torch.cuda.is_available()) if SMOKE == "auto" else SMOKE == "1"
 GPUS = torch.cuda.device_count()
 DEVICE = "cuda" if GPUS else "cpu"
@@ -192,13 +197,18 @@ these sizes on a T4, and public relative throughputs for the others:
 | A100 | 45 min-1.5 h | one session |
 | H100 | 30 min-1 h | one session; the data loaders may be the limit |
 """),
-    ("code", """from helpers.runtime import train_in_subprocess
+    ("code", """from helpers.checkpoints import CheckpointError, StorageFull
+from helpers.runtime import TrainingFailed, train_in_subprocess
+from helpers.schedule import ScheduleMismatch
 from helpers.train import train
 
-if cfg.train.devices > 1:
-    summary = train_in_subprocess(cfg)  # e.g. python -m helpers.train --config <run>/config.json --resume latest
-else:
-    summary = train(cfg, resume="latest")
+try:
+    if cfg.train.devices > 1:
+        summary = train_in_subprocess(cfg)  # python -m helpers.train --config <run>/config.json --resume latest
+    else:
+        summary = train(cfg, resume="latest")  # start_fresh=True sets unreadable checkpoints aside
+except (CheckpointError, StorageFull, ScheduleMismatch, TrainingFailed) as e:  # one line saying what to do
+    raise SystemExit(str(e)) from None
 print(json.dumps({k: v for k, v in summary.items() if k not in ("metrics", "ap_per_class_voc07")}, indent=1))"""),
     ("md", "## 8. Results\nLoss and accuracy curves per epoch; then the newest checkpoint on the test split: the course's accuracies, mAP@0.5 (VOC07 11-point and all-point) per class, and the PR curves."),
     ("code", """from helpers.checkpoints import find_latest, load_model
