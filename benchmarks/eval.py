@@ -15,6 +15,7 @@ import time
 import torch
 
 from benchmarks.timing import timed
+from helpers.config import STRIDES
 from helpers.metrics import coco_map, voc_map
 from helpers.postprocess import detect
 
@@ -24,7 +25,7 @@ SIZE, C = 416, 20
 def raw_outputs(batch: int, candidates: int | None, one_class: bool, g: torch.Generator) -> list[torch.Tensor]:
     """Full-size 416 output shapes. candidates=None: every anchor passes the threshold (high
     objectness everywhere, as an untrained model gives); else that many random anchors do."""
-    outs = [torch.randn(batch, 3, SIZE // s, SIZE // s, 5 + C, generator=g) for s in (32, 16, 8)]
+    outs = [torch.randn(batch, 3, SIZE // s, SIZE // s, 5 + C, generator=g) for s in STRIDES]
     for o in outs:
         o[..., 0] = 5.0 if candidates is None else -10.0
         if one_class:

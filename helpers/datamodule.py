@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from .config import DataConfig
+from .config import STRIDES, DataConfig
 from .dataset import YOLODataset as TrainDataset
 from .dataset_org import YOLODataset as PlainDataset
 from .synthetic import make_voc_dataset
@@ -76,7 +76,7 @@ class MultiScaleBatchSampler(Sampler):
 
     def __init__(self, sampler, batch_size: int, sizes, drop_last: bool = True, seed: int = 0):
         self.sizes = tuple(int(s) for s in sizes)
-        if not self.sizes or any(s <= 0 or s % 32 for s in self.sizes):
+        if not self.sizes or any(s <= 0 or s % STRIDES[0] for s in self.sizes):
             raise ValueError(f"image sizes must be positive multiples of 32 (the model's stride), got {sizes}")
         self.sampler, self.batch_size, self.drop_last, self.seed = sampler, batch_size, drop_last, seed
         self._epoch, self._skip = 0, 0

@@ -32,9 +32,8 @@ from torch import nn
 from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
 from .boxes import cxcywh_to_xyxy, paired_iou
-from .config import ANCHORS, BOX_LOSSES, OBJ_LOSSES
+from .config import ANCHORS, BOX_LOSSES, MAX_LOG_SCALE, OBJ_LOSSES
 
-MAX_LOG_SCALE = 10.0  # exp(10) x anchor is far beyond any image: clamp before exp, never inf
 IOU_BOX_LOSSES = {"giou": generalized_box_iou_loss, "diou": distance_box_iou_loss, "ciou": complete_box_iou_loss}
 
 

@@ -147,13 +147,14 @@ for k, ax in enumerate(axes.flat):
 show(fig, "training_samples", FIGURES)
 plt.close(fig)"""),
     ("md", "## 4. The model\nDarknet-53 + the YOLOv3 head; three outputs, coarse to fine."),
-    ("code", """from helpers.model import build_model, count_parameters
+    ("code", """from helpers.config import STRIDES
+from helpers.model import build_model, count_parameters
 
 model = build_model(cfg.model)
 with torch.no_grad():
     outputs = model.eval()(torch.zeros(1, 3, size, size))
 print(f"{count_parameters(model):,} parameters (width {cfg.model.width})")
-for out, stride in zip(outputs, (32, 16, 8)):
+for out, stride in zip(outputs, STRIDES):
     print(f"stride {stride:2d}: {tuple(out.shape)}  [batch, anchor, row, column, obj+box+{cfg.model.num_classes} classes]")"""),
     ("md", "## 5. LR range test\ntorch-lr-finder on the real training loader; the model and optimizer are restored afterwards. The max LR used is the steepest descent of the (lag-free) smoothed loss, capped a decade below its minimum."),
     ("code", """from helpers.lr_finder import describe_choice
