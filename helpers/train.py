@@ -26,14 +26,9 @@ from lightning_fabric.utilities.rank_zero import rank_zero_only
 
 from .annotations import DatasetError, find_dataset
 from .checkpoints import (
-    CheckpointError,
     NoOverwriteCheckpointIO,
     PeriodicCheckpoint,
-    StorageFull,
     check_resumable,
-    find_latest,
-    free_bytes,
-    human,
     remove_temporaries,
     set_aside,
     storage_plan,
@@ -42,6 +37,8 @@ from .config import Config, DataConfig, ModelConfig, TrainConfig
 from .datamodule import YOLODataModule
 from .module import YOLOModule
 from .schedule import OneCycleSpec, Schedule, ScheduleMismatch, limited_steps
+from .storage import StorageFull, free_bytes, human
+from .weights import CheckpointError, find_latest
 
 SCHEDULE_FILE = "schedule.txt"
 # CSV rows are appended to metrics.csv every LOG_FLUSH_STEPS steps: a kill loses at most the rows since

@@ -7,19 +7,10 @@ import pickle
 import pytest
 import torch
 
-from helpers.checkpoints import load_model
 from helpers.config import VOC_CLASSES, Config
-from helpers.export import (
-    CONFIG,
-    WEIGHTS,
-    BundleError,
-    export_checkpoint,
-    load_bundle,
-    main,
-    read_bundle_config,
-    write_bundle,
-)
+from helpers.export import export_checkpoint, main, write_bundle
 from helpers.model import YOLOv3
+from helpers.weights import CONFIG, WEIGHTS, BundleError, load_bundle, load_model, read_bundle_config
 
 
 def tiny_config() -> Config:

@@ -349,7 +349,7 @@ def test_a_kill_during_validation_after_a_save_on_the_epochs_last_batch_resumes_
 
 
 def find_latest_name(run: Path) -> str:
-    from helpers.checkpoints import find_latest
+    from helpers.weights import find_latest
 
     return "-".join(find_latest(run / "checkpoints").name.split("-")[:2])
 
@@ -378,9 +378,9 @@ def test_two_process_ddp_on_cpu_uses_one_image_size_per_step_and_syncs_accuracie
 def test_unreadable_batches_are_skipped_and_counted_and_a_finished_run_reruns_to_its_summary(tmp_path, capsys):
     from torch.utils.data import DistributedSampler
 
-    from helpers.checkpoints import CheckpointError
     from helpers.datamodule import YOLODataModule
     from helpers.train import main, train
+    from helpers.weights import CheckpointError
 
     root = make_voc_dataset(tmp_path / "voc", n_trainval=16, n_test=6, image_size=(64, 48), seed=7)
     run = tmp_path / "run"
