@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 
 from .config import ANCHORS, STRIDES, Config
 from .model import YOLOv3, count_parameters
-from .storage import atomic_new_folder, refuse_existing
+from .storage import StorageFull, atomic_new_folder, refuse_existing
 from .weights import (
     CONFIG,
     FORMAT,
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = resolve_checkpoint(args.checkpoint, args.run_dir)
         out = export_checkpoint(checkpoint, args.out, hub_repo=args.hub_repo, metrics_file=args.metrics,
                                 fp16=args.fp16)
-    except (BundleError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (BundleError, FileExistsError, FileNotFoundError, StorageFull, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = read_bundle_config(out)

@@ -117,7 +117,7 @@ def resolve_checkpoint(spec: str | os.PathLike, run_dir: str | os.PathLike = "ru
     folder or a checkpoint folder (its newest that loads), an export bundle folder, or a file.
     Raises FileNotFoundError naming what was searched."""
     path = Path(run_dir) if str(spec) == "latest" else Path(spec)
-    if path.is_file() or (path / "config.json").is_file():  # a checkpoint file, or an export bundle
+    if path.is_file() or (path / CONFIG).is_file():  # a checkpoint file, or an export bundle
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not found (no such checkpoint, bundle or run folder)")

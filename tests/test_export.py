@@ -115,6 +115,22 @@ def test_existing_bundle_is_never_overwritten(tmp_path, model_and_config):
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary folder left behind
 
 
+def test_a_full_disk_while_writing_a_bundle_is_one_line_and_leaves_no_folder(tmp_path, model_and_config, monkeypatch):
+    import errno
+
+    from helpers import export
+    from helpers.storage import StorageFull
+
+    def full(state, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "save_file", full)
+    with pytest.raises(StorageFull) as e:
+        write_bundle(*model_and_config, tmp_path / "b")
+    assert "\n" not in str(e.value) and f"could not write {tmp_path / 'b'}" in str(e.value) and "free in" in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor its temporary folder
+
+
 def test_empty_target_folder_is_used(tmp_path, model_and_config):
     model, cfg = model_and_config
     (tmp_path / "empty").mkdir()
