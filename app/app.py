@@ -40,12 +40,12 @@ from PIL import Image  # noqa: E402
 
 from helpers.cam import cam_to_original, capture, detection_cams, unravel_index  # noqa: E402
 from helpers.config import VOC_CLASSES, Config  # noqa: E402
-from helpers.export import CONFIG, WEIGHTS, BundleError, load_bundle, read_bundle_config  # noqa: E402
 from helpers.imageio import ImageError, read_image, read_info  # noqa: E402
 from helpers.model import YOLOv3, fuse_for_inference  # noqa: E402
 from helpers.plotting import annotate, overlay  # noqa: E402
 from helpers.postprocess import detect  # noqa: E402
 from helpers.transforms import letterbox  # noqa: E402
+from helpers.weights import CONFIG, WEIGHTS, BundleError, load_bundle, read_bundle_config  # noqa: E402
 
 log = logging.getLogger("yolo-app")
 

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 
-from helpers.checkpoints import NAME, human, storage_plan
+from helpers.checkpoints import storage_plan
 from helpers.model import YOLOv3
+from helpers.storage import human
 from helpers.synthetic import make_voc_dataset
 from helpers.train import course_preset, train
+from helpers.weights import NAME
 
 
 def main() -> None:

@@ -1,32 +1,28 @@
-"""Checkpoints that survive disconnects and full disks: atomic, never overwritten, rotated safely,
-the newest good one found again, unreadable ones named rather than taken for missing.
+"""Checkpoints that survive disconnects and full disks: Lightning's plumbing, written atomically,
+never overwritten, rotated safely; a resume refused in one line when it would not be exact.
 
 - `NoOverwriteCheckpointIO`: Lightning's checkpoint plumbing assembles the state; this writes it
-  to a temporary file in the target folder, flushes and fsyncs it, then links it into place only
-  if the name is free. A kill mid-write leaves a stray `.tmp` file (removed at the next start by
-  `remove_temporaries`) and every earlier checkpoint intact; a full disk raises `StorageFull`, one
-  line, with the temporary file removed. Loading always uses `torch.load(..., weights_only=True)`.
+  with `storage.atomic_write_new` (a temporary file in the target folder, fsynced, linked into place
+  only if the name is free). A kill mid-write leaves a stray `.tmp` file (removed at the next start
+  by `remove_temporaries`) and every earlier checkpoint intact; a full disk raises `StorageFull`,
+  one line, with the temporary file removed. Loading always uses `torch.load(..., weights_only=True)`.
 - `PeriodicCheckpoint`: a Callback saving the full training state (weights, optimizer, loops, the
   data loader's position) every N minutes (or N steps) and at every epoch end, keeping the newest
   `keep_last_k`, plus each epoch's model weights alone (fp16) in `weights/`; names carry epoch,
   global step and the schedule's LR.
-- `find_latest(folder)`: the newest full state that loads; truncated ones skipped with a warning,
-  a folder with none loadable or with an I/O error refused (`CheckpointError`) instead of "no
-  checkpoint".
 - `check_resumable(path, config)`: one line refusing a checkpoint of another model or schedule.
 - `storage_plan(...)`: the bytes a run's checkpoints take, from the parameter count.
-- `load_model(path)`: a YOLOv3 and its Config from a training checkpoint or an export bundle.
+
+Reading lives in `helpers.weights` (no Lightning there): `find_latest` (the newest full state that
+loads, truncated ones skipped with a warning, a folder with none loadable or an I/O error refused),
+`load_model`, `resolve_checkpoint`; these three are importable from here too, the names the notebook
+and `helpers.evaluate` use.
 """
 from __future__ import annotations
 
-import errno
 import os
-import re
-import shutil
-import tempfile
 import time
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,98 +32,16 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from .config import Config
-from .model import YOLOv3, build_model
+from .storage import EMPTY_TRASH, TEMPORARY, atomic_write_new, free_bytes, human
+from .weights import NAME, CheckpointError, problem_with, step_of
+from .weights import find_latest as find_latest  # re-exported: the notebook's import
+from .weights import load_model as load_model  # re-exported: the notebook's and helpers.evaluate's import
+from .weights import resolve_checkpoint as resolve_checkpoint  # re-exported: helpers.evaluate's import
 
-NAME = re.compile(r"epoch=(\d+)-step=(\d+)-lr=([0-9.e+-]+)(?:-v(\d+))?\.ckpt$")
-TEMPORARY = ".*.tmp"  # what atomic_write_new leaves behind when killed mid-write
 WEIGHTS_DIR = "weights"
-FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-EMPTY_TRASH = ("on Google Drive, files deleted through the mount go to the Trash and still count: empty it at "
-               "drive.google.com/drive/trash")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and what to do."""
-
-
-class StorageFull(OSError):
-    """A checkpoint could not be written for lack of space; earlier checkpoints are intact."""
-
-
-def human(n: float) -> str:
-    """Bytes for a person: 740 MB, 6.43 GB."""
-    if n >= 1e9:
-        return f"{n / 1e9:.2f} GB"
-    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB" if n >= 1e3 else f"{int(n)} B"
-
-
-def free_bytes(folder: str | os.PathLike) -> int:
-    """Free bytes where `folder` is (or would be created)."""
-    folder = Path(folder).absolute()
-    while not folder.exists():
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
-
-
-class _WriteErrors:
-    """A file object that remembers the OSError its `write` raised: torch.save's zip writer turns it
-    into a RuntimeError ("unexpected pos ...") that no longer says the disk is full."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = self.error or e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def atomic_write_new(path: str | os.PathLike, write) -> Path:
-    """Create `path` atomically with `write(file)`; never replaces an existing file.
-
-    The bytes go to a temporary file beside the target, are fsynced, then hard-linked to the final
-    name (which fails if it exists). Filesystems without hard links (some FUSE mounts) fall back to
-    an existence check and a rename. Whatever fails, the temporary file is removed; a full disk
-    (ENOSPC, EDQUOT) raises `StorageFull` saying what could not be written and how much was free.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    recorder = None
-    try:
-        try:
-            with os.fdopen(fd, "wb") as f:
-                recorder = _WriteErrors(f)
-                write(recorder)
-                f.flush()
-                os.fsync(f.fileno())
-        except Exception as e:  # noqa: BLE001 - re-raised below, as one clear line when the disk is full
-            cause = recorder.error if recorder is not None and recorder.error is not None else e
-            if isinstance(cause, OSError) and cause.errno in FULL_DISK:
-                os.unlink(tmp)
-                raise StorageFull(
-                    cause.errno,
-                    f"could not write {path}: no space left ({human(free_bytes(path.parent))} free in "
-                    f"{path.parent}). Earlier checkpoints are intact. Free some space ({EMPTY_TRASH}; or "
-                    "delete old weight files) and rerun with --resume latest") from None
-            raise
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise FileExistsError(f"{path} exists; checkpoints are never overwritten") from None
-        except OSError:
-            if path.exists():
-                raise FileExistsError(f"{path} exists; checkpoints are never overwritten") from None
-            os.rename(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+# What a full disk while writing a checkpoint says to do.
+FULL_DISK_ADVICE = (f"Earlier checkpoints are intact. Free some space ({EMPTY_TRASH}; or delete old weight files) "
+                    "and rerun with --resume latest")
 
 
 def remove_temporaries(folder: str | os.PathLike) -> tuple[int, int]:
@@ -152,7 +66,7 @@ def remove_temporaries(folder: str | os.PathLike) -> tuple[int, int]:
 
 class NoOverwriteCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        atomic_write_new(path, lambda f: torch.save(checkpoint, f))
+        atomic_write_new(path, lambda f: torch.save(checkpoint, f), advice=FULL_DISK_ADVICE)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
@@ -287,7 +201,7 @@ class PeriodicCheckpoint(pl.Callback):
     def rotate(self) -> list[Path]:
         """Delete all but the newest `keep_last_k` full states in the folder (the folder, not this
         session's list: states of earlier sessions count too). Called only after a save succeeded."""
-        states = sorted((p for p in self.dirpath.glob("*.ckpt") if NAME.search(p.name)), key=_step_of)
+        states = sorted((p for p in self.dirpath.glob("*.ckpt") if NAME.search(p.name)), key=step_of)
         doomed = states[:-self.keep_last_k] if len(states) > self.keep_last_k else []
         for old in doomed:
             old.unlink(missing_ok=True)
@@ -305,77 +219,7 @@ class PeriodicCheckpoint(pl.Callback):
                 "hyper_parameters": dict(module.hparams), "weights_only": True}
         path = free_name(self.dirpath / WEIGHTS_DIR, checkpoint_name(trainer.current_epoch, trainer.global_step,
                                                                       self._lr(trainer)))
-        return atomic_write_new(path, lambda f: torch.save(ckpt, f))
-
-
-def _step_of(path: Path) -> tuple[int, int]:
-    m = NAME.search(path.name)
-    return (int(m.group(2)), int(m.group(4) or 1)) if m else (-1, 0)
-
-
-def problem_with(path: Path) -> str | None:
-    """None if `path` is a complete checkpoint; else what is wrong, starting with "truncated" (not a
-    complete zip archive: a write cut short, or a copy not fully synced), "unreadable" (an I/O error:
-    e.g. Google Drive not mounted or not synced yet) or "not a checkpoint"."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if head != b"PK\x03\x04":
-            return "not a checkpoint (not a PyTorch zip archive)" if head else "truncated (empty file)"
-        try:
-            with zipfile.ZipFile(path) as z:
-                z.namelist()
-        except zipfile.BadZipFile:
-            return "truncated (incomplete zip archive)"
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return None
-    except OSError as e:
-        return f"unreadable (I/O error: {e.strerror or e})"
-    except Exception as e:  # noqa: BLE001 - torch's zip reader or the weights-only unpickler refused it
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "zip" in text.lower() or "archive" in text.lower():
-            return f"truncated ({text[:120]})"
-        return f"not a checkpoint of helpers.train ({text[:120]})"
-
-
-def loads(path: Path) -> bool:
-    """Whether `path` is a complete checkpoint (cheap: zip directory + memory-mapped load)."""
-    return problem_with(path) is None
-
-
-def find_latest(folder: str | os.PathLike) -> Path | None:
-    """The full training state with the highest global step (then newest) in `folder` that loads;
-    None if the folder has no checkpoint at all.
-
-    Truncated newer ones are skipped with a warning naming them. Refused (`CheckpointError`): a
-    folder whose checkpoints all fail to load (resuming must not silently start over), and any I/O
-    error (a flaky Drive mount: resuming from an older state would silently redo work)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    try:
-        candidates = sorted(folder.glob("*.ckpt"), key=lambda p: (_step_of(p), p.stat().st_mtime), reverse=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot list {folder} (I/O error: {e.strerror or e}); is the drive mounted? "
-                              "Remount it and rerun") from None
-    bad = []
-    for path in candidates:
-        problem = problem_with(path)
-        if problem is None:
-            if bad:
-                warnings.warn("skipping checkpoints newer than " + path.name + ": "
-                              + "; ".join(f"{p} is {why}" for p, why in bad), stacklevel=2)
-            return path
-        bad.append((path, problem))
-        if problem.startswith("unreadable"):
-            raise CheckpointError(
-                f"{path} is {problem}; not resuming from an older state. Check that the drive is mounted "
-                "and synced, then rerun (or pass --resume PATH to pick a checkpoint yourself)")
-    if bad:
-        raise CheckpointError(
-            f"no checkpoint in {folder} loads: " + "; ".join(f"{p.name} is {why}" for p, why in bad)
-            + ". Rerun with --resume PATH to pick one, or --start-fresh to set them aside and start over")
-    return None
+        return atomic_write_new(path, lambda f: torch.save(ckpt, f), advice=FULL_DISK_ADVICE)
 
 
 # Settings a resume must share with the checkpoint's run: the model's shape, then everything the
@@ -425,46 +269,3 @@ def check_resumable(path: str | os.PathLike, config: Config) -> None:
                 f"cannot resume from {path}: it was trained with {key} {there} and this run asks {here}; its "
                 f"schedule file was computed for {there}. Rerun with --{key.replace('_', '-')} {there} to "
                 "resume, or use a new --run-dir to train with the new setting from the start")
-
-
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[YOLOv3, Config]:
-    """A YOLOv3 (eval mode, on `map_location`) and its Config, from a Lightning checkpoint or an export
-    bundle folder."""
-    path = Path(path)
-    if path.is_dir():
-        from .export import load_bundle
-
-        return load_bundle(path, map_location=map_location)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - report any unreadable file the same clear way
-        raise ValueError(f"{path}: not a readable checkpoint ({e})") from e
-    try:
-        config = Config.from_dict(ckpt["hyper_parameters"]["config"])
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    except KeyError as e:
-        raise ValueError(f"{path}: not a checkpoint of helpers.train (missing {e})") from None
-    model = build_model(config.model)
-    model.load_state_dict(state)
-    return model.to(map_location).eval(), config
-
-
-def resolve_checkpoint(spec: str | os.PathLike, run_dir: str | os.PathLike = "runs/default") -> Path:
-    """The checkpoint a user means: 'latest' (the newest that loads in `run_dir`'s checkpoints), a run
-    folder or a checkpoint folder (its newest that loads), an export bundle folder, or a file.
-    Raises FileNotFoundError naming what was searched."""
-    path = Path(run_dir) if str(spec) == "latest" else Path(spec)
-    if path.is_file() or (path / "config.json").is_file():  # a checkpoint file, or an export bundle
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not found (no such checkpoint, bundle or run folder)")
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    try:
-        latest = find_latest(folder)
-    except CheckpointError as e:  # checkpoints there, none readable: the callers' "not found", in one line
-        raise FileNotFoundError(str(e)) from None
-    if latest is None:
-        raise FileNotFoundError(f"{folder}: no checkpoint that loads (train first, or give --checkpoint PATH)")
-    return latest

@@ -19,7 +19,8 @@ in half precision (half the bytes; loading casts them back to float32).
 from a training checkpoint; the run's `metrics.json` (written by `helpers.train` in the run folder,
 the parent of the checkpoint folder) is read when present. An existing bundle is never replaced:
 the export refuses and asks for a new folder. The folder is assembled under a temporary name and
-renamed into place, so a half-written bundle never carries the final name.
+renamed into place, so a half-written bundle never carries the final name (`storage.atomic_new_folder`).
+Reading a bundle (`read_bundle_config`, `load_bundle`) is `helpers.weights`'s, the app's only import.
 """
 from __future__ import annotations
 
@@ -27,28 +28,30 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import ANCHORS, STRIDES, Config
-from .model import YOLOv3, build_model, count_parameters
+from .model import YOLOv3, count_parameters
+from .storage import StorageFull, atomic_new_folder, refuse_existing
+from .weights import (
+    CONFIG,
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS,
+    BundleError,
+    load_model,
+    read_bundle_config,
+    read_json,
+    resolve_checkpoint,
+)
 
-FORMAT = "yolov3-voc-bundle"
-FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-
-
-class BundleError(ValueError):
-    """A bundle (or its source) that cannot be used; the message names the file and the problem."""
+NEVER_OVERWRITTEN = "bundles are never overwritten"
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -77,7 +80,7 @@ def write_bundle(model: YOLOv3, config: Config, out: str | os.PathLike, *, train
     """Write `out/model.safetensors` + `out/config.json`; refuses if `out` exists and is not empty.
     `fp16` stores floating-point tensors in half precision (integer buffers stay as they are)."""
     out = Path(out)
-    _refuse_existing(out)
+    refuse_existing(out, NEVER_OVERWRITTEN)
     if len(config.data.classes) != config.model.num_classes:
         raise BundleError(f"{out}: config has {len(config.data.classes)} class names for "
                           f"{config.model.num_classes} classes")
@@ -87,26 +90,14 @@ def write_bundle(model: YOLOv3, config: Config, out: str | os.PathLike, *, train
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     info = bundle_config(model, config, training=training, metrics=metrics, hub_repo=hub_repo)
     info["weights_dtype"] = "float16" if fp16 else "float32"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "bundle_format": FORMAT})
-        info["weights_sha256"] = _sha256(tmp / WEIGHTS)
+
+    def fill(folder: Path) -> None:
+        save_file(state, str(folder / WEIGHTS), metadata={"format": "pt", "bundle_format": FORMAT})
+        info["weights_sha256"] = _sha256(folder / WEIGHTS)
         info["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        (tmp / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
-        _refuse_existing(out)  # again: someone may have created it meanwhile
-        if out.exists():  # an empty folder: rename onto it is allowed by POSIX only for empty dirs
-            out.rmdir()
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        (folder / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
 
-
-def _refuse_existing(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; bundles are never overwritten: choose a new folder")
+    return atomic_new_folder(out, fill, what=NEVER_OVERWRITTEN)
 
 
 def _sha256(path: Path) -> str:
@@ -117,22 +108,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path}: cannot read {what} ({e})") from None
-    if not isinstance(data, dict):
-        raise BundleError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
-    return data
-
-
 def run_metrics(checkpoint: Path, config: Config) -> tuple[dict, Path | None]:
     """The training run's `metrics.json` next to the checkpoint folder (or in the config's run_dir)."""
     for candidate in (checkpoint.parent.parent / "metrics.json", checkpoint.parent / "metrics.json",
                       Path(config.train.run_dir) / "metrics.json"):
         if candidate.is_file():
-            return _read_json(candidate, "run metrics"), candidate
+            return read_json(candidate, "run metrics"), candidate
     return {}, None
 
 
@@ -165,12 +146,10 @@ def describe_data(config: Config) -> tuple[str, str]:
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, hub_repo: str | None = None,
                       metrics_file: str | os.PathLike | None = None, fp16: bool = False) -> Path:
     """A bundle from a `helpers.train` checkpoint, with the run's training summary and metrics."""
-    from .checkpoints import load_model
-
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise BundleError(f"{checkpoint}: checkpoint file not found")
-    _refuse_existing(Path(out))  # before the (slow) load
+    refuse_existing(out, NEVER_OVERWRITTEN)  # before the (slow) load
     model, config = load_model(checkpoint)
     # Lightning's own counters; mmap so a 700 MB checkpoint is not read a second time.
     raw = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
@@ -186,54 +165,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         training["run_seconds"] = summary.get("seconds")
         metrics["source"] = str(source.name)
     if metrics_file is not None:
-        extra = _read_json(Path(metrics_file), "metrics")
+        extra = read_json(Path(metrics_file), "metrics")
         metrics.update(summarise_run(extra) if "metrics" in extra else extra)
         metrics["source"] = Path(metrics_file).name
     return write_bundle(model, config, out, training=training, metrics=metrics, hub_repo=hub_repo, fp16=fp16)
-
-
-# --- reading ------------------------------------------------------------------------------------
-def read_bundle_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The bundle's `config.json`, checked for the fields the app relies on."""
-    path = Path(path)
-    if not path.is_dir():
-        raise BundleError(f"{path}: not a bundle folder (expected {WEIGHTS} and {CONFIG} inside)")
-    info = _read_json(path / CONFIG, "bundle config") if (path / CONFIG).is_file() else None
-    if info is None:
-        raise BundleError(f"{path}: {CONFIG} missing; not a model bundle")
-    if info.get("format") != FORMAT:
-        raise BundleError(f"{path / CONFIG}: format is {info.get('format')!r}, expected {FORMAT!r}")
-    if info.get("format_version", 0) > FORMAT_VERSION:
-        raise BundleError(f"{path / CONFIG}: format version {info['format_version']} is newer than this code "
-                          f"reads ({FORMAT_VERSION}); update the project")
-    missing = [k for k in ("classes", "num_classes", "image_size", "width", "config") if k not in info]
-    if missing:
-        raise BundleError(f"{path / CONFIG}: missing {', '.join(missing)}")
-    return info
-
-
-def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[YOLOv3, Config]:
-    """The YOLOv3 (eval mode) and its Config from a bundle folder; no pickle is read."""
-    path = Path(path)
-    info = read_bundle_config(path)
-    try:
-        config = Config.from_dict(info["config"])
-    except (TypeError, ValueError) as e:
-        raise BundleError(f"{path / CONFIG}: bad 'config' ({e})") from None
-    if not (path / WEIGHTS).is_file():
-        raise BundleError(f"{path}: {WEIGHTS} missing")
-    device = str(map_location) if isinstance(map_location, torch.device) else map_location
-    try:
-        state = load_file(str(path / WEIGHTS), device=device)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise BundleError(f"{path / WEIGHTS}: cannot read weights ({e})") from None
-    model = build_model(config.model)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise BundleError(f"{path / WEIGHTS}: weights do not fit a YOLOv3 with {config.model.num_classes} "
-                          f"classes at width {config.model.width} ({str(e).splitlines()[0]})") from None
-    return model.to(map_location).eval(), config
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -250,13 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", help="a JSON file of evaluation metrics to include (e.g. from helpers.evaluate)")
     p.add_argument("--fp16", action="store_true", help="store the weights in half precision (half the size)")
     args = p.parse_args(argv)
-    from .checkpoints import resolve_checkpoint
-
     try:
         checkpoint = resolve_checkpoint(args.checkpoint, args.run_dir)
         out = export_checkpoint(checkpoint, args.out, hub_repo=args.hub_repo, metrics_file=args.metrics,
                                 fp16=args.fp16)
-    except (BundleError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (BundleError, FileExistsError, FileNotFoundError, StorageFull, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = read_bundle_config(out)

@@ -95,7 +95,7 @@ def adopt_earlier_run(run_dir: str | os.PathLike, search: str | os.PathLike = KA
     (the resume point: the per-epoch weights stay where they are, to spare the 20 GB disk).
     With several, the most recently written wins. Returns the folder adopted, or None when `run_dir`
     already holds a run or none is found."""
-    from .checkpoints import find_latest
+    from .weights import find_latest
 
     run_dir, search = Path(run_dir), Path(search)
     if (run_dir / "schedule.txt").exists() or not search.is_dir():

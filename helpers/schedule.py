@@ -12,11 +12,12 @@ The values come from torch's own OneCycleLR, stepped on a dummy optimizer, so th
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+
+from .storage import atomic_write_new
 
 
 class ScheduleMismatch(ValueError):
@@ -108,22 +109,19 @@ class Schedule:
                     f"{key} {value} from the start (a resume continues the saved schedule line by line)")
 
     def write(self, path: str | os.PathLike) -> Path:
-        """Write atomically (temporary file, then rename); refuse to overwrite a different schedule."""
+        """Write atomically (`storage.atomic_write_new`); the same schedule already there is kept, a
+        different one refused (FileExistsError), never overwritten."""
         path = Path(path)
         text = "".join(f"# {k}: {v}\n" for k, v in asdict(self.spec).items())
         text += "".join(f"{lr:.10e}\n" for lr in self.lrs)
-        if path.exists():
-            if path.read_text() == text:
-                return path
-            raise FileExistsError(f"{path} already holds a different schedule; not overwriting it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        try:
+            if not path.exists():
+                return atomic_write_new(path, lambda f: f.write(text.encode()))
+        except FileExistsError:
+            pass  # written meanwhile (another rank): compare it below
+        if path.read_text() == text:
+            return path
+        raise FileExistsError(f"{path} already holds a different schedule; not overwriting it")
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> Schedule:

@@ -6,7 +6,7 @@
 
 `build` writes
     OUT/app.py                 the app (app/app.py)
-    OUT/helpers/...            exactly the helpers modules the app imports, found by reading the imports
+    OUT/helpers/...            the helpers modules the app imports (SPACE_MODULES, checked by the tests)
     OUT/requirements.txt       the third-party packages those files import (CPU torch from PyTorch's index)
     OUT/README.md              the Spaces front matter (sdk gradio at this Gradio's version) and a model card
     OUT/bundle/                the model bundle (or, with --hub-repo and no --bundle, only its Hub id)
@@ -33,7 +33,8 @@ from xml.etree import ElementTree as ET
 
 from .annotations import DatasetError, Record, load_records
 from .config import VOC_CLASSES
-from .export import CONFIG, WEIGHTS, read_bundle_config
+from .storage import refuse_existing
+from .weights import CONFIG, WEIGHTS, read_bundle_config
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app" / "app.py"
@@ -43,6 +44,11 @@ SHAREABLE = ("Attribution License", "Attribution-ShareAlike License", "No known 
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 # packages the Space's base image provides (Gradio at sdk_version) or that come with the interpreter
 PROVIDED = {"gradio", "gradio_client"}
+# The helpers modules a Space carries: what app/app.py imports, directly or through them. A list, not
+# derived at build time, so that moving an import into or out of a function never changes what a Space
+# holds; tests/test_app.py checks it covers the imports (`imported_modules`) and the built Space runs.
+SPACE_MODULES = ("__init__", "boxes", "cam", "config", "imageio", "model", "plotting", "postprocess", "targets",
+                 "transforms", "weights")
 
 
 # --- what the app needs ---------------------------------------------------------------------------
@@ -65,8 +71,8 @@ def _imports(path: Path, lazy_helpers: bool) -> tuple[set[str], set[str]]:
     Third-party imports count wherever they are (a superset is harmless in requirements.txt), except
     optional ones, tried under `except ImportError` (e.g. IPython for notebook display); helpers
     modules imported inside functions count only with `lazy_helpers` (for the app itself): inside
-    helpers they are training-side extras (e.g. export's checkpoint reader, which brings Lightning),
-    and the test that runs the built Space catches any the app really needs.
+    helpers they are extras of paths the app does not take (e.g. plotting's analysis, which brings
+    torchmetrics), and the test that runs the built Space catches any the app really needs.
     """
     helpers, external = set(), set()
     tree = ast.parse(path.read_text(), filename=str(path))
@@ -97,21 +103,27 @@ def _imports(path: Path, lazy_helpers: bool) -> tuple[set[str], set[str]]:
     return helpers, external
 
 
-def app_modules(app: Path = APP) -> tuple[list[Path], set[str]]:
-    """The helpers files the app imports, transitively, and the third-party modules all of them import."""
+def imported_modules(app: Path = APP, lazy: bool = False) -> set[str]:
+    """The helpers modules `app` imports, transitively, read from the code: the app's own imports
+    wherever they are, those of helpers modules only at module level (or everywhere with `lazy`)."""
     package = ROOT / "helpers"
-    todo, seen, external = [app], set(), set()
+    todo, seen = [app], set()
     while todo:
         path = todo.pop()
         if path in seen:
             continue
         seen.add(path)
-        mods, ext = _imports(path, lazy_helpers=path == app)
-        external |= ext
+        mods, _ = _imports(path, lazy_helpers=lazy or path == app)
         todo += [package / f"{m}.py" for m in mods if (package / f"{m}.py").is_file()]
-    files = {p for p in seen if p != app} | {package / "__init__.py"}
+    return {p.stem for p in seen if p != app} | {"__init__"}
+
+
+def app_modules(app: Path = APP, modules: tuple[str, ...] = SPACE_MODULES) -> tuple[list[Path], set[str]]:
+    """The helpers files a Space carries (`modules`) and the third-party modules they and the app import."""
+    files = sorted(ROOT / "helpers" / f"{m}.py" for m in modules)
+    external = set().union(*(_imports(path, lazy_helpers=False)[1] for path in [app, *files]))
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
-    return sorted(files), {m for m in external if m not in stdlib}
+    return files, {m for m in external if m not in stdlib}
 
 
 def requirements(external: set[str]) -> str:
@@ -201,7 +213,7 @@ def write_samples(dataset: str | Path, out: str | Path, split: str = "test", cou
                   classes=VOC_CLASSES) -> list[Path]:
     """Copy chosen test-split photos (bytes unchanged) into `out` with ATTRIBUTION.md."""
     out = Path(out)
-    _refuse_existing(out)
+    refuse_existing(out)
     records = load_records(dataset, split, classes)
     from .imageio import ImageError, read_image
 
@@ -263,16 +275,11 @@ def readme(title: str, info: dict | None, hub_repo: str | None, licence: str, gr
     return "\n".join(front + body)
 
 
-def _refuse_existing(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; nothing is overwritten: choose a new folder")
-
-
 def build(out: str | Path, bundle: str | Path | None, samples: str | Path | None, hub_repo: str | None = None,
           split: str = "test", count: int = 6, title: str = "YOLOv3 PASCAL VOC Grad-CAM",
           licence: str = "other") -> Path:
     out = Path(out)
-    _refuse_existing(out)
+    refuse_existing(out)
     if bundle is None and hub_repo is None:
         raise ValueError("give --bundle DIR, --hub-repo ID, or both: the Space needs a model")
     info = read_bundle_config(bundle) if bundle is not None else None  # a bad bundle fails before any write

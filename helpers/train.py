@@ -7,7 +7,9 @@ disconnect with `--resume latest` and it continues from the newest checkpoint th
 same line of the saved schedule file.
 
 Every field of the config dataclasses is a flag (`--epochs 40`, `--batch-size 16`, `--width 0.5`,
-`--train-sizes 320,352,...`); `--config FILE.json` loads them from a file first.
+`--train-sizes 320,352,...`), parsed as the field's type. Settings come from the preset, then a
+`--config FILE.json` (any subset of `{model: {...}, data: {...}, train: {...}}`), then the flags:
+each overrides the one before.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import json
 import os
 import sys
 import time
+import types
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +30,9 @@ from lightning_fabric.utilities.rank_zero import rank_zero_only
 
 from .annotations import DatasetError, find_dataset
 from .checkpoints import (
-    CheckpointError,
     NoOverwriteCheckpointIO,
     PeriodicCheckpoint,
-    StorageFull,
     check_resumable,
-    find_latest,
-    free_bytes,
-    human,
     remove_temporaries,
     set_aside,
     storage_plan,
@@ -42,6 +41,8 @@ from .config import Config, DataConfig, ModelConfig, TrainConfig
 from .datamodule import YOLODataModule
 from .module import YOLOModule
 from .schedule import OneCycleSpec, Schedule, ScheduleMismatch, limited_steps
+from .storage import StorageFull, free_bytes, human
+from .weights import CheckpointError, find_latest
 
 SCHEDULE_FILE = "schedule.txt"
 # CSV rows are appended to metrics.csv every LOG_FLUSH_STEPS steps: a kill loses at most the rows since
@@ -79,28 +80,65 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _parse_value(kind: str, text: str):
-    if kind.startswith("tuple"):
-        return tuple(_parse_value("int" if "int" in kind else "str", v) for v in text.split(",") if v)
-    if kind == "bool":
+def _parse_value(kind, text: str):
+    """`text` as a value of the type `kind` (a resolved annotation of a config field): bool, int,
+    float, str, `tuple[X, ...]` (comma-separated) or a union of them (`None` from "none"; an int
+    before a float before a str, the first that parses)."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        options = typing.get_args(kind)
+        if type(None) in options and text.lower() == "none":
+            return None
+        ranked = sorted((o for o in options if o is not type(None)), key=lambda o: (int, float, bool, str).index(o)
+                        if o in (int, float, bool, str) else 4)
+        for option in ranked:
+            try:
+                return _parse_value(option, text)
+            except (ValueError, argparse.ArgumentTypeError):
+                continue
+        raise argparse.ArgumentTypeError(f"expected {_type_name(kind)}, got {text!r}")
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        return tuple(_parse_value(item, v.strip()) for v in text.split(",") if v.strip())
+    if kind is bool:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
         return text.lower() in ("true", "1", "yes")
-    if "float" in kind and "int" in kind:  # float | int | None: an int if it looks like one
-        return int(text) if text.isdigit() else float(text)
-    if "float" in kind:
-        return float(text)
-    if "int" in kind:
-        return int(text)
-    return None if text.lower() == "none" and "None" in kind else text
+    if kind in (int, float, str):
+        return kind(text)
+    raise TypeError(f"no command-line parser for a setting of type {kind!r}")
 
 
-def _parser_for(kind: str):
+def _type_name(kind) -> str:
+    """What a flag takes, for its help and its errors: INT, FLOAT|INT|NONE, INT,INT,..."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        return "|".join(_type_name(o) for o in typing.get_args(kind))
+    if typing.get_origin(kind) is tuple:
+        item = _type_name(typing.get_args(kind)[0])
+        return f"{item},{item},..."
+    return "NONE" if kind is type(None) else kind.__name__.upper()
+
+
+def _parser_for(kind):
     def parse(text: str):
         return _parse_value(kind, text)
 
-    parse.__name__ = kind  # argparse names it in "invalid ... value"
+    parse.__name__ = _type_name(kind)  # argparse names it in "invalid ... value"
     return parse
+
+
+def _merge(base: dict, file: dict) -> dict:
+    """`base` (a Config's dict) with the sections and fields `file` sets replaced; an unknown section
+    refused (an unknown field is refused by Config.from_dict)."""
+    if not isinstance(file, dict):
+        raise ValueError(f"expected a JSON object with model, data and train sections, got {type(file).__name__}")
+    merged = {section: dict(values) for section, values in base.items()}
+    for section, values in file.items():
+        if section not in merged:
+            raise ValueError(f"unknown section {section!r} (expected {', '.join(merged)})")
+        if not isinstance(values, dict):
+            raise ValueError(f"section {section!r} must be a JSON object, got {type(values).__name__}")
+        merged[section].update(values)
+    return merged
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="starting configuration: 'default' (small, CPU, generated data) or 'course' (the 40-epoch run)")
-    p.add_argument("--config", type=Path, help="JSON file with {model: {...}, data: {...}, train: {...}}")
+    p.add_argument("--config", type=Path, help="JSON file with any of {model: {...}, data: {...}, train: {...}}: what it sets overrides the "
+                        "preset, and flags override it")
     p.add_argument("--data", dest="root", help="dataset folder: a VOCdevkit or the Kaggle/course layout")
     p.add_argument("--resume", help="'latest' (newest checkpoint that loads in the checkpoint folder) or a path")
     p.add_argument("--start-fresh", action="store_true",
@@ -126,21 +165,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also checkpoint every N optimizer steps (0 = off)")
     for section, kind in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
         group = p.add_argument_group(f"{section} settings ({kind.__name__})")
+        hints = typing.get_type_hints(kind)  # the fields' types, resolved from their annotations
         for f in dataclasses.fields(kind):
             if f.name in ("root", "classes"):
                 continue
-            group.add_argument(_flag(f.name), dest=f"{section}.{f.name}", metavar=str(f.type).upper().split(" ")[0],
-                               type=_parser_for(str(f.type)),
+            group.add_argument(_flag(f.name), dest=f"{section}.{f.name}", metavar=_type_name(hints[f.name]),
+                               type=_parser_for(hints[f.name]),
                                choices=f.metadata.get("choices"),
-                               help=f"default: the preset's ({f.type})")
+                               help="default: the preset's, or the --config file's")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    cfg = PRESETS[args.preset]()
+    """The preset, then what the --config file sets, then the flags given: each overrides the one before."""
+    settings = PRESETS[args.preset]().to_dict()
     if args.config:
-        loaded = Config.from_dict(json.loads(args.config.read_text()))
-        cfg = loaded
+        settings = _merge(settings, json.loads(args.config.read_text()))
+    cfg = Config.from_dict(settings)
     if args.root:
         cfg.data.root = str(args.root)
     for key, value in vars(args).items():

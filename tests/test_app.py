@@ -23,6 +23,7 @@ from app import app as webapp
 from helpers.config import VOC_CLASSES, Config
 from helpers.export import write_bundle
 from helpers.model import ScalePrediction, YOLOv3
+from helpers.space import SPACE_MODULES
 from helpers.synthetic import make_voc_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -374,6 +375,25 @@ def test_app_requirements_file_is_what_the_space_builder_derives():
     assert (ROOT / "app" / "requirements.txt").read_text() == requirements(app_modules()[1])
 
 
+def test_the_space_carries_every_helpers_module_the_app_imports_and_no_training_module():
+    from helpers.space import imported_modules
+
+    carried = set(SPACE_MODULES)
+    assert imported_modules() <= carried, "app/app.py imports helpers modules missing from space.SPACE_MODULES"
+    assert carried <= imported_modules(lazy=True), "space.SPACE_MODULES lists a module the app never imports"
+    assert not carried & {"checkpoints", "export", "train", "module", "datamodule"}  # Lightning stays out
+
+
+def test_what_a_space_carries_does_not_change_when_an_import_moves_into_a_function(tmp_path):
+    from helpers.space import app_modules
+
+    app = tmp_path / "app.py"
+    app.write_text("from helpers.config import VOC_CLASSES\n")
+    eager = app_modules(app)[0]
+    app.write_text("def run():\n    from helpers.config import VOC_CLASSES\n")
+    assert app_modules(app)[0] == eager == sorted(ROOT / "helpers" / f"{m}.py" for m in SPACE_MODULES)
+
+
 def test_optional_imports_do_not_become_space_requirements(tmp_path):
     from helpers.space import _imports
 
@@ -419,9 +439,10 @@ def test_space_build_is_self_contained_and_runs(bundle, tmp_path):
     out = build(tmp_path / "space", bundle, voc, count=3)
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert {"app.py", "requirements.txt", "README.md", "space_settings.json", "bundle/model.safetensors",
-            "bundle/config.json", "examples/ATTRIBUTION.md", "helpers/__init__.py", "helpers/export.py"} <= names
+            "bundle/config.json", "examples/ATTRIBUTION.md", "helpers/__init__.py", "helpers/weights.py"} <= names
     assert len([n for n in names if n.startswith("examples/") and n.endswith(".jpg")]) == 3
-    assert "helpers/checkpoints.py" not in names  # training-only modules stay out
+    assert {f"helpers/{m}.py" for m in SPACE_MODULES} == {n for n in names if n.startswith("helpers/")}
+    assert "helpers/checkpoints.py" not in names and "helpers/export.py" not in names  # training-only modules stay out
     readme = (out / "README.md").read_text()
     assert "sdk: gradio" in readme and "app_file: app.py" in readme and "someone/yolov3-voc" in readme
     assert "download.pytorch.org/whl/cpu" in (out / "requirements.txt").read_text()

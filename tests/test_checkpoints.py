@@ -11,22 +11,19 @@ import torch
 
 import helpers.checkpoints as checkpoints
 from helpers.checkpoints import (
-    CheckpointError,
     NoOverwriteCheckpointIO,
     PeriodicCheckpoint,
-    StorageFull,
-    atomic_write_new,
     check_resumable,
     checkpoint_name,
-    find_latest,
     free_name,
-    load_model,
     remove_temporaries,
     set_aside,
     storage_plan,
 )
 from helpers.config import Config, ModelConfig, TrainConfig
 from helpers.model import YOLOv3
+from helpers.storage import StorageFull, atomic_write_new
+from helpers.weights import CheckpointError, find_latest, load_model
 
 
 def save(path, step):

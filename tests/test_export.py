@@ -7,19 +7,10 @@ import pickle
 import pytest
 import torch
 
-from helpers.checkpoints import load_model
 from helpers.config import VOC_CLASSES, Config
-from helpers.export import (
-    CONFIG,
-    WEIGHTS,
-    BundleError,
-    export_checkpoint,
-    load_bundle,
-    main,
-    read_bundle_config,
-    write_bundle,
-)
+from helpers.export import export_checkpoint, main, write_bundle
 from helpers.model import YOLOv3
+from helpers.weights import CONFIG, WEIGHTS, BundleError, load_bundle, load_model, read_bundle_config
 
 
 def tiny_config() -> Config:
@@ -122,6 +113,22 @@ def test_existing_bundle_is_never_overwritten(tmp_path, model_and_config):
         write_bundle(YOLOv3(num_classes=20, width=0.125), cfg, out)
     assert (out / WEIGHTS).read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary folder left behind
+
+
+def test_a_full_disk_while_writing_a_bundle_is_one_line_and_leaves_no_folder(tmp_path, model_and_config, monkeypatch):
+    import errno
+
+    from helpers import export
+    from helpers.storage import StorageFull
+
+    def full(state, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "save_file", full)
+    with pytest.raises(StorageFull) as e:
+        write_bundle(*model_and_config, tmp_path / "b")
+    assert "\n" not in str(e.value) and f"could not write {tmp_path / 'b'}" in str(e.value) and "free in" in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor its temporary folder
 
 
 def test_empty_target_folder_is_used(tmp_path, model_and_config):

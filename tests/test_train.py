@@ -349,7 +349,7 @@ def test_a_kill_during_validation_after_a_save_on_the_epochs_last_batch_resumes_
 
 
 def find_latest_name(run: Path) -> str:
-    from helpers.checkpoints import find_latest
+    from helpers.weights import find_latest
 
     return "-".join(find_latest(run / "checkpoints").name.split("-")[:2])
 
@@ -378,9 +378,9 @@ def test_two_process_ddp_on_cpu_uses_one_image_size_per_step_and_syncs_accuracie
 def test_unreadable_batches_are_skipped_and_counted_and_a_finished_run_reruns_to_its_summary(tmp_path, capsys):
     from torch.utils.data import DistributedSampler
 
-    from helpers.checkpoints import CheckpointError
     from helpers.datamodule import YOLODataModule
     from helpers.train import main, train
+    from helpers.weights import CheckpointError
 
     root = make_voc_dataset(tmp_path / "voc", n_trainval=16, n_test=6, image_size=(64, 48), seed=7)
     run = tmp_path / "run"
@@ -469,3 +469,51 @@ def test_the_schedule_counts_limit_train_batches_and_a_resume_keeps_the_range_te
     cfg.train.epochs = 5
     with pytest.raises(ScheduleMismatch, match="epochs 4, this run asks 5: rerun with --epochs 4"):
         prepare_schedule(cfg, found, 6, 24)
+
+
+# --- command line ---------------------------------------------------------------------------------
+def parse(*argv: str) -> Config:
+    from helpers.train import build_parser, config_from_args
+
+    return config_from_args(build_parser().parse_args(list(argv)))
+
+
+def test_a_config_file_overrides_only_what_it_sets_and_flags_override_the_file(tmp_path):
+    from helpers.train import course_preset
+
+    settings = tmp_path / "f.json"
+    settings.write_text(json.dumps({"train": {"epochs": 3}}))
+    cfg = parse("--preset", "course", "--config", str(settings))
+    expected = course_preset()
+    expected.train.epochs = 3
+    assert cfg == expected  # the course's run folder, checkpoint cadence, ... kept
+    assert parse("--preset", "course", "--config", str(settings), "--epochs", "5").train.epochs == 5
+
+
+def test_a_config_file_with_an_unknown_section_or_field_is_one_error_naming_it(tmp_path, capsys):
+    from helpers.train import main
+
+    for content, named in (({"trian": {"epochs": 3}}, "trian"), ({"train": {"epoch": 3}}, "epoch")):
+        settings = tmp_path / "f.json"
+        settings.write_text(json.dumps(content))
+        with pytest.raises(SystemExit):
+            main(["--config", str(settings)])
+        err = capsys.readouterr().err
+        assert f"--config {settings}" in err and named in err and "Traceback" not in err
+
+
+def test_flags_are_parsed_as_their_fields_types():
+    cfg = parse("--limit-train-batches", "10", "--limit-val-batches", "0.5", "--checkpoint-dir", "none",
+                "--train-sizes", "320,352", "--ema", "yes", "--width", "0.5", "--val-split", "val")
+    assert cfg.train.limit_train_batches == 10 and isinstance(cfg.train.limit_train_batches, int)
+    assert cfg.train.limit_val_batches == 0.5 and cfg.train.checkpoint_dir is None
+    assert cfg.data.train_sizes == (320, 352) and cfg.train.ema is True
+    assert cfg.model.width == 0.5 and cfg.data.val_split == "val"
+
+
+def test_a_flag_of_the_wrong_type_is_refused_naming_the_type(capsys):
+    for argv, type_name in ((["--epochs", "ten"], "INT"), (["--ema", "maybe"], "BOOL"),
+                            (["--limit-train-batches", "lots"], "FLOAT|INT|NONE")):
+        with pytest.raises(SystemExit):
+            parse(*argv)
+        assert type_name in capsys.readouterr().err
