@@ -67,7 +67,7 @@ if IN_COLAB or IN_KAGGLE:  # training packages only: never Jupyter, never the pl
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
 
 import torch
-from helpers.checkpoints import CheckpointError
+from helpers.weights import CheckpointError
 from helpers.runtime import adopt_earlier_run, detect, gpu_problem
 
 if (problem := gpu_problem()):
@@ -198,7 +198,8 @@ these sizes on a T4, and public relative throughputs for the others:
 | A100 | 45 min-1.5 h | one session |
 | H100 | 30 min-1 h | one session; the data loaders may be the limit |
 """),
-    ("code", """from helpers.checkpoints import CheckpointError, StorageFull
+    ("code", """from helpers.storage import StorageFull
+from helpers.weights import CheckpointError
 from helpers.runtime import TrainingFailed, train_in_subprocess
 from helpers.schedule import ScheduleMismatch
 from helpers.train import train
@@ -212,7 +213,7 @@ except (CheckpointError, StorageFull, ScheduleMismatch, TrainingFailed) as e:  #
     raise SystemExit(str(e)) from None
 print(json.dumps({k: v for k, v in summary.items() if k not in ("metrics", "ap_per_class_voc07")}, indent=1))"""),
     ("md", "## 8. Results\nLoss and accuracy curves per epoch; then the newest checkpoint on the test split: the course's accuracies, mAP@0.5 (VOC07 11-point and all-point) per class, and the PR curves."),
-    ("code", """from helpers.checkpoints import find_latest, load_model
+    ("code", """from helpers.weights import find_latest, load_model
 from helpers.evaluate import evaluate, format_report
 from helpers.plotting import plot_pr_curves, plot_training_curves
 

@@ -23,7 +23,12 @@ class Parsed(Exception):
 def _commands_in(text: str) -> list[tuple[str, list[str]]]:
     found = []
     for match in COMMAND.finditer(text):
-        args = [PLACEHOLDER if a == "..." else a for a in shlex.split(match.group(2))]
+        args = []
+        for a in shlex.split(match.group(2)):  # "..." is a flag's value after a flag, else "more flags"
+            if a != "...":
+                args.append(a)
+            elif args and args[-1].startswith("--"):
+                args.append(PLACEHOLDER)
         args = [a for a in args if not (a.startswith("[") or a.endswith("]"))]  # optional parts
         found.append((match.group(1), args))
     return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.checkpoints import find_latest, load_model
+from helpers.weights import find_latest, load_model
 from helpers.config import Config, DataConfig, ModelConfig, TrainConfig
 from helpers.synthetic import make_voc_dataset
 
