@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.weights import find_latest, load_model
 from helpers.config import Config, DataConfig, ModelConfig, TrainConfig
 from helpers.synthetic import make_voc_dataset
+from helpers.weights import find_latest, load_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
