@@ -21,7 +21,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -310,7 +310,7 @@ def add_cams(loaded: LoadedModel, result: Result, state: dict) -> Result:
     shrink = min(1.0, CAM_SIDE / max(h, w))
     base = upload.image if shrink == 1.0 else cv2.resize(upload.image, (round(w * shrink), round(h * shrink)),
                                                          interpolation=cv2.INTER_AREA)
-    panel = replace(meta, scale=meta.scale / shrink, orig_h=base.shape[0], orig_w=base.shape[1])
+    panel = meta._replace(scale=meta.scale / shrink, orig_h=base.shape[0], orig_w=base.shape[1])
     heat = cam_to_original(maps, panel)  # [K, h', w']
     boxes = top.clone()
     boxes[:, :4] *= shrink

@@ -8,7 +8,7 @@ as both sides of an IoU share it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torchvision.ops import box_convert, box_iou
@@ -67,13 +67,14 @@ def wh_iou(wh1: torch.Tensor, wh2: torch.Tensor) -> torch.Tensor:
 
 
 # --- letterbox ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Letterbox:
+class Letterbox(NamedTuple):
     """Where an original image of orig_h x orig_w pixels lies on the model's input: a point (x, y) of
     the original lands at (x * scale + pad_left, y * scale + pad_top) in input pixels.
 
     The one description of a letterbox: the datasets (`return_meta`), the app, `postprocess.detect`,
-    the CAMs and the plots all take it. `fit` gives the one `transforms.letterbox` makes.
+    the CAMs and the analysis all take it. `fit` gives the one `transforms.letterbox` makes.
+    Immutable; a NamedTuple rather than a frozen dataclass because Lightning's batch transfer
+    rebuilds a dataclass by setting its fields (which a frozen one refuses) and a NamedTuple whole.
     """
     scale: float
     pad_left: int

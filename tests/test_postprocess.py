@@ -213,6 +213,13 @@ def test_letterbox_maps_both_ways_and_a_dataset_meta_carries_one():
     assert torch.equal(a, b)
 
 
+def test_a_letterbox_in_a_batch_survives_lightnings_transfer_to_the_device():
+    from lightning_fabric.utilities.apply_func import move_data_to_device
+
+    metas = [{"path": "x", "letterbox": Letterbox.fit(200, 400, 416)}]
+    assert move_data_to_device(metas, torch.device("cpu")) == metas
+
+
 def test_return_indices_names_the_cell_anchor_and_scale_each_detection_came_from():
     """Grad-CAM of a detection differentiates its own row of the raw output: detect says which row,
     even for a box clipped at the image's edge next to the letterbox padding (where matching boxes
