@@ -38,6 +38,7 @@ import pytorch_grad_cam.utils.image  # noqa: E402,F401 - its first import takes 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from helpers.boxes import Letterbox  # noqa: E402
 from helpers.cam import cam_to_original, capture, detection_cams, unravel_index  # noqa: E402
 from helpers.config import VOC_CLASSES, Config  # noqa: E402
 from helpers.imageio import ImageError, read_image, read_info  # noqa: E402
@@ -198,15 +199,12 @@ def _letterbox(size: int) -> A.Compose:
     return A.Compose(letterbox(size))  # the evaluation's own letterbox (helpers.transforms)
 
 
-def to_input(image: np.ndarray, size: int) -> tuple[torch.Tensor, dict]:
-    """Letterboxed [1, 3, size, size] float tensor in 0..1 and the meta that maps boxes back."""
+def to_input(image: np.ndarray, size: int) -> tuple[torch.Tensor, Letterbox]:
+    """Letterboxed [1, 3, size, size] float tensor in 0..1 and the Letterbox that maps boxes back."""
     h, w = image.shape[:2]
     boxed = _letterbox(size)(image=image)["image"]
-    resize = size / max(h, w)
-    new_h, new_w = round(h * resize), round(w * resize)
-    meta = {"scale": resize, "pad": ((size - new_w) // 2, (size - new_h) // 2), "orig_size": (h, w)}
     x = torch.from_numpy(boxed).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-    return x.contiguous(memory_format=torch.channels_last), meta
+    return x.contiguous(memory_format=torch.channels_last), Letterbox.fit(h, w, size)
 
 
 @dataclass
@@ -238,7 +236,7 @@ def detect_boxes(loaded: LoadedModel, upload: Upload, conf: float, iou: float, s
 
     Returns (detections [K, 6] in shown-image pixels, their rows in the flattened raw output [K] (which
     cell, anchor and scale each came from: what its Grad-CAM differentiates), the letterboxed input
-    [1, 3, S, S], its meta, the capture).
+    [1, 3, S, S], its Letterbox, the capture).
     """
     x, meta = to_input(upload.image, size)
     cap = capture(loaded.model, x)
@@ -307,12 +305,12 @@ def add_cams(loaded: LoadedModel, result: Result, state: dict) -> Result:
     maps, strides = cam_maps(loaded, state, top)
     title = "Grad-CAM" if state["cam_method"] == "Grad-CAM" else "EigenCAM (class-agnostic)"
     # The gallery shows thumbnails: its panels need not be larger than CAM_SIDE (5 overlays at 2048 px
-    # would cost more than the model). The letterbox meta is restated for the panel's pixels.
+    # would cost more than the model). The letterbox is restated for the panel's pixels.
     h, w = upload.image.shape[:2]
     shrink = min(1.0, CAM_SIDE / max(h, w))
     base = upload.image if shrink == 1.0 else cv2.resize(upload.image, (round(w * shrink), round(h * shrink)),
                                                          interpolation=cv2.INTER_AREA)
-    panel = {"scale": meta["scale"] / shrink, "pad": meta["pad"], "orig_size": base.shape[:2]}
+    panel = meta._replace(scale=meta.scale / shrink, orig_h=base.shape[0], orig_w=base.shape[1])
     heat = cam_to_original(maps, panel)  # [K, h', w']
     boxes = top.clone()
     boxes[:, :4] *= shrink

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
 from torch import nn
 
-from .boxes import as_hw, grid_shapes
+from .boxes import Letterbox, as_hw, as_letterbox, grid_shapes
 from .config import ANCHORS, STRIDES
 from .model import YOLOv3
 from .targets import assign_anchors
@@ -411,25 +411,21 @@ def _library_cams(cam_class, model: nn.Module, layers, input_tensor, targets, si
         cam.activations_and_grads.release()
 
 
-def cam_to_original(cam: np.ndarray, letterbox: dict) -> np.ndarray:
+def cam_to_original(cam: np.ndarray, letterbox: Letterbox) -> np.ndarray:
     """Maps over the letterboxed input ([H,W] or [K,H,W]) -> maps over the original image ([h,w] or [K,h,w]).
 
-    letterbox: {"scale", "pad": (left, top), "orig_size": (h, w)}, as the datasets' `return_meta`
-    gives it (input pixel = original pixel * scale + pad): the padding is cut off and the rest
-    resized (bilinear) to the original size.
+    letterbox: the `boxes.Letterbox` from the original image to the input (the datasets' `return_meta`
+    carries it): the padding is cut off and the rest resized (bilinear) to the original size.
     """
-    try:
-        scale, (left, top), (h, w) = float(letterbox["scale"]), letterbox["pad"], letterbox["orig_size"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError("cam_to_original: letterbox needs 'scale', 'pad' (left, top) and 'orig_size' (h, w)") from e
+    letterbox = as_letterbox(letterbox)
     arr = np.asarray(cam, np.float32)
     single = arr.ndim == 2
     maps = torch.from_numpy(arr[None] if single else arr)
     if maps.dim() != 3:
         raise ValueError(f"cam_to_original: maps must be [H,W] or [K,H,W], got {arr.shape}")
-    left, top, h, w = int(left), int(top), int(h), int(w)
-    bottom = min(maps.shape[1], top + max(1, round(h * scale)))
-    right = min(maps.shape[2], left + max(1, round(w * scale)))
+    left, top, h, w = letterbox.pad_left, letterbox.pad_top, letterbox.orig_h, letterbox.orig_w
+    rows, cols = letterbox.content_hw
+    bottom, right = min(maps.shape[1], top + rows), min(maps.shape[2], left + cols)
     crop = maps[:, top:bottom, left:right]
     out = F.interpolate(crop[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
     out = out.clamp_(0.0, 1.0).numpy()
@@ -438,11 +434,11 @@ def cam_to_original(cam: np.ndarray, letterbox: dict) -> np.ndarray:
 
 def detect_and_explain(model: YOLOv3, image: torch.Tensor, conf_threshold: float = 0.25,
                        iou_threshold: float = 0.45, top_k: int = 5, method: str = "gradcam",
-                       letterbox: dict | None = None, min_detections: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+                       letterbox: Letterbox | None = None, min_detections: int = 0) -> tuple[torch.Tensor, np.ndarray]:
     """Detections of one image and a CAM for each of the top k, from a single forward pass.
 
     image: the (letterboxed) input [3,H,W]. Returns (detections [K,6] x1, y1, x2, y2, score, class,
-    cams float32 [K, H, W]); with `letterbox` meta both are mapped back to the original image.
+    cams float32 [K, H, W]); with a `letterbox` both are mapped back to the original image.
     min_detections: if fewer pass the threshold, take the best ones anyway (benchmarks, demos).
     """
     from .postprocess import detect
@@ -460,8 +456,6 @@ def detect_and_explain(model: YOLOv3, image: torch.Tensor, conf_threshold: float
     cams = detection_cams(model, x, indices=rows, classes=dets[:, 5], method=method, cache=cap)
     if letterbox is None:
         return dets, cams
-    left, top = (float(v) for v in letterbox["pad"])
-    h, w = (float(v) for v in letterbox["orig_size"])
-    back = (dets[:, :4] - torch.tensor([left, top, left, top])) / float(letterbox["scale"])
-    dets = torch.cat((torch.minimum(back.clamp(min=0), torch.tensor([w, h, w, h])), dets[:, 4:]), dim=1)
+    letterbox = as_letterbox(letterbox)
+    dets = torch.cat((letterbox.to_original(dets[:, :4]), dets[:, 4:]), dim=1)
     return dets, cam_to_original(cams, letterbox)

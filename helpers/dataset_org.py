@@ -5,10 +5,9 @@ the index, `dataset[(i, size)]`), scaled to 0..1. Item: (image float32 [3, S, S]
 [n, 5] = class, cx, cy, w, h normalised to the input; difficult objects only with
 `keep_difficult`). With `return_meta=True` a third element says how to map predictions back to
 the stored image and holds its full ground truth, difficult objects always included (the
-evaluation ignores them): {"path", "orig_size": (h, w), "scale", "pad": (left, top), "gt":
-{"boxes" [G,4] x1y1x2y2 in stored pixels, "labels" [G] int64, "difficult" [G] bool}}. A point x in
-input pixels maps back as (x - left) / scale, y as (y - top) / scale (see
-`transforms.letterbox_meta` for the precision).
+evaluation ignores them): {"path", "letterbox": boxes.Letterbox from the stored image to the input,
+"gt": {"boxes" [G,4] x1y1x2y2 in stored pixels, "labels" [G] int64, "difficult" [G] bool}}
+(`Letterbox.fit` states the precision).
 
 A sample that cannot be read gives None after a warning naming the file and the problem (the
 collate drops it and counts it), so one bad file never stops a run.
@@ -25,9 +24,10 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from .annotations import Record, default_split, load_records
+from .boxes import Letterbox
 from .config import VOC_CLASSES
 from .imageio import decoded_size, read_image, read_size
-from .transforms import eval_transform, letterbox_meta
+from .transforms import eval_transform
 
 # What a bad file can raise on its way through decode and transforms (ImageError and DatasetError
 # are ValueErrors). The warning names the exception, so a bug would not hide behind a skip.
@@ -69,12 +69,10 @@ class YOLODataset(Dataset):
         if not self.return_meta:
             return img, target
         h, w = image.shape[:2]
-        resize, pad = letterbox_meta(h, w, size)
+        fitted = Letterbox.fit(h, w, size)  # on the decoded image, which `scale` shrank from the stored one
         meta = {
             "path": str(record.image_path),
-            "orig_size": (record.height, record.width),
-            "scale": resize * scale,
-            "pad": pad,
+            "letterbox": Letterbox(fitted.scale * scale, fitted.pad_left, fitted.pad_top, record.height, record.width),
             "gt": {"boxes": torch.from_numpy(record.boxes.astype(np.float32)).reshape(-1, 4),
                    "labels": torch.from_numpy(record.labels.astype(np.int64)),
                    "difficult": torch.from_numpy(record.difficult.astype(bool))},

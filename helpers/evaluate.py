@@ -13,9 +13,9 @@ prints the accuracies and a per-class AP table, writes metrics.json and pr_curve
 folder (never over an earlier evaluation), with a progress bar.
 
 The dataloader yields (images [B,3,H,W], boxes [N,6] = image index, class, cx, cy, w, h normalised,
-metas), each meta as `helpers.dataset_org.YOLODataset(return_meta=True)` gives it ("scale", "pad",
-"orig_size", "gt"); then detections are mapped back to the stored image and scored against its full
-ground truth. A loader whose third element is not a list of metas (the training collate's skip
+metas), each meta as `helpers.dataset_org.YOLODataset(return_meta=True)` gives it ("letterbox": a
+`boxes.Letterbox`, "gt"); then detections are mapped back to the stored image and scored against
+its full ground truth. A loader whose third element is not a list of metas (the training collate's skip
 count) is scored in input pixels against the batch's own boxes instead.
 """
 from __future__ import annotations
@@ -105,8 +105,9 @@ def collect(
                 outputs = model(images)
             if acc is not None:
                 acc.update(outputs, build_targets(boxes, b, (h, w), anchors=anchors))
+            letterboxes = None if metas is None else [m["letterbox"] for m in metas]
             dets = detect(outputs, (h, w), conf_threshold=conf_threshold, iou_threshold=nms_iou,
-                          max_detections=max_detections, nms_pre=nms_pre, score=score, letterbox=metas,
+                          max_detections=max_detections, nms_pre=nms_pre, score=score, letterbox=letterboxes,
                           anchors=anchors)
             detections.extend(d.cpu() for d in dets)
             truths.extend(_input_pixel_truths(boxes, b, h, w) if metas is None else [m["gt"] for m in metas])

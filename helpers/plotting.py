@@ -1,5 +1,6 @@
 """Figures: boxes on images, example grids, CAM overlays, LR-finder, schedule, PR and training curves,
-and a gallery of the worst mistakes.
+and a gallery of the worst mistakes. Drawing only: what a figure shows is computed before (the model
+on examples, the mistakes and their CAMs in `helpers.analysis`, curves in `helpers.evaluate`).
 
 Every figure is a `matplotlib.figure.Figure` built directly (never through pyplot), so nothing is
 registered in pyplot's figure list: calling these in a loop never grows memory (the course's
@@ -203,73 +204,27 @@ def show(fig: Figure, name: str | None = None, folder: str | os.PathLike | None 
     display(IPythonImage(data=buffer.getvalue(), format="jpeg" if photos else "png"))
 
 
-# --- the model on examples --------------------------------------------------------------------
-def _examples(data, n: int):
-    """(images [n,3,H,W] float, truths: list of [G,5] pixel boxes or None, metas: list of each item's
-    letterbox meta or None) from a dataset or batch."""
-    if isinstance(data, torch.Tensor):
-        images = data if data.dim() == 4 else data[None]
-        return images[:n], [None] * min(n, len(images)), [None] * min(n, len(images))
-    if isinstance(data, (tuple, list)) and len(data) >= 2 and isinstance(data[0], torch.Tensor) and data[0].dim() == 4:
-        images, boxes = data[0][:n], data[1]  # a collated batch: images, boxes [N,6] (image index first)
-        h, w = images.shape[-2:]
-        truths = [yolo_to_pixels(boxes[boxes[:, 0] == i][:, 1:], h, w) for i in range(len(images))]
-        metas = list(data[2][:n]) if len(data) > 2 and isinstance(data[2], (list, tuple)) else [None] * len(images)
-        return images, truths, metas
-    images, truths, metas = [], [], []
-    for i in range(min(n, len(data))):
-        item = data[i]
-        if item is None:
-            continue
-        img, boxes = item[0], item[1]
-        images.append(img)
-        truths.append(yolo_to_pixels(boxes, img.shape[-2], img.shape[-1]))
-        metas.append(item[2] if len(item) > 2 and isinstance(item[2], Mapping) else None)
-    if not images:
-        raise ValueError("plot_examples: no readable sample among the first items of the dataset")
-    if len({tuple(i.shape) for i in images}) > 1:
-        raise ValueError("plot_examples: the dataset's images differ in size; pass one size (dataset[(i, size)])")
-    return torch.stack(images), truths, metas
+# --- detections on examples ------------------------------------------------------------------
+def plot_examples(images, detections: Sequence, truths: Sequence | None = None,
+                  class_names: Sequence[str] = VOC_CLASSES, ncols: int = 2,
+                  conf_threshold: float | None = None) -> Figure:
+    """Detections on a few examples (the course's `plot_couple_of_examples`), one panel per image.
 
-
-def _detect_examples(model: torch.nn.Module, data, n: int, conf_threshold: float, iou_threshold: float,
-                     device) -> tuple[torch.Tensor, list, list, list[torch.Tensor], list[torch.Tensor], int]:
-    """(images, truths and metas as `_examples` gives them, detections per image and their rows in the
-    raw output, on the CPU, class count): the model run in eval mode without gradients, its
-    train/eval mode restored afterwards."""
-    from .postprocess import detect
-
-    images, truths, metas = _examples(data, n)
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            outputs = model(images.to(device))
-    finally:
-        model.train(was_training)
-    dets, rows = detect(outputs, tuple(images.shape[-2:]), conf_threshold, iou_threshold, return_indices=True)
-    return images, truths, metas, [d.cpu() for d in dets], [r.cpu() for r in rows], outputs[0].shape[-1] - 5
-
-
-def plot_examples(model: torch.nn.Module, data, class_names: Sequence[str] = VOC_CLASSES, n: int = 4,
-                  conf_threshold: float = 0.5, iou_threshold: float = 0.45, ncols: int = 2,
-                  device: str | torch.device | None = None) -> Figure:
-    """The model's detections on a few examples (the course's `plot_couple_of_examples`).
-
-    data: a dataset (items (image [3,S,S], boxes [n,5] class cx cy w h normalised, ...)), a collated
-    batch (images [B,3,S,S], boxes [N,6] image index first, ...) or images [B,3,S,S]. Ground truth,
-    where known, is drawn dashed white. The model's train/eval mode is restored afterwards.
+    images: [n,3,S,S] (or a list of images); detections: per image [K,6] in its pixels; truths: per
+    image [G,5]/[G,4] or None, drawn dashed white. `helpers.analysis.detect_examples` computes all
+    three from a model and a dataset or batch. conf_threshold: the detections' threshold, for the
+    titles.
     """
-    images, truths, _, dets, _, _ = _detect_examples(model, data, n, conf_threshold, iou_threshold, device)
+    truths = [None] * len(images) if truths is None else truths
     rows = math.ceil(len(images) / ncols)
     fig, axes = _figure(rows, min(ncols, len(images)))
+    above = "" if conf_threshold is None else f" (score > {conf_threshold:g})"
     for k, ax in enumerate(axes):
         if k >= len(images):
             ax.set_axis_off()
             continue
-        draw_boxes(images[k], dets[k].cpu(), class_names, ax=ax, truth=truths[k],
-                   title=f"{len(dets[k])} detections (score > {conf_threshold:g})")
+        draw_boxes(images[k], detections[k], class_names, ax=ax, truth=truths[k],
+                   title=f"{len(detections[k])} detections{above}")
     return fig
 
 
@@ -525,128 +480,24 @@ def plot_training_curves(metrics) -> Figure:
 
 
 # --- mistakes ---------------------------------------------------------------------------------
-def find_mistakes(detections: Sequence[torch.Tensor], ground_truths: Sequence[Mapping], conf_threshold: float = 0.3,
-                  iou_threshold: float = 0.5, k: int = 8, num_classes: int = 20,
-                  rows: Sequence[torch.Tensor] | None = None) -> list[dict]:
-    """The worst mistakes of a set: the k highest-scoring false positives and the k largest missed objects.
-
-    detections: per image [K,6] (as `detect` returns); ground_truths: per image {"boxes" [G,4],
-    "labels" [G], "difficult" [G]} in the same pixels (the `voc_map` inputs).
-    - false positive: a detection with score >= conf_threshold that the VOC devkit's matching counts
-      as false (`helpers.metrics.match_detections`: wrong place, wrong class or a duplicate);
-    - missed: a non-difficult object that no detection of its class with score >= conf_threshold
-      overlaps with IoU >= iou_threshold (largest first: a big object missed is the worst).
-    rows: per image, each detection's row in the raw output (`detect(..., return_indices=True)`):
-    then false positives carry it as "row" (what `plot_worst_mistakes` explains).
-    Returns dicts {"kind": "false positive" | "missed", "image": i, "box": [4] array, "class": c,
-    "score": float (detections) or None}, false positives first.
-    """
-    from torchvision.ops import box_iou
-
-    from .metrics import match_detections
-
-    dets = [torch.as_tensor(d).detach().cpu().reshape(-1, 6) for d in detections]
-    order, _, score, _, fp, _ = match_detections(dets, ground_truths, iou_threshold, num_classes)
-    counts = torch.tensor([len(d) for d in dets])
-    flat = torch.cat(dets) if dets else torch.zeros(0, 6)
-    image_of = torch.repeat_interleave(torch.arange(len(dets)), counts)
-    bad = order[fp & (score >= conf_threshold)][:k]
-    mistakes = [{"kind": "false positive", "image": int(image_of[j]), "box": flat[j, :4].numpy(),
-                 "class": int(flat[j, 5]), "score": float(flat[j, 4])} for j in bad.tolist()]
-    if rows is not None:
-        flat_rows = torch.cat([torch.as_tensor(r).reshape(-1).long().cpu() for r in rows])
-        for m, j in zip(mistakes, bad.tolist()):
-            m["row"] = int(flat_rows[j])
-
-    missed = []
-    for i, (d, gt) in enumerate(zip(dets, ground_truths)):  # per image: a few boxes each, not a hot path
-        g_box = torch.as_tensor(gt["boxes"]).reshape(-1, 4).float()
-        g_cls = torch.as_tensor(gt["labels"]).reshape(-1).long()
-        diff = gt.get("difficult")
-        g_dif = torch.zeros(len(g_cls), dtype=torch.bool) if diff is None else torch.as_tensor(diff).reshape(-1).bool()
-        d = d[d[:, 4] >= conf_threshold]
-        iou = box_iou(g_box, d[:, :4].float()) if len(d) and len(g_box) else torch.zeros(len(g_box), len(d))
-        same = g_cls[:, None] == d[:, 5].long()[None, :]
-        found = ((iou >= iou_threshold) & same).any(dim=1)
-        area = (g_box[:, 2] - g_box[:, 0]) * (g_box[:, 3] - g_box[:, 1])
-        for g in torch.nonzero(~found & ~g_dif).flatten().tolist():
-            missed.append((float(area[g]), {"kind": "missed", "image": i, "box": g_box[g].numpy(),
-                                            "class": int(g_cls[g]), "score": None}))
-    missed.sort(key=lambda t: -t[0])
-    return mistakes + [m for _, m in missed[:k]]
-
-
-def mistakes_on(model: torch.nn.Module, data, n: int = 32, conf_threshold: float = 0.3, iou_threshold: float = 0.45,
-                k: int = 4, device: str | torch.device | None = None) -> tuple[torch.Tensor, list[dict]]:
-    """The model's worst mistakes on the first n examples of `data` (as `plot_examples` takes it):
-    (images [n,3,S,S], `find_mistakes` of their detections against their ground truth), ready for
-    `plot_worst_mistakes`. Boxes in input pixels; iou_threshold is NMS's, matching uses IoU 0.5
-    (VOC). With the letterbox meta of a plain dataset (`return_meta=True`) the ground truth is the
-    image's full one, difficult objects included and ignored as the VOC evaluation ignores them;
-    without it, the dataset's boxes (difficult objects left out, so a detection of one counts as a
-    false positive)."""
-    images, truths, metas, dets, rows, num_classes = _detect_examples(model, data, n, conf_threshold,
-                                                                      iou_threshold, device)
-    gts = []
-    for t, meta in zip(truths, metas):
-        if meta is not None and "gt" in meta:
-            left, top = (float(v) for v in meta["pad"])
-            boxes = torch.as_tensor(meta["gt"]["boxes"], dtype=torch.float32).reshape(-1, 4)
-            boxes = boxes * float(meta["scale"]) + torch.tensor([left, top, left, top])
-            gts.append({"boxes": boxes, "labels": torch.as_tensor(meta["gt"]["labels"]).long(),
-                        "difficult": torch.as_tensor(meta["gt"]["difficult"]).bool()})
-            continue
-        t = np.zeros((0, 5)) if t is None else t
-        gts.append({"boxes": torch.as_tensor(t[:, :4], dtype=torch.float32),
-                    "labels": torch.as_tensor(t[:, 4].round(), dtype=torch.int64)})
-    return images, find_mistakes(dets, gts, conf_threshold, 0.5, k, num_classes, rows=rows)
-
-
-def plot_worst_mistakes(model: torch.nn.Module, images, mistakes: Sequence[Mapping],
-                        class_names: Sequence[str] = VOC_CLASSES, method: str = "gradcam", ncols: int = 4,
+def plot_worst_mistakes(images, mistakes: Sequence[Mapping], cams: Sequence[np.ndarray],
+                        class_names: Sequence[str] = VOC_CLASSES, ncols: int = 4,
                         image_weight: float = 0.55) -> Figure:
-    """A gallery of mistakes (from `find_mistakes`), each over the CAM that explains it.
+    """A gallery of mistakes, each over the CAM that explains it.
 
-    images: the model inputs the mistakes refer to ([N,3,S,S] tensor or a list of [3,S,S]); boxes in
-    their pixels. A false positive shows the Grad-CAM of that detection (what made the model fire;
-    its row from the mistake's "row", else found again with `locate_detections`). A missed object
-    shows the counterfactual Grad-CAM (score "against", see `helpers.cam.DetectionTarget`) of the
-    anchor and cell that training assigns to it, for its class: what held that score down (its plain
-    Grad-CAM is usually empty: a missed object's score has no positive evidence).
+    images: the model inputs the mistakes refer to ([N,3,S,S] tensor or a list of [3,S,S]);
+    mistakes: as `helpers.analysis.find_mistakes` gives them (boxes in the images' pixels); cams: one
+    map [S,S] in 0..1 per mistake (`helpers.analysis.mistake_cams`). A false positive is boxed solid
+    red, a missed object dashed yellow (its CAM is the evidence against it).
     """
-    from .cam import assigned_index, capture, detection_cams, locate_detections
-
     if not mistakes:
         fig = Figure(figsize=(4, 2), layout="constrained")
         ax = fig.add_subplot()
         ax.text(0.5, 0.5, "no mistakes above the threshold", ha="center", va="center")
         ax.set_axis_off()
         return fig
-    cams: list[np.ndarray | None] = [None] * len(mistakes)
-    by_image: dict[int, list[int]] = {}
-    for j, m in enumerate(mistakes):
-        by_image.setdefault(int(m["image"]), []).append(j)
-    for i, js in by_image.items():  # one forward pass per image
-        image = images[i]
-        size = tuple(image.shape[-2:])
-        cap = capture(model, image)
-        fps = [j for j in js if mistakes[j]["kind"] == "false positive"]
-        misses = [j for j in js if mistakes[j]["kind"] != "false positive"]
-        if fps:  # their own row of the raw output
-            dets = torch.tensor([[*np.asarray(mistakes[j]["box"], np.float32), float(mistakes[j]["score"]),
-                                  float(mistakes[j]["class"])] for j in fps])
-            rows = locate_detections(cap.outputs, dets, size) if any("row" not in mistakes[j] for j in fps) \
-                else torch.tensor([mistakes[j]["row"] for j in fps])
-            maps = detection_cams(model, image, indices=rows, classes=dets[:, 5], method=method, cache=cap)
-            for n, j in enumerate(fps):
-                cams[j] = maps[n]
-        if misses:  # the anchor training assigns them, differentiated against
-            boxes = torch.tensor(np.stack([np.asarray(mistakes[j]["box"], np.float32) for j in misses]))
-            classes = torch.tensor([int(mistakes[j]["class"]) for j in misses])
-            maps = detection_cams(model, image, indices=assigned_index(boxes, size), classes=classes,
-                                  method=method, score="against", cache=cap)
-            for n, j in enumerate(misses):
-                cams[j] = maps[n]
+    if len(cams) != len(mistakes):
+        raise ValueError(f"plot_worst_mistakes: need one CAM per mistake, got {len(cams)} for {len(mistakes)}")
     k = len(mistakes)
     ncols = min(ncols, k)
     first = to_image(images[0])

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torchvision.ops import batched_nms
 
-from .boxes import as_hw
+from .boxes import Letterbox, as_hw, letterboxes_to_original
 from .config import ANCHORS, MAX_LOG_SCALE, STRIDES
 
 SCORES = ("obj*cls", "obj")
@@ -74,20 +74,6 @@ def decode(
     return torch.cat(decoded, dim=1)
 
 
-def _letterbox_params(letterbox: Sequence[dict], batch: int, device) -> tuple[torch.Tensor, ...]:
-    """Per image (scale [B], pad [B, 2] as left, top, orig size [B, 2] as h, w) from the metas."""
-    if len(letterbox) != batch:
-        raise ValueError(f"postprocess: letterbox has {len(letterbox)} entries for a batch of {batch}")
-    try:
-        scale = torch.tensor([float(m["scale"]) for m in letterbox], device=device)
-        pad = torch.tensor([[float(v) for v in m["pad"]] for m in letterbox], device=device)
-        orig = torch.tensor([[float(v) for v in m["orig_size"]] for m in letterbox], device=device)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError("postprocess: each letterbox entry needs 'scale' (float), 'pad' (left, top) "
-                         f"and 'orig_size' (h, w): {e!r}") from e
-    return scale, pad, orig
-
-
 def detect(
     outputs: Sequence[torch.Tensor],
     image_size: int | Sequence[int],
@@ -96,7 +82,7 @@ def detect(
     max_detections: int = 100,
     nms_pre: int | None = 1000,
     score: str = "obj*cls",
-    letterbox: Sequence[dict] | None = None,
+    letterbox: Sequence[Letterbox] | None = None,
     anchors=ANCHORS,
     multi_label: bool = False,
     return_indices: bool = False,
@@ -111,9 +97,9 @@ def detect(
     nms_pre: at most this many candidates per image enter NMS (highest scores); None = all.
     score: "obj*cls" = sigmoid(obj) x class probability (default), "obj" = sigmoid(obj) alone,
         the course's score.
-    letterbox: None (boxes in input pixels, clipped to the input) or one dict per image with "scale",
-        "pad" (left, top) and "orig_size" (h, w): boxes mapped back by (x - left) / scale and
-        clipped to the original image.
+    letterbox: None (boxes in input pixels, clipped to the input) or one `boxes.Letterbox` per image
+        (or the plain dataset's metas, which carry one): boxes mapped back to the original image
+        (`Letterbox.to_original`) and clipped to it.
     multi_label: one candidate per (box, class) above the threshold rather than per box with its
         best class (more candidates, often a little more mAP at low thresholds).
     return_indices: also return, per image, the long tensor [K] of each detection's row among the
@@ -170,11 +156,9 @@ def detect(
     img, anchor, cand, scores, cls = img[keep], anchor[keep], cand[keep], scores[keep], cls[keep]
 
     if letterbox is not None:
-        scale, pad, orig = _letterbox_params(letterbox, batch, device)
-        s, p, o = scale[img, None], pad[img].repeat(1, 2), orig[img]
-        cand = (cand - p) / s
-        limit = torch.stack((o[:, 1], o[:, 0], o[:, 1], o[:, 0]), dim=1)  # w, h, w, h
-        cand = torch.minimum(cand.clamp(min=0), limit)
+        if len(letterbox) != batch:
+            raise ValueError(f"postprocess: letterbox has {len(letterbox)} entries for a batch of {batch}")
+        cand = letterboxes_to_original(letterbox, cand, img)
     nonempty = (cand[:, 2] > cand[:, 0]) & (cand[:, 3] > cand[:, 1])
     img, anchor, cand, scores, cls = img[nonempty], anchor[nonempty], cand[nonempty], scores[nonempty], cls[nonempty]
 

@@ -1,7 +1,7 @@
 """Image transforms at a given output size S. Boxes are x1, y1, x2, y2 pixels (continuous, 0-based).
 
 - eval (val/test): `eval_transform(S)`, albumentations' letterbox (LongestMaxSize + centred
-  PadIfNeeded, fill 0), no randomness; `letterbox_meta` says exactly where it put the image.
+  PadIfNeeded, fill 0), no randomness; `boxes.Letterbox.fit` says exactly where it put the image.
 - train, plain sample: `random_affine` draws one matrix (letterbox scale x scale jitter, a shift
   that letterboxes or crops, a mild rotation and shear, a horizontal flip) and `warp` applies it
   with a single cv2.warpAffine from the decoded pixels straight to the S x S canvas. One resampling
@@ -36,15 +36,6 @@ def letterbox(size: int) -> list[A.BasicTransform]:
     return [A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_LINEAR),
             A.PadIfNeeded(min_height=size, min_width=size, position="center", border_mode=cv2.BORDER_CONSTANT,
                           fill=FILL)]
-
-
-def letterbox_meta(height: int, width: int, size: int) -> tuple[float, tuple[int, int]]:
-    """(scale, (left, top)) of `letterbox(size)` on a height x width image: a point x of the image
-    lands at x * scale + left, y at y * scale + top. Exact on the long side; the resize rounds the
-    short side's length to whole pixels, so there it holds to within half an input pixel."""
-    scale = size / max(height, width)
-    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    return scale, (int((size - new_w) / 2.0), int((size - new_h) / 2.0))  # PadIfNeeded's centre split
 
 
 def eval_transform(size: int) -> A.Compose:

@@ -224,17 +224,21 @@ report = evaluate(model, datamodule.test_dataloader(), cfg, progress=False)
 print(format_report(report))
 show(plot_pr_curves(report["curves"], cfg.data.classes), "pr_curves", FIGURES)"""),
     ("md", "## 9. Detections, Grad-CAM and the worst mistakes\nA few validation images with their detections (ground truth dashed); the Grad-CAM of each detection (which pixels raised its score); then the worst mistakes: confident false positives with the Grad-CAM of what made the model fire, and missed objects with the Grad-CAM of the anchor that should have found them."),
-    ("code", """from helpers.cam import detect_and_explain
-from helpers.plotting import mistakes_on, plot_cam_overlays, plot_examples, plot_worst_mistakes
+    ("code", """from helpers.analysis import detect_examples, mistake_cams, mistakes_on
+from helpers.cam import detect_and_explain
+from helpers.plotting import plot_cam_overlays, plot_examples, plot_worst_mistakes
 
 conf = 0.05 if SMOKE else 0.3  # the smoke run's model is barely trained: its scores stay low
-show(plot_examples(model, val_set, cfg.data.classes, n=4, conf_threshold=conf), "detections", FIGURES)
+shown = detect_examples(model, val_set, n=4, conf_threshold=conf)
+show(plot_examples(shown.images, shown.detections, shown.truths, cfg.data.classes, conf_threshold=conf),
+     "detections", FIGURES)
 for index in range(2):
     image, _, meta = val_set[index]
     detections, cams = detect_and_explain(model, image, conf_threshold=conf, top_k=3, min_detections=1)
     show(plot_cam_overlays(image, cams, detections, cfg.data.classes), f"gradcam_{index}", FIGURES)
 images, mistakes = mistakes_on(model, val_set, n=32, conf_threshold=conf, k=3)
-show(plot_worst_mistakes(model, images, mistakes, cfg.data.classes), "worst_mistakes", FIGURES)"""),
+show(plot_worst_mistakes(images, mistakes, mistake_cams(model, images, mistakes), cfg.data.classes),
+     "worst_mistakes", FIGURES)"""),
     ("md", "## 10. Export for the app\nA bundle the Gradio app loads: `model.safetensors` + `config.json` (classes, anchors, metrics)."),
     ("code", """from helpers.export import export_checkpoint
 

@@ -134,12 +134,12 @@ def test_eigencam_gives_one_map_per_detection(loaded, sample):
 
 
 @pytest.mark.parametrize("h, w", [(427, 640), (640, 427), (333, 500), (100, 101), (128, 128)])
-def test_letterbox_meta_describes_where_the_image_lands(h, w):
-    x, meta = webapp.to_input(np.full((h, w, 3), 255, np.uint8), SIZE)
+def test_letterbox_describes_where_the_image_lands(h, w):
+    x, lb = webapp.to_input(np.full((h, w, 3), 255, np.uint8), SIZE)
     rows, cols = np.nonzero(x[0, 0].numpy() > 0.5)
-    left, top = meta["pad"]
-    assert (cols.min(), rows.min()) == (left, top)
-    assert (cols.max() + 1 - left, rows.max() + 1 - top) == (round(w * meta["scale"]), round(h * meta["scale"]))
+    assert (lb.orig_h, lb.orig_w) == (h, w)
+    assert (cols.min(), rows.min()) == (lb.pad_left, lb.pad_top)
+    assert (rows.max() + 1 - lb.pad_top, cols.max() + 1 - lb.pad_left) == lb.content_hw
 
 
 def test_each_detection_keeps_its_row_of_the_raw_outputs(loaded, sample):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 
+from helpers.boxes import Letterbox
 from helpers.cam import (
     DetectionTarget,
     FlatOutputs,
@@ -279,7 +280,7 @@ def test_assigned_index_of_no_boxes_is_empty():
 # --- letterbox ------------------------------------------------------------------------------------
 def test_cam_to_original_cuts_the_padding_and_puts_a_spot_where_it_belongs():
     # original 100 (h) x 200 (w), letterboxed to 64: scale 0.32, 64 x 32 content, 16 px pad on top.
-    meta = {"scale": 0.32, "pad": (0, 16), "orig_size": (100, 200)}
+    meta = Letterbox(scale=0.32, pad_left=0, pad_top=16, orig_h=100, orig_w=200)
     cam = np.zeros((2, 64, 64), np.float32)
     cam[0, 16 + 8, 48] = 1.0  # input pixel (x 48, y 24) = original (150, 25)
     cam[1, :16] = 1.0  # only in the padding: nothing of it is left
@@ -289,12 +290,12 @@ def test_cam_to_original_cuts_the_padding_and_puts_a_spot_where_it_belongs():
     assert abs(x - 150) <= 3 and abs(y - 25) <= 3
     assert out[1].max() == 0.0
     assert cam_to_original(cam[0], meta).shape == (100, 200)
-    with pytest.raises(ValueError, match="letterbox needs"):
-        cam_to_original(cam, {"scale": 1.0})
+    with pytest.raises(ValueError, match="must be a helpers.boxes.Letterbox"):
+        cam_to_original(cam, {"scale": 0.32, "pad": (0, 16), "orig_size": (100, 200)})  # the old dict
 
 
 def test_detect_and_explain_maps_both_back_to_the_original(tiny):
-    meta = {"scale": 0.32, "pad": (0, 16), "orig_size": (100, 200)}
+    meta = Letterbox(scale=0.32, pad_left=0, pad_top=16, orig_h=100, orig_w=200)
     x = torch.rand(3, 64, 64)
     dets_in, cams_in = detect_and_explain(tiny, x, conf_threshold=0.0, top_k=3)
     dets, cams = detect_and_explain(tiny, x, conf_threshold=0.0, top_k=3, letterbox=meta)

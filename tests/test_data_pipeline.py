@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from helpers.annotations import Record
+from helpers.boxes import Letterbox
 from helpers.config import VOC_CLASSES, DataConfig
 from helpers.datamodule import (
     MultiScaleBatchSampler,
@@ -37,7 +38,6 @@ from helpers.transforms import (
     box_candidates,
     colour_matrix,
     hflip,
-    letterbox_meta,
     random_affine,
     warp,
 )
@@ -275,11 +275,12 @@ def test_meta_maps_input_pixels_back_to_stored_pixels_exactly(tmp_path, w, h):
     box = [w * 0.13, h * 0.21, w * 0.77, h * 0.9]
     ds = PlainDataset(None, records=png_records(tmp_path, [(w, h)], boxes=[box]), image_size=size, return_meta=True)
     image, boxes, meta = ds[0]
-    scale, (left, top) = meta["scale"], meta["pad"]
+    lb = meta["letterbox"]
+    scale, left, top = lb.scale, lb.pad_left, lb.pad_top
     reduced = max(w, h) >= 2 * size  # decoded at 1/2, 1/4... first (cheaper, same result)
     if not reduced:
-        assert (scale, (left, top)) == letterbox_meta(h, w, size)
-    assert meta["orig_size"] == (h, w)
+        assert lb == Letterbox.fit(h, w, size)
+    assert (lb.orig_h, lb.orig_w) == (h, w)
     # The padding ends exactly where meta says the picture starts, and the picture spans w * scale.
     content = image.sum(0) > 0
     cols, rows = np.nonzero(content.any(0).numpy())[0], np.nonzero(content.any(1).numpy())[0]
@@ -290,7 +291,7 @@ def test_meta_maps_input_pixels_back_to_stored_pixels_exactly(tmp_path, w, h):
     px = 1.0 if reduced else 0.5
     assert abs(cols.max() + 1 - (left + w * scale)) <= px and abs(rows.max() + 1 - (top + h * scale)) <= px
     cx, cy, bw, bh = (boxes[0, 1:] * size).tolist()
-    back = np.array([cx - bw / 2 - left, cy - bh / 2 - top, cx + bw / 2 - left, cy + bh / 2 - top]) / scale
+    back = lb.to_original(torch.tensor([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2])).numpy()
     off = px / scale + 1e-3
     tol = np.array([off] * 4) if reduced else np.array([1e-3, off] * 2 if w >= h else [off, 1e-3] * 2)
     assert (np.abs(back - np.array(box)) <= tol).all(), (back, box)
@@ -477,7 +478,7 @@ def test_validation_batches_carry_meta_at_the_fixed_size(voc_shared):
     dm.setup("fit")
     for images, boxes, metas, _ in dm.val_dataloader():
         assert images.shape[-2:] == (64, 64) and len(metas) == len(images)
-        assert boxes.shape[1] == 6 and {"path", "orig_size", "scale", "pad", "gt"} <= set(metas[0])
+        assert boxes.shape[1] == 6 and {"path", "letterbox", "gt"} <= set(metas[0])
 
 
 def test_bad_annotations_are_left_out_with_a_warning_by_the_datamodule(voc, write_voc):

@@ -331,7 +331,7 @@ def test_an_annotation_whose_size_disagrees_with_the_image_is_warned_and_boxes_f
     ds = YOLODataset(voc, "trainval", image_size=64, return_meta=True)
     with pytest.warns(UserWarning, match=r"small.xml: says 96x72 but small.jpg is 48x36; boxes rescaled"):
         _, _, meta = ds[0]
-    assert meta["orig_size"] == (36, 48)
+    assert (meta["letterbox"].orig_h, meta["letterbox"].orig_w) == (36, 48)
     np.testing.assert_allclose(meta["gt"]["boxes"].numpy(), [[0, 0, 48, 36]])
 
 

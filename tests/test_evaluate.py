@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers.boxes import Letterbox
 from helpers.config import ANCHORS, Config
 from helpers.evaluate import collect, evaluate, format_report, main
 from helpers.metrics import YoloAccuracy
@@ -72,7 +73,7 @@ def letterboxed_batch():
     metas, rows = [], []
     outs = blank_outputs(2)
     for b, g in enumerate(gts):
-        metas.append({"scale": 0.5, "pad": (0, 16), "orig_size": (64, 128), "gt": g})
+        metas.append({"letterbox": Letterbox(scale=0.5, pad_left=0, pad_top=16, orig_h=64, orig_w=128), "gt": g})
         for box, label, diff in zip(g["boxes"].tolist(), g["labels"].tolist(), g["difficult"].tolist()):
             x1, y1, x2, y2 = box[0] * 0.5, box[1] * 0.5 + 16, box[2] * 0.5, box[3] * 0.5 + 16
             rows.append([b, label, (x1 + x2) / 2 / SIZE, (y1 + y2) / 2 / SIZE, (x2 - x1) / SIZE, (y2 - y1) / SIZE])

@@ -1,6 +1,7 @@
 """helpers.plotting: every figure is a plain Figure that pyplot never sees (no leak, however often it
 is called), one stable colour per class, boxes and labels where they belong, `annotate` never
-touches its input, and `find_mistakes` finds the mistakes a hand-made case contains."""
+touches its input; and helpers.analysis, which computes what the figures show: `find_mistakes` finds
+the mistakes a hand-made case contains, `detect_examples` leaves the model's mode as it was."""
 from __future__ import annotations
 
 import gc
@@ -18,6 +19,8 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from helpers.analysis import detect_examples, find_mistakes, mistake_cams, mistakes_on  # noqa: E402
+from helpers.boxes import Letterbox  # noqa: E402
 from helpers.config import VOC_CLASSES  # noqa: E402
 from helpers.dataset_org import YOLODataset as PlainDataset  # noqa: E402
 from helpers.metrics import voc_map  # noqa: E402
@@ -26,8 +29,6 @@ from helpers.plotting import (  # noqa: E402
     annotate,
     class_colors,
     draw_boxes,
-    find_mistakes,
-    mistakes_on,
     overlay,
     plot_cam_overlays,
     plot_examples,
@@ -201,11 +202,11 @@ def test_annotate_highlight_draws_the_chosen_box_thicker():
 
 
 # --- the model on examples --------------------------------------------------------------------
-def test_plot_examples_with_a_model_leaks_no_figure_when_called_repeatedly(model):
-    images = torch.rand(2, 3, 64, 64)
+def test_plot_examples_leaks_no_figure_when_called_repeatedly(model):
+    shown = detect_examples(model, torch.rand(2, 3, 64, 64), n=2)
     refs = []
     for _ in range(3):
-        fig = plot_examples(model, images, n=2)
+        fig = plot_examples(shown.images, shown.detections, shown.truths)
         assert plt.get_fignums() == []
         refs.append(weakref.ref(fig))
         del fig
@@ -217,7 +218,8 @@ def test_plot_examples_draws_one_panel_per_image_and_the_truth_of_a_collated_bat
     images = torch.rand(3, 3, 64, 64)
     boxes = torch.tensor([[0, DOG, 0.5, 0.5, 0.5, 0.5], [2, CAT, 0.25, 0.25, 0.25, 0.25],
                           [2, CAR, 0.75, 0.75, 0.25, 0.25]])
-    fig = assert_figure(plot_examples(model, (images, boxes), n=3, ncols=2, conf_threshold=1.0))
+    ex = detect_examples(model, (images, boxes), n=3, conf_threshold=1.0)
+    fig = assert_figure(plot_examples(ex.images, ex.detections, ex.truths, ncols=2, conf_threshold=1.0))
     assert len(fig.axes) == 4  # 2 x 2 grid, the fourth panel blank
     shown = [ax for ax in fig.axes if ax.images]
     assert len(shown) == 3
@@ -228,16 +230,18 @@ def test_plot_examples_draws_one_panel_per_image_and_the_truth_of_a_collated_bat
     assert shown[0].get_title() == "0 detections (score > 1)"
 
 
-def test_plot_examples_restores_the_training_mode_and_takes_a_dataset(model, voc):
+def test_detect_examples_restores_the_training_mode_and_takes_a_dataset(model, voc):
     model.train()
     try:
-        fig = assert_figure(plot_examples(model, PlainDataset(voc, "trainval", 64), n=2))
+        ex = detect_examples(model, PlainDataset(voc, "trainval", 64), n=2)
         assert model.training
     finally:
         model.eval()
+    fig = assert_figure(plot_examples(ex.images, ex.detections, ex.truths))
     assert len([ax for ax in fig.axes if ax.images]) == 2
-    fig = assert_figure(plot_examples(model, torch.rand(3, 64, 64), n=4))  # one image, no truth
-    assert len(fig.axes) == 1 and model.training is False
+    ex = detect_examples(model, torch.rand(3, 64, 64), n=4)  # one image, no truth
+    assert ex.truths == [None] and model.training is False
+    assert len(plot_examples(ex.images, ex.detections, ex.truths).axes) == 1
 
 
 # --- CAMs -------------------------------------------------------------------------------------
@@ -446,7 +450,7 @@ def test_plot_worst_mistakes_shows_one_panel_per_mistake(model):
     dets, gts = mistake_case()
     mistakes = find_mistakes(dets, gts, conf_threshold=0.3)
     images = torch.rand(2, 3, 64, 64)
-    fig = assert_figure(plot_worst_mistakes(model, images, mistakes, ncols=3))
+    fig = assert_figure(plot_worst_mistakes(images, mistakes, mistake_cams(model, images, mistakes), ncols=3))
     assert len(fig.axes) == 6  # 2 rows x 3 columns, 4 panels used
     shown = [ax for ax in fig.axes if ax.images]
     assert [ax.get_title() for ax in shown] == ["false positive: car 0.95", "false positive: dog 0.60",
@@ -490,7 +494,7 @@ def test_mistakes_on_finds_confident_wrong_detections_and_the_objects_they_misse
 def test_worst_mistakes_explain_false_positives_at_the_row_detect_gave_and_ignore_difficult_objects(monkeypatch):
     """With a plain dataset's letterbox meta, a detection of a difficult object is not a mistake; a
     false positive carries its raw-output row, so the gallery need not search for it again."""
-    import helpers.cam as cam
+    import helpers.analysis as analysis
 
     sure, person = sure_person_model(), VOC_CLASSES.index("person")
     images = torch.rand(1, 3, 64, 64)
@@ -499,13 +503,15 @@ def test_worst_mistakes_explain_false_positives_at_the_row_detect_gave_and_ignor
     # The same image, its stored version twice as large, with one difficult person where the best
     # detection is: that detection is then neither right nor wrong, so one false positive fewer.
     box = torch.as_tensor(without[0]["box"]) / 0.5
-    meta = {"scale": 0.5, "pad": (0, 0), "orig_size": (128, 128),
+    meta = {"letterbox": Letterbox(scale=0.5, pad_left=0, pad_top=0, orig_h=128, orig_w=128),
             "gt": {"boxes": box[None], "labels": torch.tensor([person]), "difficult": torch.tensor([True])}}
     _, mistakes = mistakes_on(sure, [(images[0], torch.zeros(0, 5), meta)], n=1, conf_threshold=0.5, k=1000)
     assert len(mistakes) == len(without) - 1
     assert all(m["kind"] == "false positive" for m in mistakes)  # a difficult object is never "missed"
-    monkeypatch.setattr(cam, "locate_detections", lambda *a, **k: pytest.fail("rows were given"))
-    assert_figure(plot_worst_mistakes(sure, images, without[:2]))
+    monkeypatch.setattr(analysis, "locate_detections", lambda *a, **k: pytest.fail("rows were given"))
+    cams = mistake_cams(sure, images, without[:2])
+    assert len(cams) == 2 and all(c.shape == (64, 64) for c in cams)
+    assert_figure(plot_worst_mistakes(images, without[:2], cams))
 
 
 def test_show_saves_the_figure_under_its_name_and_displays_nothing_twice(tmp_path):
@@ -518,12 +524,12 @@ def test_show_saves_the_figure_under_its_name_and_displays_nothing_twice(tmp_pat
     assert plt.get_fignums() == []
 
 
-def test_plot_worst_mistakes_without_mistakes_says_so(model):
-    fig = assert_figure(plot_worst_mistakes(model, torch.rand(1, 3, 64, 64), []))
+def test_plot_worst_mistakes_without_mistakes_says_so():
+    fig = assert_figure(plot_worst_mistakes(torch.rand(1, 3, 64, 64), [], []))
     assert [t.get_text() for t in fig.axes[0].texts] == ["no mistakes above the threshold"]
 
 
-def test_plotting_in_a_loop_never_registers_a_pyplot_figure(model):
+def test_plotting_in_a_loop_never_registers_a_pyplot_figure():
     """The issue's contract in one place: none of the figure builders goes through pyplot."""
     for _ in range(2):
         draw_boxes(grey(), [[1, 1, 9, 9, 0.5, 0]])
@@ -532,5 +538,5 @@ def test_plotting_in_a_loop_never_registers_a_pyplot_figure(model):
         plot_pr_curves(([np.ones(1)], [np.ones(1)]), class_names=("a",))
         plot_training_curves({"step": [0, 1], "lr": [0.1, 0.2]})
         plot_cam_overlays(grey(32, 32), np.zeros((1, 32, 32)), np.array([[1, 1, 9, 9, 0.5, 0]]))
-        plot_examples(model, torch.rand(1, 3, 64, 64), n=1)
+        plot_examples(torch.rand(1, 3, 64, 64), [torch.tensor([[1, 1, 9, 9, 0.5, 0]])])
     assert plt.get_fignums() == []

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from helpers.boxes import Letterbox
 from helpers.config import ANCHORS
 from helpers.postprocess import decode, detect
 
@@ -140,7 +141,7 @@ def test_multi_label_gives_one_candidate_per_class_above_threshold():
 
 def test_letterbox_maps_back_to_original_pixels_and_clips_to_the_original_image():
     # A 400 x 200 (w x h) photo letterboxed into 416: scale 1.04, 104 px of padding on top.
-    meta = {"scale": 1.04, "pad": (0, 104), "orig_size": (200, 400)}
+    meta = Letterbox(scale=1.04, pad_left=0, pad_top=104, orig_h=200, orig_w=400)
     size = (416, 416)
     outs = blank()
     put(outs, size, 0, 1, 0, (52.0, 156.0, 156.0, 260.0), obj=0.9, cls=0)  # inside the photo
@@ -192,8 +193,31 @@ def test_bad_outputs_are_refused_with_a_clear_error():
         detect(blank()[:2], 416)
     with pytest.raises(ValueError, match="score must be"):
         detect(blank(), 416, score="cls")
-    with pytest.raises(ValueError, match="letterbox"):
-        detect(blank(batch=2), 416, letterbox=[{"scale": 1.0, "pad": (0, 0), "orig_size": (416, 416)}])
+    with pytest.raises(ValueError, match="letterbox has 1 entries for a batch of 2"):
+        detect(blank(batch=2), 416, letterbox=[Letterbox.fit(416, 416, 416)])
+    with pytest.raises(ValueError, match="must be a helpers.boxes.Letterbox"):  # the old dict is gone
+        detect(blank(), 416, letterbox=[{"scale": 1.0, "pad": (0, 0), "orig_size": (416, 416)}])
+
+
+def test_letterbox_maps_both_ways_and_a_dataset_meta_carries_one():
+    lb = Letterbox.fit(200, 400, 416)  # 400 x 200 (w x h) into 416: scale 1.04, 104 px on top
+    assert lb == Letterbox(scale=1.04, pad_left=0, pad_top=104, orig_h=200, orig_w=400)
+    boxes = torch.tensor([[[50.0, 50.0, 150.0, 150.0], [0.0, 10.0, 400.0, 200.0]]])  # [1, 2, 4]
+    there = lb.to_input(boxes)
+    torch.testing.assert_close(there[0, 0], torch.tensor([52.0, 156.0, 156.0, 260.0]))
+    torch.testing.assert_close(lb.to_original(there), boxes)
+    assert lb.to_original(torch.tensor([-5.0, 0.0, 500.0, 420.0])).tolist() == [0.0, 0.0, 400.0, 200.0]
+    outs = blank()
+    put(outs, (416, 416), 0, 1, 0, (52.0, 156.0, 156.0, 260.0), obj=0.9, cls=0)
+    (a,), (b,) = detect(outs, 416, letterbox=[lb]), detect(outs, 416, letterbox=[{"path": "x", "letterbox": lb}])
+    assert torch.equal(a, b)
+
+
+def test_a_letterbox_in_a_batch_survives_lightnings_transfer_to_the_device():
+    from lightning_fabric.utilities.apply_func import move_data_to_device
+
+    metas = [{"path": "x", "letterbox": Letterbox.fit(200, 400, 416)}]
+    assert move_data_to_device(metas, torch.device("cpu")) == metas
 
 
 def test_return_indices_names_the_cell_anchor_and_scale_each_detection_came_from():
@@ -205,7 +229,7 @@ def test_return_indices_names_the_cell_anchor_and_scale_each_detection_came_from
     put(outs, size, 0, 1, 2, (100.0, 120.0, 160.0, 240.0), obj=0.8, cls=14)
     put(outs, size, 1, 2, 1, (300.0, 60.0, 400.0, 150.0), obj=0.9, cls=3)
     put(outs, size, 1, 0, 0, (10.0, 200.0, 300.0, 420.0), obj=0.7, cls=7)
-    meta = {"scale": 1.04, "pad": (0, 104), "orig_size": (200, 400)}
+    meta = Letterbox(scale=1.04, pad_left=0, pad_top=104, orig_h=200, orig_w=400)
     dets, rows = detect(outs, 416, return_indices=True, letterbox=[meta, meta])
     assert [len(r) for r in rows] == [len(d) for d in dets] == [1, 2]
     flat = torch.cat([o.reshape(2, -1, o.shape[-1]) for o in outs], dim=1)  # scale, anchor, row, col
