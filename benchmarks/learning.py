@@ -69,7 +69,7 @@ def evaluate(model: torch.nn.Module, loader) -> dict:
                 sel = torch.sigmoid(o[..., 0][t[..., 0] == k])
                 obj_sum[k] += float(sel.sum())
                 obj_n[k] += sel.numel()
-        dets += detect(outputs, tuple(images.shape[-2:]), conf_threshold=0.05, iou_threshold=0.45, letterbox=metas)
+        dets += detect(outputs, tuple(images.shape[-2:]), conf_threshold=0.05, iou_threshold=0.45, letterbox=[m["letterbox"] for m in metas])
         gts += [m["gt"] for m in metas]
     model.train()
     result = {k: round(float(v), 2) for k, v in acc.compute().items()}

@@ -114,7 +114,7 @@ class YOLOModule(pl.LightningModule):
         if self._map_due():
             t = self.cfg.train
             dets = detect(outputs, tuple(images.shape[-2:]), conf_threshold=t.conf_threshold,
-                          iou_threshold=t.nms_iou, letterbox=metas)
+                          iou_threshold=t.nms_iou, letterbox=[m["letterbox"] for m in metas])
             # Ids unique across ranks: rank-strided positions in the epoch (nominal batch size, so a
             # short last batch cannot reuse an id).
             start = (batch_idx * self.trainer.world_size + self.global_rank) * self.cfg.data.batch_size
