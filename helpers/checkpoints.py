@@ -15,8 +15,7 @@ never overwritten, rotated safely; a resume refused in one line when it would no
 
 Reading lives in `helpers.weights` (no Lightning there): `find_latest` (the newest full state that
 loads, truncated ones skipped with a warning, a folder with none loadable or an I/O error refused),
-`load_model`, `resolve_checkpoint`; these three are importable from here too, the names the notebook
-and `helpers.evaluate` use.
+`load_model`, `resolve_checkpoint`: import them from there.
 """
 from __future__ import annotations
 
@@ -34,9 +33,6 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from .config import Config
 from .storage import EMPTY_TRASH, TEMPORARY, atomic_write_new, free_bytes, human
 from .weights import NAME, CheckpointError, problem_with, step_of
-from .weights import find_latest as find_latest  # re-exported: the notebook's import
-from .weights import load_model as load_model  # re-exported: the notebook's and helpers.evaluate's import
-from .weights import resolve_checkpoint as resolve_checkpoint  # re-exported: helpers.evaluate's import
 
 WEIGHTS_DIR = "weights"
 # What a full disk while writing a checkpoint says to do.

@@ -266,8 +266,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    "an existing non-empty one gets a -vN sibling instead")
     args = p.parse_args(argv)
 
-    from .checkpoints import load_model, resolve_checkpoint
     from .utils import pick_device
+    from .weights import load_model, resolve_checkpoint
 
     try:
         checkpoint = resolve_checkpoint(args.checkpoint, args.run_dir)

@@ -155,7 +155,7 @@ def test_cli_prints_the_table_and_writes_metrics_and_pr_curves_into_a_fresh_fold
     cfg.model.width = 0.125
     cfg.data.image_size = SIZE
     model = YOLOv3(num_classes=20, width=0.125)
-    # The layout helpers.train's checkpoints have (what helpers.checkpoints.load_model reads).
+    # The layout helpers.train's checkpoints have (what helpers.weights.load_model reads).
     ckpt = tmp_path / "run" / "last.ckpt"
     ckpt.parent.mkdir()
     torch.save({"hyper_parameters": {"config": cfg.to_dict()},
