@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
+from .data_source import KAGGLE_INPUT
 from .schedule import Schedule
 
-KAGGLE_INPUT = Path("/kaggle/input")
 RUN_NAME = "yolov3-voc"  # the run folder's name on Drive and in /kaggle/working
 
 
