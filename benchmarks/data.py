@@ -26,8 +26,8 @@ from pathlib import Path
 import cv2
 import torch
 
-from helpers.dataset import YOLODataset as TrainDataset
-from helpers.dataset_org import YOLODataset as PlainDataset
+from helpers.dataset import TrainingDataset
+from helpers.dataset_org import PlainDataset
 from helpers.synthetic import make_voc_dataset
 
 REALDET = Path(os.environ.get("REALDET_ROOT", Path(__file__).resolve().parents[2] / "shared" / "realdet"))
@@ -68,9 +68,9 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # mosaic=0 warns by design
         pipelines = {
-            "train, plain (no mosaic)": TrainDataset(root, "trainval", args.size, mosaic=0.0),
-            "train, mosaic p=0.75": TrainDataset(root, "trainval", args.size, mosaic=0.75),
-            "train, mosaic p=1.0": TrainDataset(root, "trainval", args.size, mosaic=1.0),
+            "train, plain (no mosaic)": TrainingDataset(root, "trainval", args.size, mosaic=0.0),
+            "train, mosaic p=0.75": TrainingDataset(root, "trainval", args.size, mosaic=0.75),
+            "train, mosaic p=1.0": TrainingDataset(root, "trainval", args.size, mosaic=1.0),
             "test (letterbox)": PlainDataset(root, "test", args.size),
         }
     print(f"{'pipeline':28s} {'samples/s (wall)':>17s} {'samples/CPU-s':>14s}")

@@ -28,8 +28,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .config import STRIDES, DataConfig
-from .dataset import YOLODataset as TrainDataset
-from .dataset_org import YOLODataset as PlainDataset
+from .dataset import TrainingDataset
+from .dataset_org import PlainDataset
 from .synthetic import make_voc_dataset
 
 SYNTHETIC_VERSION = "v2"  # bump when helpers.synthetic draws differently
@@ -186,7 +186,7 @@ class YOLODataModule(pl.LightningDataModule):
     def __init__(self, cfg: DataConfig, seed: int = 0):
         super().__init__()
         self.cfg, self.seed = cfg, seed
-        self.train_dataset: TrainDataset | None = None
+        self.train_dataset: TrainingDataset | None = None
         self.val_dataset: PlainDataset | None = None
 
     @property
@@ -200,7 +200,7 @@ class YOLODataModule(pl.LightningDataModule):
         c = self.cfg
         on_error = c.on_error
         if self.train_dataset is None:
-            self.train_dataset = TrainDataset(self.root, c.train_split, c.image_size, mosaic=c.mosaic,
+            self.train_dataset = TrainingDataset(self.root, c.train_split, c.image_size, mosaic=c.mosaic,
                                               classes=c.classes, keep_difficult=c.keep_difficult, on_error=on_error)
         if self.val_dataset is None:
             self.val_dataset = PlainDataset(self.root, c.val_split, c.image_size, classes=c.classes,

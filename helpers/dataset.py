@@ -1,4 +1,5 @@
-"""YOLODataset for training (the course's `dataset` name): mosaic on a fraction of samples.
+"""TrainingDataset: augmented training samples, mosaic on a fraction of them. `YOLODataset` is the
+same class under the course's name (`from helpers.dataset import YOLODataset`).
 
 A sample is a 4-image mosaic (`helpers.mosaic`) with probability `mosaic` (default 0.75, the
 course's), otherwise a plain sample: one random affine warp (`transforms.random_affine`: scale
@@ -20,14 +21,14 @@ from collections import OrderedDict
 import numpy as np
 
 from .dataset_org import BAD_SAMPLE_ERRORS
-from .dataset_org import YOLODataset as PlainDataset
+from .dataset_org import PlainDataset
 from .mosaic import mosaic as build_mosaic
 from .transforms import SCALE_JITTER, hflip, photometric, random_affine, warp
 
 BUFFER = 64  # decoded images kept per process for mosaic partners
 
 
-class YOLODataset(PlainDataset):
+class TrainingDataset(PlainDataset):
     for_training = True
 
     def __init__(self, root=None, split: str | None = None, image_size: int = 416, mosaic: float = 0.75, **kwargs):
@@ -38,7 +39,7 @@ class YOLODataset(PlainDataset):
                           f"{'plain' if mosaic > 0.75 else 'mosaic'} samples"
                           f"{' (a mosaic-only diet starves large objects)' if mosaic > 0.75 else ''}", stacklevel=2)
         if kwargs.pop("return_meta", False):
-            raise ValueError("the training dataset has no meta: use helpers.dataset_org.YOLODataset")
+            raise ValueError("the training dataset has no meta: use helpers.dataset_org.PlainDataset")
         super().__init__(root, split, image_size, **kwargs)
         self.mosaic = mosaic
         self._recent: OrderedDict[int, tuple] = OrderedDict()  # index -> (image, boxes, labels, longest)
@@ -109,3 +110,6 @@ class YOLODataset(PlainDataset):
         if len(pool) < 3:
             pool = [i for i in range(len(self)) if i != index]
         return [int(i) for i in self.rng.choice(pool, size=3, replace=False)]
+
+
+YOLODataset = TrainingDataset  # the course's name

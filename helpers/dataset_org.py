@@ -1,4 +1,5 @@
-"""YOLODataset (the course's `dataset_org` name): plain samples for validation and test.
+"""PlainDataset: plain samples for validation and test. `YOLODataset` is the same class under the
+course's name (`from helpers.dataset_org import YOLODataset`).
 
 Never mosaics, deterministic: the image letterboxed to `image_size` (or to the size passed with
 the index, `dataset[(i, size)]`), scaled to 0..1. Item: (image float32 [3, S, S], boxes float32
@@ -34,7 +35,7 @@ from .transforms import eval_transform
 BAD_SAMPLE_ERRORS = (ValueError, OSError, cv2.error, MemoryError)
 
 
-class YOLODataset(Dataset):
+class PlainDataset(Dataset):
     for_training = False  # which default split a `split=None` means (see annotations.DEFAULT_SPLITS)
 
     def __init__(self, root: str | os.PathLike | None, split: str | None = None, image_size: int = 416,
@@ -162,3 +163,6 @@ class YOLODataset(Dataset):
         path = str(self.records[index].image_path)
         where = "" if path in message else f"{path}: "
         warnings.warn(f"skipping sample {index}: {where}{message} ({type(error).__name__})", stacklevel=3)
+
+
+YOLODataset = PlainDataset  # the course's name

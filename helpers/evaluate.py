@@ -13,7 +13,7 @@ prints the accuracies and a per-class AP table, writes metrics.json and pr_curve
 folder (never over an earlier evaluation), with a progress bar.
 
 The dataloader yields (images [B,3,H,W], boxes [N,6] = image index, class, cx, cy, w, h normalised,
-metas), each meta as `helpers.dataset_org.YOLODataset(return_meta=True)` gives it ("letterbox": a
+metas), each meta as `helpers.dataset_org.PlainDataset(return_meta=True)` gives it ("letterbox": a
 `boxes.Letterbox`, "gt"); then detections are mapped back to the stored image and scored against
 its full ground truth. A loader whose third element is not a list of metas (the training collate's skip
 count) is scored in input pixels against the batch's own boxes instead.
@@ -231,9 +231,9 @@ def write_outputs(result: dict, out: Path, class_names: Sequence[str]) -> dict[s
 def _build_loader(root: Path, split: str, image_size: int, cfg: Config, batch_size: int, workers: int,
                   limit: int | None) -> torch.utils.data.DataLoader:
     from .datamodule import collate_with_meta
-    from .dataset_org import YOLODataset
+    from .dataset_org import PlainDataset
 
-    dataset = YOLODataset(root, split, image_size, classes=tuple(cfg.data.classes), return_meta=True,
+    dataset = PlainDataset(root, split, image_size, classes=tuple(cfg.data.classes), return_meta=True,
                           on_error="skip")
     if len(dataset) == 0:
         raise SystemExit(f"evaluate: no images in {root} for split {split!r}")

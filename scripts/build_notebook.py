@@ -117,7 +117,7 @@ import matplotlib.pyplot as plt
 from helpers.annotations import DatasetError
 from helpers.data_source import get_data
 from helpers.datamodule import YOLODataModule
-from helpers.dataset import YOLODataset as TrainDataset
+from helpers.dataset import TrainingDataset
 from helpers.plotting import draw_boxes, show, yolo_to_pixels
 
 if SMOKE and not DATA_ROOT:
@@ -138,8 +138,8 @@ print({cfg.data.classes[c]: n for c, n in sorted(counts.items())})
 size = cfg.data.image_size
 with warnings.catch_warnings():  # mosaic 0 and 1 here only to show both kinds of sample
     warnings.simplefilter("ignore")
-    plain = TrainDataset(train_set.root, train_set.split, size, mosaic=0.0, records=train_set.records)
-    mosaic = TrainDataset(train_set.root, train_set.split, size, mosaic=1.0, records=train_set.records)
+    plain = TrainingDataset(train_set.root, train_set.split, size, mosaic=0.0, records=train_set.records)
+    mosaic = TrainingDataset(train_set.root, train_set.split, size, mosaic=1.0, records=train_set.records)
 fig, axes = plt.subplots(2, 4, figsize=(12, 6))
 for k, ax in enumerate(axes.flat):
     image, boxes = (plain if k < 4 else mosaic)[(k % 4, size)]

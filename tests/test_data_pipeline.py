@@ -28,8 +28,8 @@ from helpers.datamodule import (
     steps_per_epoch,
     synthetic_root,
 )
-from helpers.dataset import YOLODataset as TrainDataset
-from helpers.dataset_org import YOLODataset as PlainDataset
+from helpers.dataset import TrainingDataset
+from helpers.dataset_org import PlainDataset
 from helpers.mosaic import mosaic
 from helpers.transforms import (
     FILL,
@@ -192,7 +192,7 @@ def test_objects_in_mosaics_keep_the_scale_of_plain_samples():
 
 def test_box_sizes_in_mosaic_and_plain_training_samples_match(voc_shared):
     random.seed(0)
-    plain = TrainDataset(voc_shared, "trainval", 128, mosaic=0.5)
+    plain = TrainingDataset(voc_shared, "trainval", 128, mosaic=0.5)
     sides = {True: [], False: []}
     for i in range(240):
         use_mosaic = i % 2 == 0
@@ -205,7 +205,7 @@ def test_box_sizes_in_mosaic_and_plain_training_samples_match(voc_shared):
 
 def test_the_training_dataset_mosaics_the_asked_fraction_of_samples_with_distinct_partners(voc_shared):
     random.seed(1)
-    ds = TrainDataset(voc_shared, "trainval", 96, mosaic=0.75)
+    ds = TrainingDataset(voc_shared, "trainval", 96, mosaic=0.75)
     calls = []
     build = ds.mosaic_sample
 
@@ -224,17 +224,17 @@ def test_the_training_dataset_mosaics_the_asked_fraction_of_samples_with_distinc
 
 def test_mosaic_outside_0_1_is_an_error_and_outside_half_to_three_quarters_a_warning(voc_shared):
     with pytest.raises(ValueError, match="expected 0..1"):
-        TrainDataset(voc_shared, "trainval", 128, mosaic=1.5)
+        TrainingDataset(voc_shared, "trainval", 128, mosaic=1.5)
     with pytest.warns(UserWarning, match="mosaic=0.9: .*starves large objects"):
-        TrainDataset(voc_shared, "trainval", 128, mosaic=0.9)
+        TrainingDataset(voc_shared, "trainval", 128, mosaic=0.9)
     with pytest.warns(UserWarning, match="mosaic=0.2: "):
-        TrainDataset(voc_shared, "trainval", 128, mosaic=0.2)
+        TrainingDataset(voc_shared, "trainval", 128, mosaic=0.2)
 
 
 # --- datasets -------------------------------------------------------------------------------------
 def test_training_samples_have_the_batch_size_and_valid_boxes_in_both_layouts(voc, course):
     for root, split in ((voc, "trainval"), (course, "train")):
-        ds = TrainDataset(root, split, 128, mosaic=0.75)
+        ds = TrainingDataset(root, split, 128, mosaic=0.75)
         for i in range(len(ds)):
             size = (64, 96, 128)[i % 3]
             img, boxes = ds[(i, size)]
@@ -265,7 +265,7 @@ def test_difficult_objects_stay_out_of_targets_but_always_in_the_evaluation_trut
     _, boxes, _ = PlainDataset(voc, "trainval", 96, return_meta=True, keep_difficult=True)[0]
     assert len(boxes) == 2
     random.seed(0)
-    train = TrainDataset(voc, "trainval", 96, mosaic=0.5)
+    train = TrainingDataset(voc, "trainval", 96, mosaic=0.5)
     assert all(VOC_CAT not in train.plain_sample(0, 96)[1][:, 0].tolist() for _ in range(5))
 
 
@@ -301,7 +301,7 @@ def test_meta_maps_input_pixels_back_to_stored_pixels_exactly(tmp_path, w, h):
 def test_same_seed_same_samples_and_every_worker_its_own_augmentations(voc_shared):
     def run(seed):
         random.seed(seed)
-        ds = TrainDataset(voc_shared, "trainval", 96, mosaic=0.75)
+        ds = TrainingDataset(voc_shared, "trainval", 96, mosaic=0.75)
         return [ds[i] for i in range(6)]
 
     a, b, c = run(5), run(5), run(6)
@@ -318,7 +318,7 @@ def test_same_seed_same_samples_and_every_worker_its_own_augmentations(voc_share
         def __getitem__(self, i):
             return int(self.ds.transform_for(96).random_generator.integers(1 << 62))
 
-    ds = TrainDataset(voc_shared, "trainval", 96, mosaic=0.75)
+    ds = TrainingDataset(voc_shared, "trainval", 96, mosaic=0.75)
     ds[0]  # the pipeline is built before the workers fork
     draws = list(DataLoader(Draws(ds), batch_size=None, num_workers=2))
     assert draws[0] != draws[1]  # the first draw of worker 0 and of worker 1

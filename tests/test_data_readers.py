@@ -19,7 +19,7 @@ from helpers import imageio
 from helpers.annotations import ERROR, WARNING, DatasetError, check, detect_layout, load_records
 from helpers.annotations import main as annotations_main
 from helpers.config import VOC_CLASSES
-from helpers.dataset_org import YOLODataset
+from helpers.dataset_org import PlainDataset
 from helpers.imageio import ImageError, read_image, read_size
 from helpers.synthetic import make_voc_dataset
 
@@ -157,7 +157,7 @@ def test_an_empty_label_file_or_an_xml_without_objects_is_a_background_image(voc
     (course / "labels" / "000001.txt").write_text("")
     with no_warnings():
         assert len(load_records(course, "train")[1].boxes) == 0
-        _, boxes = YOLODataset(course, "train", image_size=64)[1]
+        _, boxes = PlainDataset(course, "train", image_size=64)[1]
         assert boxes.shape == (0, 5)
         write_voc(voc, "bg", voc_xml([]), Image.new("RGB", (96, 72)))
         (r,) = load_records(voc, "trainval")
@@ -205,7 +205,7 @@ def test_a_course_zero_area_box_is_dropped_with_a_warning(course):
 # --- bad images -----------------------------------------------------------------------------------
 def test_an_unreadable_image_at_training_time_is_skipped_with_a_warning_naming_it(voc, write_voc):
     jpg = write_voc(voc, "broken", voc_xml([("dog", 0, (1, 1, 40, 30))]), b"\xff\xd8\xff\xe0 not really a jpeg")
-    ds = YOLODataset(voc, "trainval", image_size=64)
+    ds = PlainDataset(voc, "trainval", image_size=64)
     with pytest.warns(UserWarning, match=r"skipping sample 0: .*broken.jpg: cannot decode image"):
         assert ds[0] is None
     jpg.unlink()  # gone after the records were read
@@ -328,7 +328,7 @@ def test_modes_pil_cannot_reduce_are_reduced_band_by_band_as_if_converted_whole(
 
 def test_an_annotation_whose_size_disagrees_with_the_image_is_warned_and_boxes_follow(voc, write_voc):
     write_voc(voc, "small", voc_xml([("dog", 0, (1, 1, 96, 72))]), Image.new("RGB", (48, 36), (200, 200, 200)))
-    ds = YOLODataset(voc, "trainval", image_size=64, return_meta=True)
+    ds = PlainDataset(voc, "trainval", image_size=64, return_meta=True)
     with pytest.warns(UserWarning, match=r"small.xml: says 96x72 but small.jpg is 48x36; boxes rescaled"):
         _, _, meta = ds[0]
     assert (meta["letterbox"].orig_h, meta["letterbox"].orig_w) == (36, 48)
@@ -378,7 +378,7 @@ def test_the_real_photo_devkit_reads_cleanly(realdet):
     assert (len(trainval), len(test)) == (158, 39)
     assert sum(len(r.labels) for r in trainval + test) == 974
     assert sum(int(r.difficult.sum()) for r in trainval + test) == 7
-    image, boxes, meta = YOLODataset(realdet, "test", image_size=416, return_meta=True)[0]
+    image, boxes, meta = PlainDataset(realdet, "test", image_size=416, return_meta=True)[0]
     assert image.shape == (3, 416, 416) and len(meta["gt"]["boxes"]) >= len(boxes) > 0
 
 

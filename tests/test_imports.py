@@ -60,3 +60,13 @@ def test_reading_a_saved_model_needs_no_lightning():
               "'lightning_fabric')); assert not bad, bad")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_course_module_names_still_import_and_name_our_classes():
+    from helpers import dataset, dataset_org, loss, model, utils
+    from helpers.dataset import TrainingDataset
+    from helpers.dataset_org import PlainDataset
+
+    assert dataset.YOLODataset is TrainingDataset and dataset_org.YOLODataset is PlainDataset
+    assert issubclass(TrainingDataset, PlainDataset)
+    assert model.YOLOv3 and loss.YoloLoss and utils

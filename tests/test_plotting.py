@@ -22,7 +22,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from helpers.analysis import detect_examples, find_mistakes, mistake_cams, mistakes_on  # noqa: E402
 from helpers.boxes import Letterbox  # noqa: E402
 from helpers.config import VOC_CLASSES  # noqa: E402
-from helpers.dataset_org import YOLODataset as PlainDataset  # noqa: E402
+from helpers.dataset_org import PlainDataset  # noqa: E402
 from helpers.metrics import voc_map  # noqa: E402
 from helpers.model import YOLOv3  # noqa: E402
 from helpers.plotting import (  # noqa: E402

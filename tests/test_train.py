@@ -181,7 +181,7 @@ DRIVER = textwrap.dedent("""
     from helpers.train import train
 
     keys, batch_ids = [], {}
-    getitem, collate = dm.TrainDataset.__getitem__, dm.collate
+    getitem, collate = dm.TrainingDataset.__getitem__, dm.collate
     def recording_getitem(self, key):
         keys.append(int(key[0]))
         return getitem(self, key)
@@ -190,7 +190,7 @@ DRIVER = textwrap.dedent("""
         batch_ids[out[0].data_ptr()] = list(keys)
         keys.clear()
         return out
-    dm.TrainDataset.__getitem__, dm.collate = recording_getitem, recording_collate
+    dm.TrainingDataset.__getitem__, dm.collate = recording_getitem, recording_collate
 
     class Record(pl.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
