@@ -26,11 +26,10 @@ import torch
 
 from helpers.config import DataConfig
 from helpers.datamodule import YOLODataModule
+from helpers.evaluate import Evaluator
 from helpers.loss import YoloLoss
-from helpers.metrics import YoloAccuracy, voc_map
 from helpers.model import YOLOv3
-from helpers.postprocess import detect
-from helpers.schedule import OneCycleSpec, Schedule
+from helpers.schedule import OneCycleSpec, Schedule, ScheduleFileLR
 from helpers.targets import build_targets
 from helpers.utils import seed_everything
 
@@ -56,29 +55,30 @@ def datamodule(root: str, part: str, train_split: str | None, test_split: str | 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader) -> dict:
+    """The project's `Evaluator` (course thresholds), plus the mean sigmoid(objectness) at positive and
+    negative cells."""
     model.eval()
-    acc, dets, gts = YoloAccuracy(threshold=0.05), [], []
-    obj_sum = {1: 0.0, 0: 0.0}
-    obj_n = {1: 0, 0: 0}
-    for images, boxes, metas in loader:
-        outputs = model(images)
-        targets = build_targets(boxes, images.shape[0], tuple(images.shape[-2:]))
-        acc.update(outputs, targets)
-        for o, t in zip(outputs, targets):
-            for k in (1, 0):
-                sel = torch.sigmoid(o[..., 0][t[..., 0] == k])
-                obj_sum[k] += float(sel.sum())
-                obj_n[k] += sel.numel()
-        dets += detect(outputs, tuple(images.shape[-2:]), conf_threshold=0.05, iou_threshold=0.45, letterbox=[m["letterbox"] for m in metas])
-        gts += [m["gt"] for m in metas]
+    evaluator = Evaluator(loader.dataset.classes)
+    obj_sum, obj_n = {1: 0.0, 0: 0.0}, {1: 0, 0: 0}
+    for batch in loader:
+        outputs = targets = None
+        if len(batch):
+            outputs = model(batch.images)
+            targets = build_targets(batch.boxes, len(batch), batch.image_hw)
+            for o, t in zip(outputs, targets):
+                for k in (1, 0):
+                    sel = torch.sigmoid(o[..., 0][t[..., 0] == k])
+                    obj_sum[k] += float(sel.sum())
+                    obj_n[k] += sel.numel()
+        evaluator.update(outputs, batch, targets)
     model.train()
-    result = {k: round(float(v), 2) for k, v in acc.compute().items()}
-    both = voc_map(dets, gts, 0.5, method=("voc07", "all"))
-    result["map50_voc07"] = round(float(both["voc07"]["map"]), 4)
-    result["map50_all"] = round(float(both["all"]["map"]), 4)
-    result["obj_pos"] = round(obj_sum[1] / max(obj_n[1], 1), 4)
-    result["obj_neg"] = round(obj_sum[0] / max(obj_n[0], 1), 5)
-    return result
+    result = evaluator.compute()
+    out = {k: round(result[k], 2) for k in ("class_acc", "noobj_acc", "obj_acc")}
+    out["map50_voc07"] = round(result["map50_voc07"] or 0.0, 4)
+    out["map50_all"] = round(result["map50_all"] or 0.0, 4)
+    out["obj_pos"] = round(obj_sum[1] / max(obj_n[1], 1), 4)
+    out["obj_neg"] = round(obj_sum[0] / max(obj_n[0], 1), 5)
+    return out
 
 
 def run(dm: YOLODataModule, variant: str, steps: int, eval_every: int, seed: int, lambda_noobj: float) -> dict:
@@ -90,19 +90,19 @@ def run(dm: YOLODataModule, variant: str, steps: int, eval_every: int, seed: int
                                              dataset_length=len(dm.train_dataset), pct_start=0.2, div_factor=100.0,
                                              final_div_factor=100.0, anneal_strategy="linear"))
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr_at(0), weight_decay=1e-4)
+    scheduler = ScheduleFileLR(optimizer, schedule)
     train_loader, eval_loader = dm.train_dataloader(), dm.val_dataloader()
     curve, step, epoch, started = [], 0, 0, time.perf_counter()
     train_seconds = 0.0
     while step < steps:
         train_loader.batch_sampler.set_epoch(epoch)
-        for images, boxes, _ in train_loader:
+        for batch in train_loader:
             t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = schedule.lr_at(step)
-            parts = loss_fn.parts(model(images), build_targets(boxes, images.shape[0], tuple(images.shape[-2:])))
+            parts = loss_fn.parts(model(batch.images), build_targets(batch.boxes, len(batch), batch.image_hw))
             optimizer.zero_grad(set_to_none=True)
             parts.total.backward()
             optimizer.step()
+            scheduler.step()
             train_seconds += time.perf_counter() - t0
             step += 1
             if step % eval_every == 0 or step == steps:

@@ -89,8 +89,8 @@ def real_loader(batch, size, workers):
 
     def forever():
         while True:
-            for images, boxes, _skipped in loader:
-                yield images, boxes
+            for batch in loader:
+                yield batch.images, batch.boxes
 
     return forever(), ("real photos (shared/realdet)" if root else "generated images")
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from .boxes import as_letterbox, cxcywh_to_xyxy
+from .batch import Batch
+from .boxes import cxcywh_to_xyxy
 from .cam import assigned_index, capture, detection_cams, locate_detections
 from .metrics import match_detections
 from .postprocess import detect
@@ -49,16 +50,16 @@ def _pixel_truths(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def examples(data, n: int) -> tuple[torch.Tensor, list, list]:
     """(images [n,3,H,W] float, truths: per image [G,5] pixel boxes or None, metas: per image the
-    plain dataset's meta or None) from a dataset (items (image, boxes[, meta])), a collated batch
-    (images [B,3,S,S], boxes [N,6] image index first[, metas]) or images [B,3,S,S] / [3,S,S]."""
+    plain dataset's meta or None) from a dataset (items (image, boxes[, meta])), a `batch.Batch` or
+    images [B,3,S,S] / [3,S,S]."""
     if isinstance(data, torch.Tensor):
         images = data if data.dim() == 4 else data[None]
         return images[:n], [None] * min(n, len(images)), [None] * min(n, len(images))
-    if isinstance(data, (tuple, list)) and len(data) >= 2 and isinstance(data[0], torch.Tensor) and data[0].dim() == 4:
-        images, boxes = data[0][:n], data[1]  # a collated batch
-        h, w = images.shape[-2:]
-        truths = [_pixel_truths(boxes[boxes[:, 0] == i][:, 1:], h, w) for i in range(len(images))]
-        metas = list(data[2][:n]) if len(data) > 2 and isinstance(data[2], (list, tuple)) else [None] * len(images)
+    if isinstance(data, Batch):
+        images = data.images[:n]
+        h, w = data.image_hw
+        truths = [_pixel_truths(data.boxes[data.boxes[:, 0] == i][:, 1:], h, w) for i in range(len(images))]
+        metas = list(data.metas[:n]) if data.metas is not None else [None] * len(images)
         return images, truths, metas
     images, truths, metas = [], [], []
     for i in range(min(n, len(data))):
@@ -155,7 +156,7 @@ def mistakes_on(model: torch.nn.Module, data, n: int = 32, conf_threshold: float
     gts = []
     for t, meta in zip(shown.truths, shown.metas):
         if meta is not None and "gt" in meta:
-            boxes = as_letterbox(meta).to_input(torch.as_tensor(meta["gt"]["boxes"]).reshape(-1, 4))
+            boxes = meta["letterbox"].to_input(torch.as_tensor(meta["gt"]["boxes"]).reshape(-1, 4))
             gts.append({"boxes": boxes, "labels": torch.as_tensor(meta["gt"]["labels"]).long(),
                         "difficult": torch.as_tensor(meta["gt"]["difficult"]).bool()})
             continue

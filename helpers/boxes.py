@@ -7,7 +7,7 @@ as both sides of an IoU share it.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -16,7 +16,7 @@ from torchvision.ops import box_convert, box_iou
 from .config import STRIDES
 
 __all__ = ["as_hw", "grid_shapes", "cxcywh_to_xyxy", "xyxy_to_cxcywh", "box_iou", "paired_iou", "wh_iou",
-           "Letterbox", "as_letterbox", "letterboxes_to_original"]
+           "Letterbox", "letterboxes_to_original"]
 
 
 def as_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -111,24 +111,20 @@ class Letterbox(NamedTuple):
         return letterboxes_to_original([self], flat, index).reshape(boxes.shape)
 
 
-def as_letterbox(entry) -> Letterbox:
-    """A Letterbox, or a plain dataset's meta (`return_meta=True`) that carries one under "letterbox"."""
-    if isinstance(entry, Letterbox):
-        return entry
-    if isinstance(entry, Mapping) and isinstance(entry.get("letterbox"), Letterbox):
-        return entry["letterbox"]
-    raise ValueError("a letterbox must be a helpers.boxes.Letterbox (or a dataset meta with one under "
-                     f"'letterbox'), got {type(entry).__name__}")
+def _checked(letterbox) -> Letterbox:
+    if not isinstance(letterbox, Letterbox):
+        raise ValueError(f"a letterbox must be a helpers.boxes.Letterbox, got {type(letterbox).__name__}")
+    return letterbox
 
 
 def letterboxes_to_original(letterboxes: Sequence, boxes: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """Boxes of a batch back to their original images, each through its own image's letterbox.
 
-    letterboxes: B entries (`as_letterbox`); boxes [K, 4] x1, y1, x2, y2 in input pixels; image [K]
+    letterboxes: B `Letterbox`es; boxes [K, 4] x1, y1, x2, y2 in input pixels; image [K]
     long, which entry each box belongs to. Returns [K, 4] float32 in original pixels, clipped to
     each original image.
     """
-    lbs = [as_letterbox(e) for e in letterboxes]
+    lbs = [_checked(e) for e in letterboxes]
     params = torch.tensor([[lb.scale, lb.pad_left, lb.pad_top, lb.orig_w, lb.orig_h] for lb in lbs],
                           dtype=torch.float32, device=boxes.device).reshape(-1, 5)[image]  # [K, 5]
     scale, pad, limit = params[:, :1], params[:, 1:3].repeat(1, 2), params[:, 3:5].repeat(1, 2)

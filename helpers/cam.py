@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
 from torch import nn
 
-from .boxes import Letterbox, as_hw, as_letterbox, grid_shapes
+from .boxes import Letterbox, as_hw, grid_shapes
 from .config import ANCHORS, STRIDES
 from .model import YOLOv3
 from .targets import assign_anchors
@@ -417,7 +417,9 @@ def cam_to_original(cam: np.ndarray, letterbox: Letterbox) -> np.ndarray:
     letterbox: the `boxes.Letterbox` from the original image to the input (the datasets' `return_meta`
     carries it): the padding is cut off and the rest resized (bilinear) to the original size.
     """
-    letterbox = as_letterbox(letterbox)
+    if not isinstance(letterbox, Letterbox):
+        raise ValueError(f"cam_to_original: the letterbox must be a helpers.boxes.Letterbox, got "
+                         f"{type(letterbox).__name__}")
     arr = np.asarray(cam, np.float32)
     single = arr.ndim == 2
     maps = torch.from_numpy(arr[None] if single else arr)
@@ -456,6 +458,5 @@ def detect_and_explain(model: YOLOv3, image: torch.Tensor, conf_threshold: float
     cams = detection_cams(model, x, indices=rows, classes=dets[:, 5], method=method, cache=cap)
     if letterbox is None:
         return dets, cams
-    letterbox = as_letterbox(letterbox)
     dets = torch.cat((letterbox.to_original(dets[:, :4]), dets[:, 4:]), dim=1)
     return dets, cam_to_original(cams, letterbox)

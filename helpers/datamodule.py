@@ -1,4 +1,4 @@
-"""The LightningDataModule: datasets, multi-resolution batches, collate.
+"""The LightningDataModule: datasets, multi-resolution batches (`helpers.batch.Batch`).
 
 Training batches each have one size drawn from `DataConfig.train_sizes` by a generator seeded
 with (seed, epoch, batch number), so every DDP rank draws the same size for the same step;
@@ -13,7 +13,7 @@ default `~/.cache/yolov3-lightning/synthetic-v2-seed<seed>/VOCdevkit`.
 Annotation errors (a malformed XML, an unknown class, a missing image...) leave those records out
 with a warning naming each file (`DataConfig.on_error`, default "skip"; "raise" refuses the
 dataset instead); an image that turns out unreadable during training is skipped and counted by
-`collate`, and the LightningModule reports the count at the end of the epoch.
+`batch.collate`, and the LightningModule reports the count at the end of the epoch.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from .batch import collate
 from .config import STRIDES, DataConfig
 from .dataset import TrainingDataset
 from .dataset_org import PlainDataset
@@ -34,30 +35,6 @@ from .synthetic import make_voc_dataset
 
 SYNTHETIC_VERSION = "v2"  # bump when helpers.synthetic draws differently
 SYNTHETIC = {"n_trainval": 256, "n_test": 64, "image_size": (160, 120)}
-
-
-# --- collate ------------------------------------------------------------------------------------
-def collate(batch):
-    """(images [B,3,S,S], boxes [N,6] = image index, class, cx, cy, w, h, skipped: 0-d int64 tensor =
-    samples of this batch that could not be read, dropped here). A batch with no readable sample has
-    B = 0 (images [0,3,1,1]): the LightningModule and `evaluate` skip it."""
-    good = [b for b in batch if b is not None]
-    skipped = torch.tensor(len(batch) - len(good), dtype=torch.int64)
-    if not good:
-        return torch.zeros(0, 3, 1, 1), torch.zeros(0, 6), skipped
-    images = torch.stack([b[0] for b in good])
-    index = torch.repeat_interleave(torch.arange(len(good), dtype=torch.float32),
-                                    torch.tensor([len(b[1]) for b in good]))
-    boxes = torch.cat([index[:, None], torch.cat([b[1] for b in good])], 1)
-    return images, boxes, skipped
-
-
-def collate_with_meta(batch):
-    """(images [B,3,S,S], boxes [N,6], metas: one dict per image, skipped: 0-d int64 tensor) for
-    evaluation; unreadable samples dropped and counted (B = 0 when none could be read)."""
-    good = [b for b in batch if b is not None]
-    images, boxes, _ = collate([(b[0], b[1]) for b in good])
-    return images, boxes, [b[2] for b in good], torch.tensor(len(batch) - len(good), dtype=torch.int64)
 
 
 # --- samplers -----------------------------------------------------------------------------------
@@ -256,7 +233,7 @@ class YOLODataModule(pl.LightningDataModule):
         world, rank = self.world()
         sampler = ShardSampler(len(self.val_dataset), world, rank)
         batches = MultiScaleBatchSampler(sampler, self.cfg.batch_size, (self.cfg.image_size,), drop_last=False)
-        return self._loader(self.val_dataset, batches, collate_with_meta)
+        return self._loader(self.val_dataset, batches, collate)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader()

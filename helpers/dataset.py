@@ -20,8 +20,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .dataset_org import BAD_SAMPLE_ERRORS
-from .dataset_org import PlainDataset
+from .dataset_org import BAD_SAMPLE_ERRORS, PlainDataset
 from .mosaic import mosaic as build_mosaic
 from .transforms import SCALE_JITTER, hflip, photometric, random_affine, warp
 

@@ -1,22 +1,18 @@
-"""Evaluate a model on a dataset: the course's accuracies, VOC mAP@0.5 (2007 11-point and 2010+
+"""The one evaluation of this project: the course's accuracies, VOC mAP@0.5 (2007 11-point and 2010+
 all-point, difficult objects ignored, in original image pixels) and COCO mAP.
 
-From code (training, notebook):
-
-    result = evaluate(model, dataloader, cfg)          # dict; result["curves"] feeds plot_pr_curves
-
-From the command line:
+- `Evaluator` scores a model's outputs batch by batch. The LightningModule's validation feeds it
+  from Lightning's loop (synced across DDP ranks); `evaluate` feeds it from its own loop.
+- `evaluate(model, dataloader, cfg)`: the loop, for code (notebook) and the command line:
 
     python -m helpers.evaluate --checkpoint runs/default/checkpoints/last.ckpt --data VOCdevkit --split test
 
 prints the accuracies and a per-class AP table, writes metrics.json and pr_curves.png into a new
 folder (never over an earlier evaluation), with a progress bar.
 
-The dataloader yields (images [B,3,H,W], boxes [N,6] = image index, class, cx, cy, w, h normalised,
-metas), each meta as `helpers.dataset_org.PlainDataset(return_meta=True)` gives it ("letterbox": a
-`boxes.Letterbox`, "gt"); then detections are mapped back to the stored image and scored against
-its full ground truth. A loader whose third element is not a list of metas (the training collate's skip
-count) is scored in input pixels against the batch's own boxes instead.
+Batches are `helpers.batch.Batch`. With metas (evaluation batches) detections are mapped back to the
+stored image and scored against its full ground truth; without (training batches) they are scored in
+input pixels against the batch's own boxes.
 """
 from __future__ import annotations
 
@@ -30,150 +26,171 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch import nn
+from torchmetrics.aggregation import SumMetric
 from tqdm.auto import tqdm
 
 from .annotations import DatasetError
+from .batch import Batch, collate
 from .config import ANCHORS, Config
-from .metrics import YoloAccuracy, coco_map, voc_map
+from .metrics import DetectionsAndTruths, YoloAccuracy, coco_map, voc_map
 from .postprocess import detect
 from .targets import build_targets
 
 
-def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, list[dict] | None]:
-    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-        raise ValueError("evaluate: a batch must be (images, boxes[, metas]), got "
-                         f"{type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}")
-    images, boxes = batch[0], batch[1]
-    metas = batch[2] if len(batch) > 2 and isinstance(batch[2], (list, tuple)) else None
-    return images, boxes, metas
+class Evaluator(nn.Module):
+    """Accumulates a detector's results over a dataset, batch by batch, then scores them.
+
+    reset(accuracy, detections, rank, world_size): start over, saying what to score (the same on every
+    rank: validation scores mAP only every few epochs) and which rank this process is.
+    update(outputs, batch, targets=None): outputs the model's 3 raw tensors [B, 3, S_h, S_w, 5+C] for
+    `batch` (None when the batch is empty); targets `build_targets` of the batch if already built.
+    compute(coco=False) -> dict of plain values (gathered over ranks; see `evaluate`), plus "curves":
+    the all-point `voc_map` result with its per-class precision/recall arrays (not JSON).
+
+    Thresholds are the course's by default (`build_evaluator` reads them from a Config). Each image
+    gets the id rank + world_size * (images this rank has seen), unique across ranks and equal to its
+    index in the dataset under `datamodule.ShardSampler`.
+    """
+
+    def __init__(self, class_names: Sequence[str], conf_threshold: float = 0.05, nms_iou: float = 0.45,
+                 map_iou: float = 0.5, max_detections: int = 100, nms_pre: int | None = 1000,
+                 score: str = "obj*cls", anchors=ANCHORS):
+        super().__init__()
+        self.class_names = list(class_names)
+        self.conf_threshold, self.nms_iou, self.map_iou = conf_threshold, nms_iou, map_iou
+        self.max_detections, self.nms_pre, self.score, self.anchors = max_detections, nms_pre, score, anchors
+        self.accuracy = YoloAccuracy(threshold=conf_threshold)
+        self.detections = DetectionsAndTruths()
+        self.skipped = SumMetric(nan_strategy="ignore")
+        self.reset()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def reset(self, accuracy: bool = True, detections: bool = True, rank: int = 0, world_size: int = 1) -> None:
+        self.scores_accuracy, self.scores_detections = accuracy, detections
+        self.rank, self.world_size, self.seen = rank, world_size, 0
+        for metric in (self.accuracy, self.detections, self.skipped):
+            metric.reset()
+
+    def update(self, outputs: Sequence[torch.Tensor] | None, batch: Batch,
+               targets: Sequence[torch.Tensor] | None = None) -> None:
+        self.skipped.update(batch.skipped.float())
+        if outputs is None or len(batch) == 0:  # no sample of the batch could be read
+            return
+        if self.scores_accuracy:
+            if targets is None:
+                targets = build_targets(batch.boxes, len(batch), batch.image_hw, anchors=self.anchors)
+            self.accuracy.update(outputs, targets)
+        if self.scores_detections:
+            found = detect(outputs, batch.image_hw, conf_threshold=self.conf_threshold, iou_threshold=self.nms_iou,
+                           max_detections=self.max_detections, nms_pre=self.nms_pre, score=self.score,
+                           letterbox=batch.letterboxes(), anchors=self.anchors)
+            ids = self.rank + self.world_size * torch.arange(self.seen, self.seen + len(batch))
+            self.detections.update(found, batch.truths(), ids)
+        self.seen += len(batch)
+
+    def compute(self, coco: bool = False) -> dict:
+        c = self.num_classes
+        acc = {k: _number(v) for k, v in self.accuracy.compute().items()} if self.scores_accuracy else {}
+        result = {"skipped": int(self.skipped.compute()),
+                  **{k: acc.get(k) for k in ("class_acc", "noobj_acc", "obj_acc")},
+                  "map50_voc07": None, "map50_all": None, "coco": None, "per_class": None, "curves": None,
+                  "settings": {"conf_threshold": self.conf_threshold, "nms_iou": self.nms_iou,
+                               "map_iou": self.map_iou, "num_classes": c}}
+        if not self.scores_detections:
+            return result
+        dets, truths, images = self.detections.per_image()
+        both = voc_map(dets, truths, iou_threshold=self.map_iou, method=("voc07", "all"), num_classes=c)
+        v07, vall = both["voc07"], both["all"]
+        result.update({
+            "images": images,
+            "detections": int(sum(len(d) for d in dets)),
+            "ground_truths": int(sum(len(g["labels"]) for g in truths)),
+            "difficult": int(sum(int(g["difficult"].sum()) for g in truths)),
+            "map50_voc07": _number(v07["map"]),
+            "map50_all": _number(vall["map"]),
+            "coco": coco_map(dets, truths, num_classes=c) if coco and dets else None,
+            "per_class": [{"class": self.class_names[k], "num_gt": int(v07["num_gt"][k]),
+                           "num_tp": int(vall["num_tp"][k]), "num_fp": int(vall["num_fp"][k]),
+                           "ap50_voc07": _number(v07["ap"][k]), "ap50_all": _number(vall["ap"][k])}
+                          for k in range(c)],
+            "curves": vall,
+        })
+        return result
 
 
-def _input_pixel_truths(boxes: torch.Tensor, batch_size: int, height: int, width: int) -> list[dict]:
-    """Ground truth per image from the batch's normalised boxes [N,6], in input pixels."""
-    boxes = boxes.detach().cpu().float()
-    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-    xyxy = torch.cat([boxes[:, 2:4] - boxes[:, 4:6] / 2, boxes[:, 2:4] + boxes[:, 4:6] / 2], 1) * scale
-    img = boxes[:, 0].long()
-    return [{"boxes": xyxy[img == b], "labels": boxes[img == b, 1].long(),
-             "difficult": torch.zeros(int((img == b).sum()), dtype=torch.bool)} for b in range(batch_size)]
+def _number(x) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) else x  # JSON has no NaN: a class without ground truth is null
+
+
+def build_evaluator(cfg: Config) -> Evaluator:
+    """The evaluator of a run: thresholds from `cfg.train` (conf_threshold, nms_iou, map_iou; the
+    course's 0.05 / 0.45 / 0.5 by default), class names from `cfg.data.classes`, one per model class."""
+    t, num_classes = cfg.train, cfg.model.num_classes
+    names = list(cfg.data.classes)[:num_classes] + [str(k) for k in range(len(cfg.data.classes), num_classes)]
+    return Evaluator(names, conf_threshold=t.conf_threshold, nms_iou=t.nms_iou, map_iou=t.map_iou)
 
 
 @torch.inference_mode()
-def collect(
-    model: torch.nn.Module,
-    dataloader: Iterable,
-    *,
-    conf_threshold: float = 0.05,
-    nms_iou: float = 0.45,
-    max_detections: int = 100,
-    nms_pre: int | None = 1000,
-    score: str = "obj*cls",
-    anchors=ANCHORS,
-    device: str | torch.device | None = None,
-    accuracy: bool = True,
-    amp: bool | None = None,
-    progress: bool = True,
-    max_batches: int | None = None,
-) -> tuple[list[torch.Tensor], list[dict], dict[str, float] | None]:
-    """Run the model over the loader: (detections per image [K,6] on the CPU, ground truths per
-    image, accuracies in percent or None). The model runs on `device` (default: where its
-    parameters are) in eval mode, and is put back in the mode it had.
-
-    amp: fp16 autocast; default on CUDA only. Decoding and metrics are fp32 whatever it is.
-    """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    amp = device.type == "cuda" if amp is None else amp
-    was_training = model.training
-    model.to(device).eval()
-    acc = YoloAccuracy(threshold=conf_threshold).to(device) if accuracy else None
-    detections: list[torch.Tensor] = []
-    truths: list[dict] = []
-    total = len(dataloader) if hasattr(dataloader, "__len__") else None
-    if max_batches is not None and total is not None:
-        total = min(total, max_batches)
-    bar = tqdm(dataloader, total=total, desc="evaluate", unit="batch", disable=not progress, dynamic_ncols=True)
-    try:
-        for k, batch in enumerate(bar):
-            if max_batches is not None and k >= max_batches:
-                break
-            images, boxes, metas = _split_batch(batch)
-            b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
-            if b == 0:  # every sample of the batch was unreadable (the collate warned)
-                continue
-            images, boxes = images.to(device, non_blocking=True), boxes.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16) if amp else nullcontext():
-                outputs = model(images)
-            if acc is not None:
-                acc.update(outputs, build_targets(boxes, b, (h, w), anchors=anchors))
-            letterboxes = None if metas is None else [m["letterbox"] for m in metas]
-            dets = detect(outputs, (h, w), conf_threshold=conf_threshold, iou_threshold=nms_iou,
-                          max_detections=max_detections, nms_pre=nms_pre, score=score, letterbox=letterboxes,
-                          anchors=anchors)
-            detections.extend(d.cpu() for d in dets)
-            truths.extend(_input_pixel_truths(boxes, b, h, w) if metas is None else [m["gt"] for m in metas])
-    finally:
-        bar.close()
-        model.train(was_training)
-    accuracies = None
-    if acc is not None and acc.update_count:
-        accuracies = {k: float(v) for k, v in acc.compute().items()}
-    return detections, truths, accuracies
-
-
 def evaluate(
     model: torch.nn.Module,
-    dataloader: Iterable,
+    dataloader: Iterable[Batch],
     cfg: Config | None = None,
     device: str | torch.device | None = None,
     *,
     coco: bool = True,
     progress: bool = True,
     max_batches: int | None = None,
-    **collect_kwargs,
+    amp: bool | None = None,
+    accuracy: bool = True,
+    evaluator: Evaluator | None = None,
 ) -> dict:
-    """Accuracies, VOC mAP@`cfg.train.map_iou` (voc07 and all-point), per-class APs and COCO mAP.
+    """Run the model over the loader and score it: `Evaluator.compute`'s dict (accuracies, VOC
+    mAP@map_iou voc07 and all-point, per-class APs, COCO mAP) plus "seconds" spent in the model and
+    in the metrics.
 
-    Thresholds come from `cfg.train` (conf_threshold, nms_iou, map_iou; the course's 0.05 / 0.45 /
-    0.5 by default), class names and count from `cfg.data.classes` / `cfg.model.num_classes`.
-    Returns a dict of plain values (JSON-ready) plus "curves": the all-point `voc_map` result with
-    its per-class precision/recall arrays (for `helpers.plotting.plot_pr_curves`; not JSON).
+    The model runs on `device` (default: where its parameters are) in eval mode, and is put back in
+    the mode it had. amp: fp16 autocast, default on CUDA only; decoding and metrics are fp32.
+    accuracy: also the course's accuracies (building targets for every batch).
+    evaluator: default `build_evaluator(cfg)` (cfg default `Config()`); what it gathered stays in it
+    (e.g. `evaluator.detections.per_image()`).
     """
-    cfg = cfg or Config()
-    t = cfg.train
-    num_classes = cfg.model.num_classes
-    names = list(cfg.data.classes)[:num_classes] + [str(c) for c in range(len(cfg.data.classes), num_classes)]
+    evaluator = evaluator or build_evaluator(cfg or Config())
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    amp = device.type == "cuda" if amp is None else amp
+    was_training = model.training
+    model.to(device).eval()
+    evaluator.to(device).reset(accuracy=accuracy)
+    total = len(dataloader) if hasattr(dataloader, "__len__") else None
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+    bar = tqdm(dataloader, total=total, desc="evaluate", unit="batch", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
-    dets, truths, acc = collect(model, dataloader, conf_threshold=t.conf_threshold, nms_iou=t.nms_iou,
-                                device=device, progress=progress, max_batches=max_batches, **collect_kwargs)
+    try:
+        for k, batch in enumerate(bar):
+            if max_batches is not None and k >= max_batches:
+                break
+            if not isinstance(batch, Batch):
+                raise TypeError(f"evaluate: the loader must yield helpers.batch.Batch (collate_fn="
+                                f"helpers.batch.collate), got {type(batch).__name__}")
+            batch = batch.to(device, non_blocking=True)
+            outputs = None
+            if len(batch):
+                with torch.autocast(device.type, dtype=torch.float16) if amp else nullcontext():
+                    outputs = model(batch.images)
+            evaluator.update(outputs, batch)
+    finally:
+        bar.close()
+        model.train(was_training)
     inference_s = time.perf_counter() - start
     start = time.perf_counter()
-    both = voc_map(dets, truths, iou_threshold=t.map_iou, method=("voc07", "all"), num_classes=num_classes)
-    v07, vall = both["voc07"], both["all"]
-    coco_result = coco_map(dets, truths, num_classes=num_classes) if coco and len(dets) else None
-    metrics_s = time.perf_counter() - start
-
-    def num(x) -> float | None:
-        x = float(x)
-        return None if math.isnan(x) else x  # JSON has no NaN: a class without ground truth is null
-
-    per_class = [{"class": names[c], "num_gt": int(v07["num_gt"][c]), "num_tp": int(vall["num_tp"][c]),
-                  "num_fp": int(vall["num_fp"][c]), "ap50_voc07": num(v07["ap"][c]), "ap50_all": num(vall["ap"][c])}
-                 for c in range(num_classes)]
-    return {
-        "images": len(dets),
-        "detections": int(sum(len(d) for d in dets)),
-        "ground_truths": int(sum(len(g["labels"]) for g in truths)),
-        "difficult": int(sum(int(torch.as_tensor(g.get("difficult", [])).sum()) for g in truths)),
-        **({k: num(v) for k, v in acc.items()} if acc else {"class_acc": None, "noobj_acc": None, "obj_acc": None}),
-        "map50_voc07": num(v07["map"]),
-        "map50_all": num(vall["map"]),
-        "coco": coco_result,
-        "per_class": per_class,
-        "settings": {"conf_threshold": t.conf_threshold, "nms_iou": t.nms_iou, "map_iou": t.map_iou,
-                     "num_classes": num_classes},
-        "seconds": {"inference": round(inference_s, 3), "metrics": round(metrics_s, 3)},
-        "curves": vall,
-    }
+    result = evaluator.compute(coco=coco)
+    result["seconds"] = {"inference": round(inference_s, 3), "metrics": round(time.perf_counter() - start, 3)}
+    return result
 
 
 def format_report(result: dict) -> str:
@@ -230,7 +247,6 @@ def write_outputs(result: dict, out: Path, class_names: Sequence[str]) -> dict[s
 
 def _build_loader(root: Path, split: str, image_size: int, cfg: Config, batch_size: int, workers: int,
                   limit: int | None) -> torch.utils.data.DataLoader:
-    from .datamodule import collate_with_meta
     from .dataset_org import PlainDataset
 
     dataset = PlainDataset(root, split, image_size, classes=tuple(cfg.data.classes), return_meta=True,
@@ -240,7 +256,7 @@ def _build_loader(root: Path, split: str, image_size: int, cfg: Config, batch_si
     if limit:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       collate_fn=collate_with_meta, pin_memory=torch.cuda.is_available())
+                                       collate_fn=collate, pin_memory=torch.cuda.is_available())
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

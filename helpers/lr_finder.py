@@ -22,6 +22,7 @@ import torch
 from matplotlib.figure import Figure
 from torch_lr_finder import LRFinder, TrainDataLoaderIter
 
+from .batch import Batch
 from .config import STRIDES
 from .loss import YoloLoss
 from .plotting import plot_lr_finder
@@ -29,10 +30,10 @@ from .targets import build_targets
 
 
 class _YoloBatches(TrainDataLoaderIter):
-    """Batches of (images, boxes [N,6], ...) as (inputs, labels) for torch-lr-finder."""
+    """`batch.Batch`es as (inputs, labels) = (images, boxes [N,6]) for torch-lr-finder."""
 
-    def inputs_labels_from_batch(self, batch):
-        return batch[0], batch[1]
+    def inputs_labels_from_batch(self, batch: Batch):
+        return batch.images, batch.boxes
 
 
 class _TargetsThenLoss(torch.nn.Module):

@@ -76,17 +76,28 @@ class DetectionsAndTruths(Metric):
             self.gts.append(gt)
         self.images += len(detections)
 
-    def compute(self) -> tuple[list[torch.Tensor], list[dict]]:
-        """Per image (in id order): detections [K,6] and ground-truth dicts, as `voc_map` takes them."""
-        dets = _cat(self.dets, 7).cpu()
-        gts = _cat(self.gts, 7).cpu()
-        ids = torch.unique(torch.cat([dets[:, 0], gts[:, 0]]))
-        per_det, per_gt = [], []
-        for i in ids.tolist():
-            per_det.append(dets[dets[:, 0] == i, 1:])
-            g = gts[gts[:, 0] == i]
-            per_gt.append({"boxes": g[:, 1:5], "labels": g[:, 5].long(), "difficult": g[:, 6].bool()})
-        return per_det, per_gt
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dets [K,7], gts [G,7], images counted) over every rank (`per_image` splits them)."""
+        return _cat(self.dets, 7).cpu(), _cat(self.gts, 7).cpu(), self.images
+
+    def per_image(self) -> tuple[list[torch.Tensor], list[dict], int]:
+        """Per image with a detection or a ground truth (in id order): detections [K,6] and ground-truth
+        dicts, as `voc_map` takes them; then the number of images seen, those without either included.
+        (Split outside `compute`: torchmetrics squeezes one-element tensors of its result.)"""
+        dets, gts, images = self.compute()
+        return (*split_by_image(dets, gts), int(images))
+
+
+def split_by_image(dets: torch.Tensor, gts: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
+    """dets [K,7] (id, x1, y1, x2, y2, score, class), gts [G,7] (id, x1, y1, x2, y2, label, difficult)
+    -> per image id, in id order: detections [k,6] and {"boxes" [g,4], "labels" [g], "difficult" [g]}."""
+    ids = torch.unique(torch.cat([dets[:, 0], gts[:, 0]]))
+    per_det, per_gt = [], []
+    for i in ids.tolist():
+        per_det.append(dets[dets[:, 0] == i, 1:])
+        g = gts[gts[:, 0] == i]
+        per_gt.append({"boxes": g[:, 1:5], "labels": g[:, 5].long(), "difficult": g[:, 6].bool()})
+    return per_det, per_gt
 
 
 def _cat(state, width: int) -> torch.Tensor:

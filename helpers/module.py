@@ -1,21 +1,34 @@
-"""The LightningModule: one training step, validation accuracies and mAP, the optimizer.
+"""The LightningModule: one training step, validation through the project's `Evaluator`, the optimizer
+and the LR schedule.
 
-What lives elsewhere: data in `datamodule`, the LR of each step in the schedule file (`schedule`,
-applied here at every batch start), checkpoints in `checkpoints` (a Callback), the loop, AMP and
-DDP in Lightning's Trainer (`train`).
+What lives elsewhere: data in `datamodule` (batches are `batch.Batch`), the LR of each step in the
+schedule file (`schedule`, applied by `schedule.ScheduleFileLR` as a step-interval scheduler),
+checkpoints in `checkpoints` (a Callback), the loop, AMP and DDP in Lightning's Trainer (`train`).
 """
 from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.rank_zero import rank_zero_only
 
-from .config import Config
+from .batch import Batch
+from .config import Config, TrainConfig
+from .evaluate import build_evaluator
 from .loss import YoloLoss
-from .metrics import DetectionsAndTruths, YoloAccuracy, voc_map
 from .model import build_model
-from .postprocess import detect
-from .schedule import Schedule
+from .schedule import Schedule, ScheduleFileLR
 from .targets import build_targets
+
+
+def build_optimizer(params, t: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """The optimizer `t.optimizer` names, at learning rate `lr`, with `t.weight_decay`."""
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
+    raise ValueError(f"unknown optimizer {t.optimizer!r} (adam, adamw or sgd)")
 
 
 class YOLOModule(pl.LightningModule):
@@ -24,136 +37,113 @@ class YOLOModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.cfg = Config.from_dict(config)
-        t = self.cfg.train
         self.model = build_model(self.cfg.model)
-        self.loss_fn = YoloLoss.from_config(t)
-        self.val_accuracy = YoloAccuracy(threshold=t.conf_threshold)
-        self.val_map_inputs = DetectionsAndTruths()
+        self.loss_fn = YoloLoss.from_config(self.cfg.train)
+        self.evaluator = build_evaluator(self.cfg)
         self.schedule = Schedule.read(schedule_path) if schedule_path else None
-        self.skipped_samples = 0  # this epoch's, on this rank
-        self.val_skipped = 0
-        # Unreadable samples: training total over the run (all ranks, every epoch; kept in checkpoints)
-        # and the last validation's count.
+        # Unreadable training samples of this epoch on this rank, counted on the device (no host
+        # sync per step); then totals over the run (all ranks, kept in checkpoints) and the last
+        # validation's count.
+        self.register_buffer("train_skipped", torch.zeros((), dtype=torch.int64), persistent=False)
         self.skipped_images = {"train": 0, "val": 0}
-        self.last_map: dict | None = None
+        self.last_map: dict | None = None  # the last validation's Evaluator result that scored mAP
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.model(images)
 
     # --- training ---------------------------------------------------------------------------
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if self.schedule is not None:
-            lr = self.schedule.lr_at(self.global_step)
-            for group in self.trainer.optimizers[0].param_groups:
-                group["lr"] = lr
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, boxes, skipped = batch
-        b = images.shape[0]
-        self.skipped_samples += int(skipped)
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        b = len(batch)
+        self.train_skipped += batch.skipped
         if b == 0:  # no image of this batch could be read (the dataset warned, naming the files)
             # Still one optimizer step, so the step count stays on the schedule file and every DDP rank
-            # steps together; at LR 0 and zero gradients the weights do not move.
+            # steps together; at LR 0 and zero gradients the weights do not move (the scheduler sets
+            # the next step's LR from the file again).
             for group in self.trainer.optimizers[0].param_groups:
                 group["lr"] = 0.0
             return sum(p.sum() for p in self.model.parameters()) * 0.0
-        targets = build_targets(boxes, b, tuple(images.shape[-2:]))
-        parts = self.loss_fn.parts(self.model(images), targets)
+        targets = build_targets(batch.boxes, b, batch.image_hw)
+        parts = self.loss_fn.parts(self.model(batch.images), targets)
         self.log("train/loss", parts.total, on_step=True, on_epoch=True, batch_size=b, prog_bar=True)
         self.log_dict({"train/box": parts.box, "train/obj": parts.obj, "train/noobj": parts.noobj,
                        "train/class": parts.cls}, on_step=True, on_epoch=True, batch_size=b)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
                  batch_size=b, prog_bar=True)
-        self.log("train/image_size", float(images.shape[-1]), on_step=True, on_epoch=False, batch_size=b)
+        self.log("train/image_size", float(batch.image_hw[1]), on_step=True, on_epoch=False, batch_size=b)
         return parts.total
 
     def on_train_epoch_end(self) -> None:
-        skipped = self.trainer.strategy.reduce(torch.tensor(float(self.skipped_samples), device=self.device),
-                                               reduce_op="sum")
-        self.log("train/skipped_samples", skipped, on_epoch=True, sync_dist=False)
-        if int(skipped) and self.trainer.is_global_zero:
-            print(f"epoch {self.current_epoch}: {int(skipped)} training samples could not be read and were "
-                  "skipped (the warnings above name the files)")
-        self.skipped_images["train"] += int(skipped)
-        self.skipped_samples = 0
+        skipped = int(self.trainer.strategy.reduce(self.train_skipped.float(), reduce_op="sum"))
+        self.log("train/skipped_samples", float(skipped), on_epoch=True, sync_dist=False)
+        if skipped:
+            rank_zero_only(print)(f"epoch {self.current_epoch}: {skipped} training samples could not be read and "
+                                  "were skipped (the warnings above name the files)")
+        self.skipped_images["train"] += skipped
+        self.train_skipped.zero_()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["skipped_images"] = {**self.skipped_images, "train_this_epoch": self.skipped_samples}
+        # Every rank saves together (Lightning gathers the state; rank 0 writes), so the partial
+        # epoch's count can be summed over ranks here.
+        this_epoch = int(self.trainer.strategy.reduce(self.train_skipped.float(), reduce_op="sum"))
+        checkpoint["skipped_images"] = {**self.skipped_images, "train_this_epoch": this_epoch}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("skipped_images", {})
         self.skipped_images = {"train": int(saved.get("train", 0)), "val": int(saved.get("val", 0))}
-        self.skipped_samples = int(saved.get("train_this_epoch", 0))
+        # The saved partial count is the sum over ranks: one rank carries it on.
+        on_this_rank = int(saved.get("train_this_epoch", 0)) if self.global_rank == 0 else 0
+        self.train_skipped.fill_(on_this_rank)
+        if "lr_schedulers" not in checkpoint and self.schedule is not None and "optimizer_states" in checkpoint:
+            # Written before the schedule was a scheduler: its position is the step count, and the
+            # next step's LR is the file's (the saved optimizer holds the previous step's).
+            step = int(checkpoint["global_step"])
+            lr = self.schedule.lr_at(step)
+            checkpoint["lr_schedulers"] = [{"last_epoch": step, "_step_count": step + 1, "_last_lr": [lr]}]
+            for state in checkpoint["optimizer_states"]:
+                for group in state["param_groups"]:
+                    group["lr"] = lr
 
     # --- validation -------------------------------------------------------------------------
     def _is_last_epoch(self) -> bool:
         return self.trainer.max_epochs is not None and self.current_epoch >= self.trainer.max_epochs - 1
 
-    def _accuracy_due(self) -> bool:
-        every = self.cfg.train.accuracy_every
+    def _due(self, every: int) -> bool:
         return self._is_last_epoch() or (every > 0 and (self.current_epoch + 1) % every == 0)
 
-    def _map_due(self) -> bool:
-        every = self.cfg.train.map_every
-        return self._is_last_epoch() or (every > 0 and (self.current_epoch + 1) % every == 0)
+    def on_validation_epoch_start(self) -> None:
+        t = self.cfg.train
+        self.evaluator.reset(accuracy=self._due(t.accuracy_every), detections=self._due(t.map_every),
+                             rank=self.global_rank, world_size=self.trainer.world_size)
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        images, boxes, metas, skipped = batch
-        b = images.shape[0]
-        self.val_skipped += int(skipped)
-        if b == 0:  # no image of this batch could be read
-            return
-        outputs = self.model(images)
-        targets = build_targets(boxes, b, tuple(images.shape[-2:]))
-        self.log("val/loss", self.loss_fn(outputs, targets), on_epoch=True, batch_size=b, sync_dist=True,
-                 prog_bar=True)
-        if self.trainer.sanity_checking:
-            return
-        if self._accuracy_due():
-            self.val_accuracy.update(outputs, targets)
-        if self._map_due():
-            t = self.cfg.train
-            dets = detect(outputs, tuple(images.shape[-2:]), conf_threshold=t.conf_threshold,
-                          iou_threshold=t.nms_iou, letterbox=[m["letterbox"] for m in metas])
-            # Ids unique across ranks: rank-strided positions in the epoch (nominal batch size, so a
-            # short last batch cannot reuse an id).
-            start = (batch_idx * self.trainer.world_size + self.global_rank) * self.cfg.data.batch_size
-            ids = torch.arange(start, start + b)
-            self.val_map_inputs.update(dets, [m["gt"] for m in metas], ids)
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        outputs = targets = None
+        if len(batch):  # else no image of this batch could be read
+            outputs = self.model(batch.images)
+            targets = build_targets(batch.boxes, len(batch), batch.image_hw)
+            self.log("val/loss", self.loss_fn(outputs, targets), on_epoch=True, batch_size=len(batch),
+                     sync_dist=True, prog_bar=True)
+        if not self.trainer.sanity_checking:
+            self.evaluator.update(outputs, batch, targets)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
-            self.val_skipped = 0
             return
-        skipped = self.trainer.strategy.reduce(torch.tensor(float(self.val_skipped), device=self.device),
-                                               reduce_op="sum")
-        self.skipped_images["val"] = int(skipped)
-        self.val_skipped = 0
-        if int(skipped):
-            self.log("val/skipped_samples", skipped)
-        if self._accuracy_due() and self.val_accuracy.update_count:
-            acc = self.val_accuracy.compute()  # synced across ranks (sum states)
-            self.log_dict({f"val/{k}": v for k, v in acc.items()}, prog_bar=True)
-            self.val_accuracy.reset()
-        if self._map_due() and self.val_map_inputs.update_count:
-            dets, gts = self.val_map_inputs.compute()
-            self.val_map_inputs.reset()
-            t = self.cfg.train
-            results = voc_map(dets, gts, iou_threshold=t.map_iou, method=("voc07", "all"),  # one matching
-                              num_classes=self.cfg.model.num_classes)
-            self.log("val/map50_voc07", float(results["voc07"]["map"]))
-            self.log("val/map50_all", float(results["all"]["map"]))
-            self.last_map = results
+        result = self.evaluator.compute()  # gathered over ranks
+        self.skipped_images["val"] = result["skipped"]
+        if result["skipped"]:
+            self.log("val/skipped_samples", float(result["skipped"]))
+        if self.evaluator.scores_accuracy:
+            self.log_dict({f"val/{k}": result[k] for k in ("class_acc", "noobj_acc", "obj_acc")
+                           if result[k] is not None}, prog_bar=True)
+        if self.evaluator.scores_detections:
+            self.log_dict({f"val/{k}": result[k] for k in ("map50_voc07", "map50_all") if result[k] is not None})
+            self.last_map = result
 
     # --- optimizer ---------------------------------------------------------------------------
     def configure_optimizers(self):
         t = self.cfg.train
-        lr = self.schedule.lr_at(0) if self.schedule else t.max_lr
-        params = self.model.parameters()
-        if t.optimizer == "adam":
-            return torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay)
-        if t.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
-        if t.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
-        raise ValueError(f"unknown optimizer {t.optimizer!r} (adam, adamw or sgd)")
+        if self.schedule is None:  # no schedule file (tests, the LR finder): a constant max_lr
+            return build_optimizer(self.model.parameters(), t, t.max_lr)
+        optimizer = build_optimizer(self.model.parameters(), t, self.schedule.lr_at(0))
+        scheduler = ScheduleFileLR(optimizer, self.schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -153,6 +153,24 @@ class Schedule:
         return cls(spec, compute_schedule(spec))
 
 
+class ScheduleFileLR(torch.optim.lr_scheduler.LRScheduler):
+    """A torch LR scheduler over the schedule file: optimizer step k runs at `schedule.lr_at(k)`, every
+    parameter group. Stepped once per optimizer step (Lightning's interval "step"); its position is
+    saved and restored with Lightning's checkpoints, and each value is read from the file, never
+    derived from the previous one, so a resume lands on the exact line."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule, last_epoch: int = -1):
+        self.schedule = schedule
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        return [self.schedule.lr_at(max(self.last_epoch, 0))] * len(self.optimizer.param_groups)
+
+    def state_dict(self) -> dict:
+        # The position only: the values stay in the file (and a checkpoint holds plain types).
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "schedule")}
+
+
 def limited_steps(batches: int, limit: float | int | None) -> int:
     """Optimizer steps per epoch once Lightning's `limit_train_batches` is applied (its own rule: an
     int caps the count, a float is a fraction, rounded down)."""

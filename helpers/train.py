@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 import types
@@ -39,7 +38,7 @@ from .checkpoints import (
 )
 from .config import Config, DataConfig, ModelConfig, TrainConfig
 from .datamodule import YOLODataModule
-from .module import YOLOModule
+from .module import YOLOModule, build_optimizer
 from .schedule import OneCycleSpec, Schedule, ScheduleMismatch, limited_steps
 from .storage import StorageFull, free_bytes, human
 from .weights import CheckpointError, find_latest
@@ -238,7 +237,8 @@ def lr_range_test(cfg: Config, datamodule):
 
     module = YOLOModule(cfg.to_dict())
     cuda = torch.cuda.is_available()
-    return find_lr(module.model, module.configure_optimizers(), datamodule.train_dataloader(), loss=module.loss_fn,
+    optimizer = build_optimizer(module.model.parameters(), cfg.train, cfg.train.max_lr)
+    return find_lr(module.model, optimizer, datamodule.train_dataloader(), loss=module.loss_fn,
                    num_iter=100, device="cuda" if cuda else "cpu", amp=cuda)
 
 
@@ -379,7 +379,8 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
         "skipped_images": dict(module.skipped_images),
     }
     if module.last_map:
-        summary["ap_per_class_voc07"] = _ap_table(module.last_map["voc07"], cfg.data.classes)
+        summary["ap_per_class_voc07"] = {row["class"]: None if row["ap50_voc07"] is None else round(row["ap50_voc07"], 4)
+                                         for row in module.last_map["per_class"]}
     if trainer.is_global_zero:
         _save_plots(summary, run_dir)
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -401,10 +402,6 @@ def _final_metrics(logs: Path, trainer) -> dict[str, float]:
         pass
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     return metrics
-
-
-def _ap_table(result: dict, classes) -> dict:
-    return {name: (None if ap != ap else round(float(ap), 4)) for name, ap in zip(classes, result["ap"])}
 
 
 def _save_plots(summary: dict, run_dir: Path) -> None:
@@ -433,16 +430,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ScheduleMismatch, DatasetError, CheckpointError, StorageFull) as e:  # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        print("\nwritten:")
-        for key in ("schedule", "checkpoints", "logs"):
-            print(f"  {key:12s} {summary[key]}")
-        for plot in summary.get("plots", []):
-            print(f"  {'plot':12s} {plot}")
-        print(f"  {'metrics':12s} {Path(summary['run_dir']) / 'metrics.json'}")
-        shown = {k: round(v, 4) for k, v in summary["metrics"].items() if k.startswith("val/")}
-        print(f"final validation metrics: {shown}")
+    print_written(summary)
     return 0
+
+
+@rank_zero_only
+def print_written(summary: dict) -> None:
+    print("\nwritten:")
+    for key in ("schedule", "checkpoints", "logs"):
+        print(f"  {key:12s} {summary[key]}")
+    for plot in summary.get("plots", []):
+        print(f"  {'plot':12s} {plot}")
+    print(f"  {'metrics':12s} {Path(summary['run_dir']) / 'metrics.json'}")
+    shown = {k: round(v, 4) for k, v in summary["metrics"].items() if k.startswith("val/")}
+    print(f"final validation metrics: {shown}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from helpers.annotations import Record
+from helpers.batch import Batch, collate
 from helpers.boxes import Letterbox
 from helpers.config import VOC_CLASSES, DataConfig
 from helpers.datamodule import (
@@ -23,8 +24,6 @@ from helpers.datamodule import (
     ResumableDataLoader,
     ShardSampler,
     YOLODataModule,
-    collate,
-    collate_with_meta,
     steps_per_epoch,
     synthetic_root,
 )
@@ -355,16 +354,36 @@ def test_collate_drops_unreadable_samples_and_counts_them():
     one = (torch.zeros(3, 32, 32), torch.tensor([[1, 0.5, 0.5, 0.2, 0.2]]))
     two = (torch.ones(3, 32, 32), torch.tensor([[2, 0.5, 0.5, 0.2, 0.2], [3, 0.1, 0.1, 0.1, 0.1]]))
     empty = (torch.zeros(3, 32, 32), torch.zeros(0, 5))
-    images, boxes, skipped = collate([one, None, empty, two, None])
-    assert images.shape == (3, 3, 32, 32) and skipped.dtype == torch.int64 and skipped.ndim == 0
-    assert int(skipped) == 2
-    assert boxes[:, 0].tolist() == [0.0, 2.0, 2.0] and boxes[:, 1].tolist() == [1.0, 2.0, 3.0]
-    images, boxes, skipped = collate([None])
-    assert images.shape[0] == 0 and boxes.shape == (0, 6) and int(skipped) == 1
-    images, boxes, metas, skipped = collate_with_meta([(*one, {"path": "a"}), None])
-    assert images.shape[0] == 1 and metas == [{"path": "a"}] and int(skipped) == 1
-    images, boxes, metas, skipped = collate_with_meta([None, None])
-    assert images.shape[0] == 0 and metas == [] and int(skipped) == 2
+    batch = collate([one, None, empty, two, None])
+    assert batch.images.shape == (3, 3, 32, 32) and len(batch) == 3 and batch.metas is None
+    assert batch.skipped.dtype == torch.int64 and batch.skipped.ndim == 0 and int(batch.skipped) == 2
+    assert batch.boxes[:, 0].tolist() == [0.0, 2.0, 2.0] and batch.boxes[:, 1].tolist() == [1.0, 2.0, 3.0]
+    nothing = collate([None])
+    assert len(nothing) == 0 and nothing.boxes.shape == (0, 6) and int(nothing.skipped) == 1
+
+
+def test_evaluation_items_make_a_batch_with_one_meta_per_readable_image():
+    one = (torch.zeros(3, 32, 32), torch.tensor([[1, 0.5, 0.5, 0.2, 0.2]]))
+    batch = collate([(*one, {"path": "a"}), None])
+    assert len(batch) == 1 and batch.metas == [{"path": "a"}] and int(batch.skipped) == 1
+
+
+def test_a_batch_without_metas_gives_its_own_boxes_as_truth_in_input_pixels():
+    batch = collate([(torch.zeros(3, 32, 64), torch.tensor([[4, 0.5, 0.5, 0.5, 0.25]])),
+                     (torch.zeros(3, 32, 64), torch.zeros(0, 5))])
+    first, second = batch.truths()
+    assert first["boxes"].tolist() == [[16.0, 12.0, 48.0, 20.0]] and first["labels"].tolist() == [4]
+    assert first["difficult"].tolist() == [False] and len(second["boxes"]) == 0
+    assert batch.letterboxes() is None
+
+
+def test_a_batch_moves_and_pins_as_one_object_that_lightning_can_transfer():
+    from lightning_fabric.utilities.apply_func import move_data_to_device
+
+    batch = collate([(torch.zeros(3, 32, 32), torch.tensor([[1, 0.5, 0.5, 0.2, 0.2]]), {"path": "a"})])
+    moved = move_data_to_device(batch, torch.device("meta"))
+    assert isinstance(moved, Batch) and moved.images.is_meta and moved.skipped.is_meta
+    assert moved.metas == [{"path": "a"}]  # metas stay where they are (the CPU)
 
 
 def test_the_epoch_lightning_gives_the_inner_sampler_draws_new_sizes_and_orders():
@@ -447,7 +466,7 @@ def test_a_run_over_a_corrupt_file_completes_and_counts_it(tmp_path):
         loader.batch_sampler.set_epoch(epoch)
         with pytest.warns(UserWarning, match=jpg.name):
             batches = list(loader)
-        assert sum(int(b[2]) for b in batches) == 1 and sum(len(b[0]) for b in batches) == 7
+        assert sum(int(b.skipped) for b in batches) == 1 and sum(len(b) for b in batches) == 7
 
 
 def test_steps_per_epoch_are_known_before_fitting_for_any_world_size(voc_shared, monkeypatch):
@@ -467,7 +486,7 @@ def test_ranks_draw_the_same_sizes_and_split_the_evaluation_set(voc_shared, monk
     for rank in (0, 1):
         monkeypatch.setattr(dm, "world", lambda r=rank: (2, r))
         sizes.append([batch[0][1] for batch in dm.train_dataloader().batch_sampler])
-        seen.append([m["path"] for _, _, metas, _ in dm.val_dataloader() for m in metas])
+        seen.append([m["path"] for batch in dm.val_dataloader() for m in batch.metas])
     assert sizes[0] == sizes[1] and len(set(sizes[0])) > 1
     all_paths = [str(r.image_path) for r in dm.val_dataset.records]
     assert sorted(seen[0] + seen[1]) == sorted(all_paths) and seen[0] == all_paths[0::2]
@@ -476,9 +495,9 @@ def test_ranks_draw_the_same_sizes_and_split_the_evaluation_set(voc_shared, monk
 def test_validation_batches_carry_meta_at_the_fixed_size(voc_shared):
     dm = YOLODataModule(small_config(voc_shared))
     dm.setup("fit")
-    for images, boxes, metas, _ in dm.val_dataloader():
-        assert images.shape[-2:] == (64, 64) and len(metas) == len(images)
-        assert boxes.shape[1] == 6 and {"path", "letterbox", "gt"} <= set(metas[0])
+    for batch in dm.val_dataloader():
+        assert batch.image_hw == (64, 64) and len(batch.metas) == len(batch)
+        assert batch.boxes.shape[1] == 6 and {"path", "letterbox", "gt"} <= set(batch.metas[0])
 
 
 def test_bad_annotations_are_left_out_with_a_warning_by_the_datamodule(voc, write_voc):
@@ -508,4 +527,4 @@ def test_the_training_loader_runs_with_worker_processes(voc_shared):
     for epoch in range(2):
         loader.batch_sampler.set_epoch(epoch)
         batches = list(loader)
-        assert len(batches) == 10 and all(b[0].shape[-1] in (64, 96) for b in batches)
+        assert len(batches) == 10 and all(b.image_hw[1] in (64, 96) for b in batches)

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from helpers.batch import Batch
 from helpers.boxes import Letterbox
 from helpers.config import ANCHORS, Config
-from helpers.evaluate import collect, evaluate, format_report, main
+from helpers.evaluate import Evaluator, evaluate, format_report, main
 from helpers.metrics import YoloAccuracy
 from helpers.model import YOLOv3
 from helpers.targets import build_targets
@@ -79,7 +80,7 @@ def letterboxed_batch():
             rows.append([b, label, (x1 + x2) / 2 / SIZE, (y1 + y2) / 2 / SIZE, (x2 - x1) / SIZE, (y2 - y1) / SIZE])
             if not diff:
                 encode(outs, b, (x1, y1, x2, y2), label)
-    return (torch.zeros(2, 3, SIZE, SIZE), torch.tensor(rows), metas), outs
+    return Batch(torch.zeros(2, 3, SIZE, SIZE), torch.tensor(rows), metas), outs
 
 
 def test_a_perfect_detector_through_the_letterbox_scores_map_one():
@@ -94,9 +95,15 @@ def test_a_perfect_detector_through_the_letterbox_scores_map_one():
     assert "star" in report and "VOC2007 11-point 100.00" in report
 
 
+def scored(batch, outs) -> Evaluator:
+    evaluator = Evaluator(tiny_cfg().data.classes)
+    evaluator.update(outs, batch)
+    return evaluator
+
+
 def test_detections_come_back_in_original_pixels():
     batch, outs = letterboxed_batch()
-    dets, truths, _ = collect(Oracle([outs]), [batch], progress=False)
+    dets, truths, _ = scored(batch, outs).detections.per_image()
     first = dets[0][dets[0][:, 5] == 0][0, :4]
     torch.testing.assert_close(first, torch.tensor([10.0, 6.0, 50.0, 40.0]), atol=1e-3, rtol=0)
     assert truths[1]["difficult"].tolist() == [False, True]
@@ -104,21 +111,35 @@ def test_detections_come_back_in_original_pixels():
 
 def test_accuracies_equal_the_metric_on_the_same_outputs_and_targets():
     batch, outs = letterboxed_batch()
-    _, _, acc = collect(Oracle([outs]), [batch], progress=False)
+    result = scored(batch, outs).compute()
     ref = YoloAccuracy()
-    ref.update(outs, build_targets(batch[1], 2, SIZE))
-    assert acc == pytest.approx({k: float(v) for k, v in ref.compute().items()})
-    assert acc["noobj_acc"] == pytest.approx(100.0)  # every negative cell is far below 0.05
+    ref.update(outs, build_targets(batch.boxes, 2, SIZE))
+    assert {k: result[k] for k in ref.compute()} == pytest.approx({k: float(v) for k, v in ref.compute().items()})
+    assert result["noobj_acc"] == pytest.approx(100.0)  # every negative cell is far below 0.05
 
 
-def test_a_loader_without_metas_is_scored_in_input_pixels():
+def test_a_batch_without_metas_is_scored_in_input_pixels():
     batch, outs = letterboxed_batch()
-    images, boxes, _ = batch
-    # The training collate's third element is a skip count, not metas; difficult boxes are not in it.
+    # A training batch has no metas; difficult boxes are not in it.
     keep = torch.tensor([True, True, True, False])
-    result = evaluate(Oracle([outs]), [(images, boxes[keep], torch.tensor(0))], tiny_cfg(), coco=False,
+    result = evaluate(Oracle([outs]), [Batch(batch.images, batch.boxes[keep])], tiny_cfg(), coco=False,
                       progress=False)
     assert result["map50_all"] == pytest.approx(1.0) and result["coco"] is None
+
+
+def test_images_get_ids_unique_across_ranks_and_only_what_was_asked_is_scored():
+    batch, outs = letterboxed_batch()
+    evaluator = Evaluator(tiny_cfg().data.classes)
+    evaluator.reset(accuracy=False, detections=True, rank=1, world_size=2)
+    evaluator.update(outs, batch)
+    evaluator.update(outs, batch)
+    assert evaluator.detections.gts[-1][0, 0] == 1 + 2 * 3  # rank 1's 4th image: dataset index 7
+    result = evaluator.compute()
+    assert result["images"] == 4 and result["class_acc"] is None and result["map50_all"] == pytest.approx(1.0)
+    evaluator.reset(accuracy=True, detections=False)
+    evaluator.update(outs, batch)
+    result = evaluator.compute()
+    assert result["map50_all"] is None and result["class_acc"] is not None
 
 
 def test_a_real_tiny_model_runs_and_keeps_its_mode_and_outputs_sane():
@@ -134,16 +155,16 @@ def test_a_real_tiny_model_runs_and_keeps_its_mode_and_outputs_sane():
     assert len(result["curves"]["precision"]) == C
 
 
-def test_an_empty_batch_of_unreadable_samples_is_skipped():
+def test_an_empty_batch_of_unreadable_samples_is_skipped_and_counted():
     batch, outs = letterboxed_batch()
-    empty = (torch.zeros(0, 3, 1, 1), torch.zeros(0, 6), [])
+    empty = Batch(torch.zeros(0, 3, 1, 1), torch.zeros(0, 6), [], torch.tensor(3))
     result = evaluate(Oracle([outs]), [empty, batch], tiny_cfg(), progress=False)
-    assert result["images"] == 2 and result["map50_all"] == pytest.approx(1.0)
+    assert result["images"] == 2 and result["map50_all"] == pytest.approx(1.0) and result["skipped"] == 3
 
 
-def test_a_bad_batch_is_refused_with_a_clear_error():
-    with pytest.raises(ValueError, match="batch must be"):
-        collect(Oracle([]), [torch.zeros(1, 3, SIZE, SIZE)], progress=False)
+def test_a_loader_of_something_else_is_refused_with_a_clear_error():
+    with pytest.raises(TypeError, match="must yield helpers.batch.Batch"):
+        evaluate(Oracle([]), [(torch.zeros(1, 3, SIZE, SIZE), torch.zeros(0, 6))], tiny_cfg(), progress=False)
 
 
 @pytest.mark.slow

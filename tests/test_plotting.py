@@ -20,6 +20,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from helpers.analysis import detect_examples, find_mistakes, mistake_cams, mistakes_on  # noqa: E402
+from helpers.batch import Batch  # noqa: E402
 from helpers.boxes import Letterbox  # noqa: E402
 from helpers.config import VOC_CLASSES  # noqa: E402
 from helpers.dataset_org import PlainDataset  # noqa: E402
@@ -218,7 +219,7 @@ def test_plot_examples_draws_one_panel_per_image_and_the_truth_of_a_collated_bat
     images = torch.rand(3, 3, 64, 64)
     boxes = torch.tensor([[0, DOG, 0.5, 0.5, 0.5, 0.5], [2, CAT, 0.25, 0.25, 0.25, 0.25],
                           [2, CAR, 0.75, 0.75, 0.25, 0.25]])
-    ex = detect_examples(model, (images, boxes), n=3, conf_threshold=1.0)
+    ex = detect_examples(model, Batch(images, boxes), n=3, conf_threshold=1.0)
     fig = assert_figure(plot_examples(ex.images, ex.detections, ex.truths, ncols=2, conf_threshold=1.0))
     assert len(fig.axes) == 4  # 2 x 2 grid, the fourth panel blank
     shown = [ax for ax in fig.axes if ax.images]
@@ -482,7 +483,7 @@ def test_mistakes_on_finds_confident_wrong_detections_and_the_objects_they_misse
     sure, person = sure_person_model(), VOC_CLASSES.index("person")
     images = torch.rand(2, 3, 64, 64)
     boxes = torch.tensor([[0, DOG, 0.5, 0.5, 0.5, 0.5], [1, DOG, 0.25, 0.25, 0.25, 0.25]])
-    shown, mistakes = mistakes_on(sure, (images, boxes), n=2, conf_threshold=0.5, k=3)
+    shown, mistakes = mistakes_on(sure, Batch(images, boxes), n=2, conf_threshold=0.5, k=3)
     assert torch.equal(shown, images)
     kinds = [(m["kind"], m["class"]) for m in mistakes]
     assert kinds == [("false positive", person)] * 3 + [("missed", DOG)] * 2

@@ -199,7 +199,7 @@ def test_bad_outputs_are_refused_with_a_clear_error():
         detect(blank(), 416, letterbox=[{"scale": 1.0, "pad": (0, 0), "orig_size": (416, 416)}])
 
 
-def test_letterbox_maps_both_ways_and_a_dataset_meta_carries_one():
+def test_letterbox_maps_both_ways_and_only_a_letterbox_is_taken_for_one():
     lb = Letterbox.fit(200, 400, 416)  # 400 x 200 (w x h) into 416: scale 1.04, 104 px on top
     assert lb == Letterbox(scale=1.04, pad_left=0, pad_top=104, orig_h=200, orig_w=400)
     boxes = torch.tensor([[[50.0, 50.0, 150.0, 150.0], [0.0, 10.0, 400.0, 200.0]]])  # [1, 2, 4]
@@ -209,8 +209,10 @@ def test_letterbox_maps_both_ways_and_a_dataset_meta_carries_one():
     assert lb.to_original(torch.tensor([-5.0, 0.0, 500.0, 420.0])).tolist() == [0.0, 0.0, 400.0, 200.0]
     outs = blank()
     put(outs, (416, 416), 0, 1, 0, (52.0, 156.0, 156.0, 260.0), obj=0.9, cls=0)
-    (a,), (b,) = detect(outs, 416, letterbox=[lb]), detect(outs, 416, letterbox=[{"path": "x", "letterbox": lb}])
-    assert torch.equal(a, b)
+    (found,) = detect(outs, 416, letterbox=[lb])
+    torch.testing.assert_close(found[0, :4], boxes[0, 0], atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="must be a helpers.boxes.Letterbox"):
+        detect(outs, 416, letterbox=[{"path": "x", "letterbox": lb}])  # a whole meta: batch.letterboxes() gives one
 
 
 def test_a_letterbox_in_a_batch_survives_lightnings_transfer_to_the_device():

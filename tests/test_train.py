@@ -77,11 +77,11 @@ def test_a_short_fit_lowers_the_loss(voc, tmp_path):
 def test_the_lr_finder_leaves_model_and_optimizer_exactly_as_they_were(voc):
     from helpers.datamodule import YOLODataModule
     from helpers.lr_finder import find_lr
-    from helpers.module import YOLOModule
+    from helpers.module import YOLOModule, build_optimizer
 
     cfg = tiny_config(voc, "unused")
     module = YOLOModule(cfg.to_dict())
-    optimizer = module.configure_optimizers()
+    optimizer = build_optimizer(module.model.parameters(), cfg.train, cfg.train.max_lr)
     dm = YOLODataModule(cfg.data, seed=0)
     dm.setup("fit")
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
@@ -187,19 +187,19 @@ DRIVER = textwrap.dedent("""
         return getitem(self, key)
     def recording_collate(batch):
         out = collate(batch)
-        batch_ids[out[0].data_ptr()] = list(keys)
+        batch_ids[out.images.data_ptr()] = list(keys)
         keys.clear()
         return out
     dm.TrainingDataset.__getitem__, dm.collate = recording_getitem, recording_collate
 
     class Record(pl.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            row = [trainer.global_step - 1, trainer.current_epoch, batch[0].shape[-1],
-                   trainer.optimizers[0].param_groups[0]["lr"], batch_ids.pop(batch[0].data_ptr(), None)]
+            row = [trainer.global_step - 1, trainer.current_epoch, batch.images.shape[-1],
+                   trainer.optimizers[0].param_groups[0]["lr"], batch_ids.pop(batch.images.data_ptr(), None)]
             with open(os.environ["RECORD"] + f".rank{trainer.global_rank}", "a") as f:
                 f.write(json.dumps(row) + "\\n")
         def on_validation_epoch_end(self, trainer, module):
-            acc = module.val_accuracy  # the accuracy's counts, synced across ranks and this rank's own
+            acc = module.evaluator.accuracy  # the accuracy's counts, synced across ranks and this rank's own
             if acc.update_count:
                 with acc.sync_context():
                     counted = int(acc.total_pos + acc.total_neg)
