@@ -4,9 +4,9 @@ Training batches each have one size drawn from `DataConfig.train_sizes` by a gen
 with (seed, epoch, batch number), so every DDP rank draws the same size for the same step, and
 each sample's key carries the seed of its augmentations (seed, epoch, batch number, rank,
 position), so a resumed run sees the same pixels; val/test use `DataConfig.image_size`, in a
-fixed order. Under DDP the training set is split by a
-DistributedSampler (equal shares, so every rank runs the same number of steps) and the
-evaluation set by rank-strided shards without padding (no image is evaluated twice).
+fixed order. Under DDP the training set is split by a DistributedSampler (equal shares, so every
+rank runs the same number of steps) and the evaluation set by rank-strided shards without padding
+(no image is evaluated twice).
 
 With `DataConfig.root = None` it trains on generated data (coloured shapes with VOC class names,
 `helpers.synthetic`), written once to `$YOLO_DATA_CACHE/synthetic-v2-seed<seed>/VOCdevkit`, by

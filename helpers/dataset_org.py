@@ -96,7 +96,8 @@ class PlainDataset(Dataset):
     def _key(self, key) -> SampleKey:
         """An index, (index, size), (index, size, seed) or a SampleKey, as a SampleKey."""
         if isinstance(key, tuple):
-            return SampleKey(int(key[0]), int(key[1]), tuple(key[2]) if len(key) > 2 and key[2] is not None else None)
+            seed = key[2] if len(key) > 2 else None
+            return SampleKey(int(key[0]), int(key[1]), None if seed is None else tuple(int(s) for s in seed))
         return SampleKey(int(key), self.image_size)
 
     def _per_process_setup(self) -> None:
