@@ -1,10 +1,12 @@
 """The LightningDataModule: datasets, multi-resolution batches (`helpers.batch.Batch`).
 
 Training batches each have one size drawn from `DataConfig.train_sizes` by a generator seeded
-with (seed, epoch, batch number), so every DDP rank draws the same size for the same step;
-val/test use `DataConfig.image_size`, in a fixed order. Under DDP the training set is split by a
-DistributedSampler (equal shares, so every rank runs the same number of steps) and the
-evaluation set by rank-strided shards without padding (no image is evaluated twice).
+with (seed, epoch, batch number), so every DDP rank draws the same size for the same step, and
+each sample's key carries the seed of its augmentations (seed, epoch, batch number, rank,
+position), so a resumed run sees the same pixels; val/test use `DataConfig.image_size`, in a
+fixed order. Under DDP the training set is split by a DistributedSampler (equal shares, so every
+rank runs the same number of steps) and the evaluation set by rank-strided shards without padding
+(no image is evaluated twice).
 
 With `DataConfig.root = None` it trains on generated data (coloured shapes with VOC class names,
 `helpers.synthetic`), written once to `$YOLO_DATA_CACHE/synthetic-v2-seed<seed>/VOCdevkit`, by
@@ -30,7 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from .batch import collate
 from .config import STRIDES, DataConfig
 from .dataset import TrainingDataset
-from .dataset_org import PlainDataset
+from .dataset_org import PlainDataset, SampleKey
 from .synthetic import make_voc_dataset
 
 SYNTHETIC_VERSION = "v2"  # bump when helpers.synthetic draws differently
@@ -39,16 +41,20 @@ SYNTHETIC = {"n_trainval": 256, "n_test": 64, "image_size": (160, 120)}
 
 # --- samplers -----------------------------------------------------------------------------------
 class MultiScaleBatchSampler(Sampler):
-    """Batches of (index, size): one size per batch, the same on every rank for the same step.
+    """Batches of `SampleKey(index, size, seed)`: one size per batch, the same on every rank for the
+    same step, and for each sample the seed of its augmentations, (seed, epoch, batch number, rank,
+    position in the batch), from which the training dataset draws every random choice.
 
     The size of batch k in epoch e is drawn from a generator seeded with (seed, e, k), so it needs
-    no communication between ranks and repeats exactly on resume. The epoch is the wrapped sampler's
-    (`DistributedSampler.epoch`, which Lightning sets every epoch: it calls `set_epoch` on the batch
-    sampler's `sampler`, never on the batch sampler itself), or the one given to `set_epoch`.
+    no communication between ranks and repeats exactly on resume; so do the samples' seeds. The rank
+    in the seed (the wrapped sampler's, 0 without one) keeps ranks from augmenting their images
+    alike. The epoch is the wrapped sampler's (`DistributedSampler.epoch`, which Lightning sets
+    every epoch: it calls `set_epoch` on the batch sampler's `sampler`, never on the batch sampler
+    itself), or the one given to `set_epoch`.
 
     `resume_at(epoch, done)` makes the next iteration skip the first `done` batches of that epoch
-    (indices only, no image is read), keeping their numbers, so the sizes and images that follow are
-    those an uninterrupted run would see.
+    (indices only, no image is read), keeping their numbers, so the sizes, images and augmentations
+    that follow are those an uninterrupted run would see.
     """
 
     def __init__(self, sampler, batch_size: int, sizes, drop_last: bool = True, seed: int = 0):
@@ -78,6 +84,10 @@ class MultiScaleBatchSampler(Sampler):
         rng = np.random.default_rng([self.seed, self.epoch, batch_number])
         return self.sizes[int(rng.integers(len(self.sizes)))]
 
+    def keys(self, batch: list[int], number: int) -> list[SampleKey]:
+        size, epoch, rank = self.size_of(number), self.epoch, int(getattr(self.sampler, "rank", 0))
+        return [SampleKey(i, size, (self.seed, epoch, number, rank, position)) for position, i in enumerate(batch)]
+
     def __iter__(self):
         skip, self._skip = self._skip, 0
         batch, number = [], 0
@@ -85,12 +95,10 @@ class MultiScaleBatchSampler(Sampler):
             batch.append(int(index))
             if len(batch) == self.batch_size:
                 if number >= skip:
-                    size = self.size_of(number)
-                    yield [(i, size) for i in batch]
+                    yield self.keys(batch, number)
                 batch, number = [], number + 1
         if batch and not self.drop_last and number >= skip:
-            size = self.size_of(number)
-            yield [(i, size) for i in batch]
+            yield self.keys(batch, number)
 
     def __len__(self) -> int:
         n = len(self.sampler)

@@ -4,27 +4,35 @@ same class under the course's name (`from helpers.dataset import YOLODataset`).
 A sample is a 4-image mosaic (`helpers.mosaic`) with probability `mosaic` (default 0.75, the
 course's), otherwise a plain sample: one random affine warp (`transforms.random_affine`: scale
 jitter, letterbox or crop, mild rotation and shear, flip). Both then get the same colour jitter.
-The size comes with the index (`dataset[(i, size)]`, from the multi-scale batch sampler) so every
+The size comes with the key (`dataset_org.SampleKey`, from the multi-scale batch sampler) so every
 sample of a batch shares it; a plain int index uses `image_size`.
 
-A mosaic's 3 partner images are drawn from a buffer of the images this process decoded last (as
-Ultralytics does), themselves random draws of the dataset: each sample then decodes one JPEG
-instead of four, the main cost of a mosaic on a 2-core Colab machine. The buffer holds decoded
-pixels only (~64 photos, ~40-60 MB per worker), never augmented ones.
+A sample is a pure function of its key and of the keys of its batch: every random draw (mosaic or
+not, partners, geometry, flip, colour, albumentations' included) comes from one generator seeded
+with the key's seed (run seed, epoch, batch number, rank, position in the batch), index and size.
+Nothing depends on what the process read before, so a run resumed mid-epoch gets exactly the
+tensors of an uninterrupted run, with any number of workers.
+
+A mosaic's 3 partner images are 3 other images of its own batch, drawn by its generator:
+`__getitems__` (which torch's DataLoader calls with the whole batch) decodes each image of the batch
+once, so a sample costs one JPEG decode instead of four, the main cost of a mosaic on a 2-core
+Colab machine. A sample read alone (`dataset[key]`: plots, benchmarks), or one whose batch has fewer
+than 3 other readable images, draws its partners from the whole dataset and decodes them.
 """
 from __future__ import annotations
 
 import math
+import random
 import warnings
-from collections import OrderedDict
 
 import numpy as np
 
-from .dataset_org import BAD_SAMPLE_ERRORS, PlainDataset
+from .dataset_org import BAD_SAMPLE_ERRORS, PlainDataset, SampleKey
 from .mosaic import mosaic as build_mosaic
 from .transforms import SCALE_JITTER, hflip, photometric, random_affine, warp
 
-BUFFER = 64  # decoded images kept per process for mosaic partners
+# (RGB uint8 image [H, W, 3], boxes [n, 4] x1, y1, x2, y2 in its pixels, labels [n])
+Decoded = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 class TrainingDataset(PlainDataset):
@@ -41,74 +49,105 @@ class TrainingDataset(PlainDataset):
             raise ValueError("the training dataset has no meta: use helpers.dataset_org.PlainDataset")
         super().__init__(root, split, image_size, **kwargs)
         self.mosaic = mosaic
-        self._recent: OrderedDict[int, tuple] = OrderedDict()  # index -> (image, boxes, labels, longest)
 
     def make_transform(self, size: int):
         return photometric()  # the same for every size (image only)
 
     def __getitem__(self, key):
-        index, size = self._key(key)
+        """One sample on its own: (image [3, S, S], boxes [n, 5]), or None if its image is unreadable."""
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys) -> list:
+        """The samples of a batch of keys, in order (None for an unreadable one, after a warning naming
+        its file). Each image of the batch is decoded once; mosaics take their partners among them."""
         self._per_process_setup()
+        keys = [self._key(k) for k in keys]
+        longest = max(self.longest_side(k.size) for k in keys)
+        decoded: dict[int, Decoded | Exception] = {}
+        for k in keys:
+            if k.index not in decoded:
+                decoded[k.index] = self._try_decode(k.index, longest)
+        batch = [i for i, d in decoded.items() if not isinstance(d, Exception)]
+        return [self._sample(k, decoded, batch, longest) for k in keys]
+
+    @staticmethod
+    def generator(key: SampleKey) -> np.random.Generator:
+        """The generator of every random draw of the sample `key`: seeded by its seed, index and size."""
+        return np.random.default_rng([*(key.seed or ()), key.index, key.size])
+
+    def _sample(self, key: SampleKey, decoded: dict, batch: list[int], longest: int):
+        own = decoded[key.index]
+        if isinstance(own, Exception):
+            self.warn_skip(key.index, own)
+            return None
+        rng = self.generator(key)
         try:
-            if len(self) >= 4 and self.rng.random() < self.mosaic:
+            if len(self) >= 4 and rng.random() < self.mosaic:
                 try:
-                    return self.mosaic_sample(index, size)
+                    partners = [self._partner(i, decoded, longest) for i in self.mosaic_partners(key.index, batch, rng)]
+                    return self.mosaic_sample([own, *partners], key.size, rng)
                 except BAD_SAMPLE_ERRORS as e:
-                    if self._recent.get(index) is None:  # the sample's own image is bad: skip it
-                        raise
-                    warnings.warn(f"mosaic around sample {index} failed ({e}); using the plain sample", stacklevel=2)
-            return self.plain_sample(index, size)
+                    warnings.warn(f"mosaic around sample {key.index} failed ({e}); using the plain sample", stacklevel=2)
+            return self.plain_sample(own, key.size, rng)
         except BAD_SAMPLE_ERRORS as e:
-            self.warn_skip(index, e)
+            self.warn_skip(key.index, e)
             return None
 
-    def sample(self, index: int, size: int):
-        return self.plain_sample(index, size)
-
     # --- the two kinds of samples -------------------------------------------------------------
-    def plain_sample(self, index: int, size: int):
-        image, boxes, labels = self.decoded(index, size, fresh=True)
-        canvas, b, keep = warp(image, boxes, random_affine(*image.shape[:2], size, self.rng), size)
-        return self._finish(canvas, b, labels[keep], size)
+    def plain_sample(self, item: Decoded, size: int, rng: np.random.Generator):
+        image, boxes, labels = item
+        canvas, b, keep = warp(image, boxes, random_affine(*image.shape[:2], size, rng), size)
+        return self._finish(canvas, b, labels[keep], size, rng)
 
-    def mosaic_sample(self, index: int, size: int):
-        self._recent.pop(index, None)  # a failed decode of the main image leaves no stale entry
-        main = self.decoded(index, size, fresh=True)
-        partners = [self.decoded(i, size) for i in self.mosaic_partners(index)]
-        images, boxes, labels = zip(main, *partners)
-        canvas, b, lab = build_mosaic(list(images), list(boxes), list(labels), size, self.rng)
-        if self.rng.random() < 0.5:
+    def mosaic_sample(self, items: list[Decoded], size: int, rng: np.random.Generator):
+        """items: the sample's own image first, then its 3 partners."""
+        images, boxes, labels = zip(*items)
+        canvas, b, lab = build_mosaic(list(images), list(boxes), list(labels), size, rng)
+        if rng.random() < 0.5:
             canvas, b = hflip(canvas, b)
-        return self._finish(canvas, b, lab, size)
+        return self._finish(canvas, b, lab, size, rng)
 
-    def _finish(self, canvas: np.ndarray, boxes: np.ndarray, labels: np.ndarray, size: int):
-        canvas = self.transform_for(size)(image=canvas)["image"]
+    def _finish(self, canvas: np.ndarray, boxes: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator):
+        transform = self.transform_for(size)
+        # albumentations draws from the generators it is given: this sample's, not the process's.
+        transform.set_random_state(rng, random.Random(int(rng.integers(1 << 63))))
+        canvas = transform(image=canvas)["image"]
         return self.to_tensors(canvas, boxes, labels, size)
 
-    # --- decoded images and the partner buffer ------------------------------------------------
-    def decoded(self, index: int, size: int, fresh: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(RGB uint8 image, boxes [n, 4] in its pixels, labels [n]) of `index`, remembered as a partner
-        for later mosaics. `fresh` decodes even when remembered (each sample pays for its own image)."""
-        longest = math.ceil(size * SCALE_JITTER[1])  # the most any sample scales it to
-        entry = self._recent.get(index)
-        if entry is not None and not fresh and entry[3] >= longest:
-            self._recent.move_to_end(index)
-            return entry[:3]
+    # --- decoded images and mosaic partners ---------------------------------------------------
+    @staticmethod
+    def longest_side(size: int) -> int:
+        """The longest side a sample of `size` may scale an image to: the decode need not be larger."""
+        return math.ceil(size * SCALE_JITTER[1])
+
+    def decode(self, index: int, longest: int) -> Decoded:
+        """Image `index` decoded for samples up to `longest` (see `longest_side`), with its target boxes."""
         image, record, scale = self.load(index, longest)
         boxes, labels = self.training_boxes(record, scale)
-        # A full-resolution decode serves every size; a reduced one (a huge JPEG) only up to `longest`.
-        self._recent[index] = (image, boxes, labels, longest if scale < 1 else math.inf)
-        self._recent.move_to_end(index)
-        while len(self._recent) > BUFFER:
-            self._recent.popitem(last=False)
         return image, boxes, labels
 
-    def mosaic_partners(self, index: int) -> list[int]:
-        """3 distinct indices other than `index`: from the buffer when it holds enough, else the dataset."""
-        pool = [i for i in self._recent if i != index]
-        if len(pool) < 3:
-            pool = [i for i in range(len(self)) if i != index]
-        return [int(i) for i in self.rng.choice(pool, size=3, replace=False)]
+    def _try_decode(self, index: int, longest: int) -> Decoded | Exception:
+        try:
+            return self.decode(index, longest)
+        except BAD_SAMPLE_ERRORS as e:
+            return e
+
+    def _partner(self, index: int, decoded: dict, longest: int) -> Decoded:
+        """A partner's decoded image: the batch's, else decoded now (and kept for this batch)."""
+        if index not in decoded:
+            decoded[index] = self._try_decode(index, longest)
+        if isinstance(decoded[index], Exception):
+            raise decoded[index]
+        return decoded[index]
+
+    def mosaic_partners(self, index: int, batch: list[int], rng: np.random.Generator) -> list[int]:
+        """3 distinct indices other than `index`, drawn by `rng`: from `batch` (the readable images of
+        the sample's batch) when it has 3 others, else from the whole dataset."""
+        pool = [i for i in batch if i != index]
+        if len(pool) >= 3:
+            return [pool[k] for k in rng.choice(len(pool), size=3, replace=False)]
+        others = rng.choice(len(self) - 1, size=3, replace=False)  # every index but `index`
+        return [int(i) + int(i >= index) for i in others]
 
 
 YOLODataset = TrainingDataset  # the course's name

@@ -10,14 +10,17 @@ evaluation ignores them): {"path", "letterbox": boxes.Letterbox from the stored 
 "gt": {"boxes" [G,4] x1y1x2y2 in stored pixels, "labels" [G] int64, "difficult" [G] bool}}
 (`Letterbox.fit` states the precision).
 
+A key is an index, `(index, size)` or a `SampleKey` (what the batch samplers yield: index, size
+and the seed of a training sample's augmentations, which this dataset ignores).
+
 A sample that cannot be read gives None after a warning naming the file and the problem (the
 collate drops it and counts it), so one bad file never stops a run.
 """
 from __future__ import annotations
 
 import os
-import random
 import warnings
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -35,6 +38,16 @@ from .transforms import eval_transform
 BAD_SAMPLE_ERRORS = (ValueError, OSError, cv2.error, MemoryError)
 
 
+class SampleKey(NamedTuple):
+    """What a dataset is indexed with: the record's index, the output size, and the seed of the
+    sample's augmentations (training only): a tuple of ints, for a training batch (run seed, epoch,
+    batch number, rank, position in the batch) from `datamodule.MultiScaleBatchSampler`; None
+    for a sample read on its own (then it is seeded by its index and size)."""
+    index: int
+    size: int
+    seed: tuple[int, ...] | None = None
+
+
 class PlainDataset(Dataset):
     for_training = False  # which default split a `split=None` means (see annotations.DEFAULT_SPLITS)
 
@@ -47,14 +60,13 @@ class PlainDataset(Dataset):
         self.root, self.split, self.image_size, self.classes = root, split, image_size, classes
         self.keep_difficult, self.return_meta = keep_difficult, return_meta
         self._transforms: dict[int, object] = {}
-        self._process: int | None = None  # pid the random state belongs to
-        self._rng: np.random.Generator | None = None
+        self._process: int | None = None  # pid `_per_process_setup` ran in
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, key):
-        index, size = self._key(key)
+        index, size, _ = self._key(key)
         self._per_process_setup()
         try:
             return self.sample(index, size)
@@ -81,46 +93,26 @@ class PlainDataset(Dataset):
         return img, target, meta
 
     # --- pieces the training dataset shares ---------------------------------------------------
-    def _key(self, key) -> tuple[int, int]:
+    def _key(self, key) -> SampleKey:
+        """An index, (index, size), (index, size, seed) or a SampleKey, as a SampleKey."""
         if isinstance(key, tuple):
-            return int(key[0]), int(key[1])
-        return int(key), self.image_size
+            seed = key[2] if len(key) > 2 else None
+            return SampleKey(int(key[0]), int(key[1]), None if seed is None else tuple(int(s) for s in seed))
+        return SampleKey(int(key), self.image_size)
 
     def _per_process_setup(self) -> None:
-        """Random state and thread use of this process (a DataLoader worker, or the main process).
-
-        The generators are seeded from Python's `random`, which PyTorch seeds differently in every
-        worker (from the loader's seed, so `seed_everything` makes runs repeat); albumentations'
-        own generators are replaced by them, since a pipeline built before the workers fork would
-        otherwise give every worker the same augmentations. OpenCV is kept to one thread in workers:
-        the loader's processes are the parallelism.
-        """
+        """OpenCV kept to one thread in a DataLoader worker: the loader's processes are the parallelism.
+        (No random state lives in a process: a training sample seeds its own, see helpers.dataset.)"""
         if self._process == os.getpid():
             return
         self._process = os.getpid()
-        seed = random.getrandbits(64)
-        self._rng = np.random.default_rng(seed)
-        self._py_random = random.Random(seed)
-        for t in self._transforms.values():
-            self._seed_transform(t)
         if get_worker_info() is not None:
             cv2.setNumThreads(1)
 
-    @property
-    def rng(self) -> np.random.Generator:
-        """This process's generator (see `_per_process_setup`)."""
-        self._per_process_setup()
-        return self._rng
-
-    def _seed_transform(self, t) -> None:
-        if self._rng is not None and hasattr(t, "set_random_state"):
-            t.set_random_state(self._rng, self._py_random)
-
     def transform_for(self, size: int):
-        self._per_process_setup()
+        """The albumentations pipeline for `size`, built once per size."""
         if size not in self._transforms:
             self._transforms[size] = self.make_transform(size)
-            self._seed_transform(self._transforms[size])
         return self._transforms[size]
 
     def make_transform(self, size: int):

@@ -1,9 +1,9 @@
 """Pipeline: transforms and mosaic keep boxes on their pixels, mosaic properties, plain samples never
-mosaic, letterbox meta maps back exactly, multi-resolution batches agree across ranks, random
-state per worker, bad samples skipped and counted, the DataModule's loaders."""
+mosaic, letterbox meta maps back exactly, multi-resolution batches agree across ranks, training
+samples a pure function of their keys (exact mid-epoch resume, any worker count), bad samples
+skipped and counted, the DataModule's loaders."""
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import cv2
@@ -28,7 +28,7 @@ from helpers.datamodule import (
     synthetic_root,
 )
 from helpers.dataset import TrainingDataset
-from helpers.dataset_org import PlainDataset
+from helpers.dataset_org import PlainDataset, SampleKey
 from helpers.mosaic import mosaic
 from helpers.transforms import (
     FILL,
@@ -190,35 +190,62 @@ def test_objects_in_mosaics_keep_the_scale_of_plain_samples():
 
 
 def test_box_sizes_in_mosaic_and_plain_training_samples_match(voc_shared):
-    random.seed(0)
-    plain = TrainingDataset(voc_shared, "trainval", 128, mosaic=0.5)
+    ds = TrainingDataset(voc_shared, "trainval", 128, mosaic=0.5)
+    rng = np.random.default_rng(0)
+    decoded = [ds.decode(i, ds.longest_side(128)) for i in range(len(ds))]
     sides = {True: [], False: []}
     for i in range(240):
         use_mosaic = i % 2 == 0
-        item = (plain.mosaic_sample if use_mosaic else plain.plain_sample)(i % len(plain), 128)
+        own = decoded[i % len(ds)]
+        if use_mosaic:
+            item = ds.mosaic_sample([own] + [decoded[(i + k) % len(ds)] for k in (1, 2, 3)], 128, rng)
+        else:
+            item = ds.plain_sample(own, 128, rng)
         w, h = item[1][:, 3] * 128, item[1][:, 4] * 128
         sides[use_mosaic] += torch.sqrt(w * h).tolist()
     ratio = np.median(sides[True]) / np.median(sides[False])
     assert 0.8 < ratio < 1.2, ratio  # the course's mosaic: ~0.5
 
 
-def test_the_training_dataset_mosaics_the_asked_fraction_of_samples_with_distinct_partners(voc_shared):
-    random.seed(1)
-    ds = TrainingDataset(voc_shared, "trainval", 96, mosaic=0.75)
+def spy_on_mosaics(ds: TrainingDataset) -> list:
+    """Records the decoded images (own first, then partners) of every mosaic `ds` builds."""
     calls = []
     build = ds.mosaic_sample
 
-    def spy(index, size):
-        calls.append(index)
-        return build(index, size)
+    def spy(items, size, rng):
+        calls.append(items)
+        return build(items, size, rng)
 
     ds.mosaic_sample = spy
-    for i in range(300):
-        ds[i % len(ds)]
-    assert 0.67 < len(calls) / 300 < 0.83
-    for i in range(50):
-        partners = ds.mosaic_partners(i % len(ds))
-        assert len(set(partners)) == 3 and i % len(ds) not in partners
+    return calls
+
+
+def test_the_training_dataset_mosaics_the_asked_fraction_of_samples(voc_shared):
+    ds = TrainingDataset(voc_shared, "trainval", 96, mosaic=0.75)
+    mosaics = spy_on_mosaics(ds)
+    sampler = MultiScaleBatchSampler(DistributedSampler(range(len(ds)), 1, 0, seed=1), 8, (64,), seed=1)
+    for epoch in range(10):  # 400 samples: 0.75 +- 0.02 (one standard deviation)
+        sampler.set_epoch(epoch)
+        for keys in sampler:
+            ds.__getitems__(keys)
+    assert 0.69 < len(mosaics) / 400 < 0.81
+
+
+def test_mosaic_partners_are_three_other_images_of_the_same_batch(voc_shared):
+    with pytest.warns(UserWarning, match="mosaic=1.0"):
+        ds = TrainingDataset(voc_shared, "trainval", 64, mosaic=1.0)
+    mosaics = spy_on_mosaics(ds)
+    keys = [(i, 64, (0, 0, 0, 0, p)) for p, i in enumerate([5, 9, 17, 30, 2, 11])]
+    own = {i: ds.decode(i, ds.longest_side(64))[0] for i, _, _ in keys}
+    ds.__getitems__(keys)
+    assert len(mosaics) == len(keys)
+    for (index, _, _), items in zip(keys, mosaics):
+        sources = [next(i for i, image in own.items() if image.shape == item[0].shape and np.array_equal(image, item[0]))
+                   for item in items]
+        assert sources[0] == index and len(set(sources)) == 4  # its own image, then 3 others of the batch
+    # On its own, a sample draws its 3 partners from the whole dataset.
+    partners = ds.mosaic_partners(7, [7], np.random.default_rng(0))
+    assert len(set(partners)) == 3 and 7 not in partners and all(0 <= i < len(ds) for i in partners)
 
 
 def test_mosaic_outside_0_1_is_an_error_and_outside_half_to_three_quarters_a_warning(voc_shared):
@@ -263,9 +290,9 @@ def test_difficult_objects_stay_out_of_targets_but_always_in_the_evaluation_trut
     assert boxes[:, 0].tolist() == [VOC_DOG] and meta["gt"]["difficult"].tolist() == [False, True]
     _, boxes, _ = PlainDataset(voc, "trainval", 96, return_meta=True, keep_difficult=True)[0]
     assert len(boxes) == 2
-    random.seed(0)
     train = TrainingDataset(voc, "trainval", 96, mosaic=0.5)
-    assert all(VOC_CAT not in train.plain_sample(0, 96)[1][:, 0].tolist() for _ in range(5))
+    own = train.decode(0, train.longest_side(96))
+    assert all(VOC_CAT not in train.plain_sample(own, 96, np.random.default_rng(k))[1][:, 0].tolist() for k in range(5))
 
 
 @pytest.mark.parametrize("w,h", [(160, 120), (157, 93), (93, 157), (301, 199), (50, 50), (1000, 37)])
@@ -297,30 +324,88 @@ def test_meta_maps_input_pixels_back_to_stored_pixels_exactly(tmp_path, w, h):
     np.testing.assert_allclose(meta["gt"]["boxes"].numpy(), [box], atol=1e-4)
 
 
-def test_same_seed_same_samples_and_every_worker_its_own_augmentations(voc_shared):
-    def run(seed):
-        random.seed(seed)
-        ds = TrainingDataset(voc_shared, "trainval", 96, mosaic=0.75)
-        return [ds[i] for i in range(6)]
+# --- training samples: a pure function of their keys ----------------------------------------------
+def same(a, b) -> bool:
+    """Two lists of samples hold identical tensors (None where a sample was skipped)."""
+    a, b = list(a), list(b)
+    return len(a) == len(b) and all(
+        x is None and y is None or x is not None and y is not None and all(torch.equal(u, v) for u, v in zip(x, y))
+        for x, y in zip(a, b))
 
-    a, b, c = run(5), run(5), run(6)
-    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
-    assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, c))
 
-    class Draws(Dataset):  # what each worker's colour pipeline would draw next
-        def __init__(self, ds):
-            self.ds = ds
+def batch_keys(indices, size=96, seed=0, epoch=0, number=0, rank=0) -> list[SampleKey]:
+    return [SampleKey(i, size, (seed, epoch, number, rank, p)) for p, i in enumerate(indices)]
 
-        def __len__(self):
-            return 4
 
-        def __getitem__(self, i):
-            return int(self.ds.transform_for(96).random_generator.integers(1 << 62))
+def test_the_same_key_gives_identical_tensors_twice_and_in_a_fresh_dataset(voc_shared):
+    ds = TrainingDataset(voc_shared, "trainval", 96, mosaic=0.5)
+    mosaics = spy_on_mosaics(ds)
+    keys = batch_keys([3, 17, 8, 25, 0, 39, 12, 30])
+    batch = ds.__getitems__(keys)
+    assert 0 < len(mosaics) < len(keys)  # both kinds of sample are checked
+    fresh = TrainingDataset(voc_shared, "trainval", 96, mosaic=0.5)
+    assert same(batch, ds.__getitems__(keys)) and same(batch, fresh.__getitems__(keys))
+    # Read on its own (partners from the whole dataset), a key is just as fixed; so is a plain index.
+    assert same([ds[k] for k in keys], [fresh[k] for k in keys])
+    assert same([ds[5], ds[(5, 64)]], [fresh[5], fresh[(5, 64)]])
 
+
+def test_other_batches_epochs_ranks_and_runs_augment_the_same_images_differently(voc_shared):
     ds = TrainingDataset(voc_shared, "trainval", 96, mosaic=0.75)
-    ds[0]  # the pipeline is built before the workers fork
-    draws = list(DataLoader(Draws(ds), batch_size=None, num_workers=2))
-    assert draws[0] != draws[1]  # the first draw of worker 0 and of worker 1
+    indices = list(range(8))
+    reference = ds.__getitems__(batch_keys(indices))
+    for other in (dict(number=1), dict(epoch=1), dict(rank=1), dict(seed=1)):
+        samples = ds.__getitems__(batch_keys(indices, **other))
+        assert not any(torch.equal(x[0], y[0]) for x, y in zip(reference, samples)), other
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_loader_resumed_mid_epoch_gives_the_tensors_of_an_uninterrupted_one(voc_shared, workers):
+    """Epoch 1 read whole by one process, against a fresh DataModule (a restarted run) resumed at its
+    batch 4 with `workers` worker processes: the same images, boxes and sizes, tensor for tensor."""
+    whole = YOLODataModule(small_config(voc_shared, mosaic=0.75), seed=4).train_dataloader()
+    _set_sampler_epoch(whole, 1)
+    reference = list(whole)
+    restarted = YOLODataModule(small_config(voc_shared, mosaic=0.75, num_workers=workers), seed=4)
+    loader = restarted.train_dataloader()
+    loader.load_state_dict({"epoch": 1, "batches_done": 4})
+    resumed = list(loader)
+    assert len(reference) == 10 and len(resumed) == 6
+    assert {b.image_hw[1] for b in reference} == {64, 96}
+    assert same([(b.images, b.boxes) for b in resumed], [(b.images, b.boxes) for b in reference[4:]])
+
+
+def test_a_mosaic_with_an_unreadable_partner_falls_back_to_its_plain_sample(tmp_path):
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    records = png_records(tmp_path, [(64, 48)] * 4, colour=colours)
+    records[3].image_path.write_bytes(b"broken")
+    with pytest.warns(UserWarning, match="mosaic=1.0"):
+        ds = TrainingDataset(None, records=records, image_size=64, mosaic=1.0)
+    plain = []
+    build = ds.plain_sample
+    ds.plain_sample = lambda item, size, rng: plain.append(item) or build(item, size, rng)
+    # Alone, sample 0's partners are the dataset's 3 others, the unreadable 3.png among them.
+    with pytest.warns(UserWarning, match=r"mosaic around sample 0 failed \(.*3.png: cannot decode"):
+        image, boxes = ds[0]
+    assert len(plain) == 1 and tuple(plain[0][0][0, 0]) == colours[0]  # its own image, plain
+    assert image.shape == (3, 64, 64) and boxes[:, 0].tolist() == [0.0]
+    with pytest.warns(UserWarning, match=r"skipping sample 3: .*3.png"):
+        assert ds[3] is None
+
+
+def test_in_a_batch_mosaics_take_readable_partners_and_an_unreadable_image_is_skipped(tmp_path, recwarn):
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
+    records = png_records(tmp_path, [(64, 48)] * 5, colour=colours)
+    records[2].image_path.write_bytes(b"broken")
+    with pytest.warns(UserWarning, match="mosaic=1.0"):
+        ds = TrainingDataset(None, records=records, image_size=64, mosaic=1.0)
+    mosaics = spy_on_mosaics(ds)
+    samples = ds.__getitems__(batch_keys(range(5), size=64))
+    assert samples[2] is None and all(s is not None for i, s in enumerate(samples) if i != 2)
+    assert len(mosaics) == 4  # every readable sample a mosaic of the 4 readable images
+    messages = [str(w.message) for w in recwarn]
+    assert any("skipping sample 2:" in m and "2.png" in m for m in messages)
+    assert not any("mosaic around" in m for m in messages)
 
 
 # --- batches --------------------------------------------------------------------------------------
@@ -334,7 +419,7 @@ def test_multiscale_sizes_are_from_the_set_equal_within_a_batch_and_equal_across
         batches_a, batches_b = list(a), list(b)
         assert len(batches_a) == len(a) == 10
         for ba, bb in zip(batches_a, batches_b):
-            assert len({s for _, s in ba}) == 1 and ba[0][1] in sizes
+            assert len({key.size for key in ba}) == 1 and ba[0].size in sizes
             assert ba[0][1] == bb[0][1]
     a.set_epoch(0)
     first = [batch[0][1] for batch in a]
@@ -399,7 +484,7 @@ def test_the_epoch_lightning_gives_the_inner_sampler_draws_new_sizes_and_orders(
         draws = [list(loader.batch_sampler) for loader in loaders]
         sizes = [[b[0][1] for b in d] for d in draws]
         assert sizes[0] == sizes[1]  # the ranks agree at every step
-        epochs.append((sizes[0], [i for b in draws[0] for i, _ in b]))
+        epochs.append((sizes[0], [key.index for b in draws[0] for key in b]))
     assert epochs[0][0] != epochs[1][0] != epochs[2][0]  # sizes differ between epochs
     assert epochs[0][1] != epochs[1][1]  # and so does the order
 

@@ -169,11 +169,12 @@ def test_a_range_test_that_never_falls_or_turns_nan_gives_no_lr_below_or_beyond_
 
 # A driver run in a fresh process: it trains with the given config and, if asked, SIGKILLs itself
 # as a Colab disconnect would: right after a given step, or in the middle of writing the checkpoint
-# of a given step. It records, for every step it trains, the epoch, the image size, the LR and the
+# of a given step. It records, for every step it trains, the epoch, the image size, the LR, the
 # indices of the batch's images (the dataset is read in-process, then collated: the indices read
-# since the last collate are the batch's).
+# since the last collate are the batch's) and a digest of the batch's tensors (images and boxes
+# as collated, so augmentations must match too).
 DRIVER = textwrap.dedent("""
-    import json, os, signal, sys
+    import hashlib, json, os, signal, sys
     import pytorch_lightning as pl
     import helpers.checkpoints
     import helpers.datamodule as dm
@@ -181,21 +182,22 @@ DRIVER = textwrap.dedent("""
     from helpers.train import train
 
     keys, batch_ids = [], {}
-    getitem, collate = dm.TrainingDataset.__getitem__, dm.collate
-    def recording_getitem(self, key):
-        keys.append(int(key[0]))
-        return getitem(self, key)
+    getitems, collate = dm.TrainingDataset.__getitems__, dm.collate
+    def recording_getitems(self, batch_keys):
+        keys.extend(int(key[0]) for key in batch_keys)
+        return getitems(self, batch_keys)
     def recording_collate(batch):
         out = collate(batch)
-        batch_ids[out.images.data_ptr()] = list(keys)
+        digest = hashlib.sha1(out.images.numpy().tobytes() + out.boxes.numpy().tobytes()).hexdigest()
+        batch_ids[out.images.data_ptr()] = [list(keys), digest]
         keys.clear()
         return out
-    dm.TrainingDataset.__getitem__, dm.collate = recording_getitem, recording_collate
+    dm.TrainingDataset.__getitems__, dm.collate = recording_getitems, recording_collate
 
     class Record(pl.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             row = [trainer.global_step - 1, trainer.current_epoch, batch.images.shape[-1],
-                   trainer.optimizers[0].param_groups[0]["lr"], batch_ids.pop(batch.images.data_ptr(), None)]
+                   trainer.optimizers[0].param_groups[0]["lr"], *batch_ids.pop(batch.images.data_ptr(), [None, None])]
             with open(os.environ["RECORD"] + f".rank{trainer.global_rank}", "a") as f:
                 f.write(json.dumps(row) + "\\n")
         def on_validation_epoch_end(self, trainer, module):
@@ -267,8 +269,8 @@ def fast_config(data_root, run_dir, epochs=3) -> Config:
 
 @pytest.fixture(scope="module")
 def uninterrupted(small_voc, tmp_path_factory):
-    """The run the killed ones must equal: {step: [step, epoch, image size, LR, image indices]} and
-    its folder."""
+    """The run the killed ones must equal: {step: [step, epoch, image size, LR, image indices, digest of
+    the batch's images and boxes]} and its folder."""
     where = tmp_path_factory.mktemp("uninterrupted")
     done = run_driver(where, fast_config(small_voc, where / "run"), env={"RECORD": str(where / "rows")})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -290,7 +292,8 @@ def assert_same_steps(record_file, expected: dict, total: int = 12) -> None:
 def test_a_run_killed_at_random_moments_resumes_exactly_as_an_uninterrupted_run(small_voc, uninterrupted, tmp_path):
     """SIGKILLs at random steps (one of them in the middle of a checkpoint write), each time resumed
     with --resume latest: the run ends at the uninterrupted run's step, and every step, including
-    those redone after a kill, has that run's epoch, image size, LR and batch of images."""
+    those redone after a kill, has that run's epoch, image size, LR and batch of images, augmented
+    alike to the pixel."""
     expected, reference = uninterrupted
     total = 12  # 16 images / batch 4 = 4 steps an epoch, 3 epochs
     rng = np.random.default_rng()  # random moments; printed so that a failure can be replayed
