@@ -276,12 +276,13 @@ def test_without_its_data_the_export_records_the_default_and_says_why(tmp_path, 
 
 
 @pytest.mark.parametrize("data, message", [("missing", "data folder not found"),
-                                           ("voc", "no confidence threshold finds any object")])
-def test_data_named_on_the_command_line_that_cannot_be_measured_on_is_one_line(tmp_path, voc, model_and_config,
+                                           ("voc", "the test split of `VOCdevkit`: no confidence threshold finds"),
+                                           ("course", "the test split of `course`: no confidence threshold finds")])
+def test_data_named_on_the_command_line_that_cannot_be_measured_on_is_one_line(tmp_path, voc, course, model_and_config,
                                                                              capsys, data, message):
-    model, cfg = model_and_config  # random weights: nothing right at any threshold
+    model, cfg = model_and_config  # random weights: nothing right at any threshold (read, run, scored: both layouts)
     ckpt = fake_checkpoint(tmp_path / "c" / "x.ckpt", model, cfg)
-    folder = voc if data == "voc" else tmp_path / "missing"
+    folder = {"voc": voc, "course": course}.get(data, tmp_path / "missing")
     assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "b"), "--data", str(folder)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # after the bar
     assert len(errors) == 1 and f"--data {folder}" in errors[0] and message in errors[0]
