@@ -46,7 +46,18 @@ from helpers.model import YOLOv3, fuse_for_inference  # noqa: E402
 from helpers.plotting import annotate, overlay  # noqa: E402
 from helpers.postprocess import detect  # noqa: E402
 from helpers.transforms import letterbox  # noqa: E402
-from helpers.weights import CONFIG, WEIGHTS, BundleError, load_bundle, read_bundle_config  # noqa: E402
+from helpers.weights import (  # noqa: E402
+    CONFIG,
+    DEFAULT_DISPLAY_CONF,
+    DISPLAY_CONF_MAX,
+    DISPLAY_CONF_MIN,
+    DISPLAY_CONF_STEP,
+    WEIGHTS,
+    BundleError,
+    display_conf,
+    load_bundle,
+    read_bundle_config,
+)
 
 log = logging.getLogger("yolo-app")
 
@@ -54,7 +65,9 @@ MAX_SIDE = 2048  # every upload is brought down to this longest side before anyt
 MAX_UPLOAD = 20_000_000  # bytes: Gradio refuses larger uploads, `read_upload` larger files
 SIZES = (320, 416, 512, 608)  # input sizes offered (multiples of 32)
 CAM_METHODS = ("Grad-CAM", "EigenCAM")
-DEFAULT_CONF, DEFAULT_IOU, DEFAULT_TOP_K = 0.4, 0.45, 5
+# The confidence slider starts where the bundle says its model is best shown (`display_conf`, chosen
+# at export: the F1-best threshold on its evaluation data), else at DEFAULT_CONF.
+DEFAULT_CONF, DEFAULT_IOU, DEFAULT_TOP_K = DEFAULT_DISPLAY_CONF, 0.45, 5
 MAX_TOP_K = 10
 MAX_DETECTIONS = 100  # per image, after NMS
 CAM_SIDE = 800  # longest side of each CAM panel in the gallery
@@ -83,6 +96,11 @@ class LoadedModel:
     info: dict  # the bundle's config.json
     source: str  # folder or hub id, for the page
     classes: tuple[str, ...] = field(default=VOC_CLASSES)
+
+    @property
+    def display_conf(self) -> tuple[float, str]:
+        """(the confidence threshold the page starts at, where it came from in words): the bundle's."""
+        return display_conf(self.info)
 
     @property
     def hub_url(self) -> str | None:
@@ -245,11 +263,13 @@ def detect_boxes(loaded: LoadedModel, upload: Upload, conf: float, iou: float, s
     return dets, rows, x, meta, cap
 
 
-def predict_boxes(loaded: LoadedModel | None, image, conf=DEFAULT_CONF, iou=DEFAULT_IOU, size=416,
+def predict_boxes(loaded: LoadedModel | None, image, conf=None, iou=DEFAULT_IOU, size=416,
                   cam_method="Grad-CAM", top_k=DEFAULT_TOP_K):
-    """Boxes only: (Result, state for `add_cams`) — the page shows this before the CAMs are ready."""
+    """Boxes only: (Result, state for `add_cams`) — the page shows this before the CAMs are ready.
+    conf None: the bundle's own threshold (`LoadedModel.display_conf`)."""
     if loaded is None:
         return Result(message=NO_MODEL), None
+    conf = loaded.display_conf[0] if conf is None else conf
     if image is None:
         return Result(message="Upload an image or pick one of the samples."), None
     try:
@@ -326,9 +346,10 @@ def add_cams(loaded: LoadedModel, result: Result, state: dict) -> Result:
     return result
 
 
-def predict(loaded: LoadedModel | None, image, conf=DEFAULT_CONF, iou=DEFAULT_IOU, size=416,
+def predict(loaded: LoadedModel | None, image, conf=None, iou=DEFAULT_IOU, size=416,
             cam_method="Grad-CAM", top_k=DEFAULT_TOP_K) -> Result:
-    """Boxes, table and CAMs for one image (path, or an `Upload`); a message instead of any failure."""
+    """Boxes, table and CAMs for one image (path, or an `Upload`); a message instead of any failure.
+    conf None: the bundle's own threshold, where the page's slider starts."""
     try:
         result, state = predict_boxes(loaded, image, conf, iou, size, cam_method, top_k)
         return add_cams(loaded, result, state) if state else result
@@ -352,6 +373,8 @@ def _about(loaded: LoadedModel | None, hub_repo: str | None) -> str:
               f"YOLOv3 (Darknet-53, width {info['width']}, {info.get('parameters', 0):,} parameters, "
               f"{info.get('weights_dtype', 'float32')} weights), trained at {info['image_size']}x{info['image_size']}; "
               f"loaded from `{loaded.source}`."]
+    conf, source = loaded.display_conf
+    lines += ["", f"**Confidence threshold:** the slider starts at {conf:g}: {source}."]
     url = loaded.hub_url or (f"https://huggingface.co/{hub_repo}" if hub_repo else None)
     lines += ["", f"Model page: [{url}]({url})" if url else "Model page: not published (no Hugging Face repo set)."]
     training = info.get("training") or {}
@@ -430,6 +453,7 @@ def build_demo(bundle: str | os.PathLike | None, samples_dir: str | os.PathLike 
     # the model's own size is offered (and chosen) too: a model trained small sees little at 416
     sizes = sorted(set(SIZES) | ({trained_size} if trained_size % 32 == 0 and 64 <= trained_size <= 1024 else set()))
     default_size = trained_size if trained_size in sizes else 416
+    start_conf = loaded.display_conf[0] if loaded else DEFAULT_CONF
     samples = sample_images(samples_dir, generated_first=trained_on_generated_data(loaded))
 
     def run(image, conf, iou, size, cam_method, top_k):
@@ -458,8 +482,8 @@ def build_demo(bundle: str | os.PathLike | None, samples_dir: str | os.PathLike 
                 if samples:
                     gr.Examples(examples=[[p] for p in samples], inputs=[image], label="Samples",
                                 examples_per_page=12)
-                conf = gr.Slider(0.01, 0.99, value=DEFAULT_CONF, step=0.01, label="Confidence threshold",
-                                 elem_id="conf")
+                conf = gr.Slider(DISPLAY_CONF_MIN, DISPLAY_CONF_MAX, value=start_conf, step=DISPLAY_CONF_STEP,
+                                 label="Confidence threshold", elem_id="conf")
                 iou = gr.Slider(0.05, 0.95, value=DEFAULT_IOU, step=0.05, label="NMS IoU threshold")
                 size = gr.Radio(sizes, value=default_size, label="Input size (pixels)")
                 cam_method = gr.Radio(list(CAM_METHODS), value="Grad-CAM", label="Explanation")

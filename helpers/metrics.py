@@ -370,6 +370,41 @@ def voc_map(
     return results[method] if isinstance(method, str) else results
 
 
+def f1_by_threshold(
+    detections: Sequence[torch.Tensor],
+    ground_truths: Sequence[Mapping],
+    thresholds: Sequence[float] | np.ndarray,
+    iou_threshold: float = 0.5,
+    num_classes: int = 20,
+) -> dict:
+    """Precision, recall and F1 over all classes together (pooled counts) when only the detections
+    with score > t are kept, for each threshold t (`detect`'s rule: it keeps scores above it).
+
+    Same inputs as `voc_map`, and the same devkit matching (`match_detections`): detections of
+    difficult objects count as neither true nor false positives, difficult objects are not to be
+    found. The matching is greedy in descending score, so keeping the detections above t gives the
+    prefix of the whole set's matching: one matching serves every threshold.
+
+    thresholds: [T]. Returns a dict of NumPy arrays [T]: "thresholds", "tp", "fp" (counts kept),
+    "precision" (1 where nothing is kept), "recall" (0 without ground truth), "f1" (0 where
+    precision + recall is 0); "num_gt" (non-difficult objects, int) and "best": the index of the
+    highest F1, the highest threshold among equals (fewest boxes for the same F1).
+    """
+    t = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    _, _, score, tp, fp, npos = match_detections(detections, ground_truths, iou_threshold, num_classes)
+    ctp = np.concatenate(([0], np.cumsum(tp)))
+    cfp = np.concatenate(([0], np.cumsum(fp)))
+    # score is descending: how many are > t, compared in float32 as `detect` compares its float32 scores
+    kept = np.searchsorted(-score, -t.astype(np.float32).astype(np.float64), side="left")
+    n_tp, n_fp, num_gt = ctp[kept], cfp[kept], int(npos.sum())
+    precision = np.where(n_tp + n_fp > 0, n_tp / np.maximum(n_tp + n_fp, 1), 1.0)
+    recall = n_tp / num_gt if num_gt else np.zeros(len(t))
+    f1 = 2 * n_tp / np.maximum(2 * n_tp + n_fp + (num_gt - n_tp), 1)  # = 2PR / (P + R), 0 when nothing is right
+    best = int(len(t) - 1 - np.argmax(f1[::-1])) if len(t) else -1
+    return {"thresholds": t, "tp": n_tp, "fp": n_fp, "precision": precision, "recall": recall, "f1": f1,
+            "num_gt": num_gt, "best": best}
+
+
 # --------------------------------------------------------------------------- COCO AP
 # pycocotools' `Params.setDetParams`, float64: 0.5, 0.55, ..., 0.95 and 0, 0.01, ..., 1.
 COCO_IOU_THRESHOLDS: list[float] = np.linspace(0.5, 0.95, round((0.95 - 0.5) / 0.05) + 1).tolist()

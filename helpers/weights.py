@@ -4,7 +4,8 @@ YOLOv3 and its Config, and finding the checkpoint a user means.
 - `load_model(path)`: a YOLOv3 (eval mode) and its Config from a `helpers.train` checkpoint (a full
   training state or an epoch's weights file) or a bundle folder. Checkpoints load with
   `torch.load(..., weights_only=True)`; bundles (safetensors + JSON) unpickle nothing.
-- `read_bundle_config(folder)`, `load_bundle(folder)`: the bundle format `helpers.export` writes.
+- `read_bundle_config(folder)`, `load_bundle(folder)`: the bundle format `helpers.export` writes;
+  `display_conf(info)`: the confidence threshold the app first shows a bundle's model at.
 - `problem_with(path)`: None for a complete checkpoint, else what is wrong with it, in words.
 - `find_latest(folder)`: the newest full state that loads; `resolve_checkpoint(spec)`: what
   'latest', a run folder, a checkpoint folder, a bundle or a file means.
@@ -35,6 +36,10 @@ FORMAT = "yolov3-voc-bundle"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+# The confidence thresholds the app offers (its slider), and the one it starts at for a bundle that
+# records none (bundles written before `display_conf`, or exported without data and without a value).
+DISPLAY_CONF_MIN, DISPLAY_CONF_MAX, DISPLAY_CONF_STEP = 0.01, 0.99, 0.01
+DEFAULT_DISPLAY_CONF = 0.4
 
 
 class CheckpointError(ValueError):
@@ -206,3 +211,17 @@ def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu
         raise BundleError(f"{path / WEIGHTS}: weights do not fit a YOLOv3 with {config.model.num_classes} "
                           f"classes at width {config.model.width} ({str(e).splitlines()[0]})") from None
     return model.to(map_location).eval(), config
+
+
+def display_conf(info: dict[str, Any]) -> tuple[float, str]:
+    """(the confidence threshold to first show the bundle's model at, where that value came from in
+    words) from a bundle's `config.json`: its `display_conf` and `display_conf_source` (written by
+    `helpers.export`); DEFAULT_DISPLAY_CONF, said so, for a bundle without one or with an unusable one."""
+    value = info.get("display_conf")
+    if value is None:
+        return DEFAULT_DISPLAY_CONF, "the app's default (this bundle records no threshold of its own)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            DISPLAY_CONF_MIN <= value <= DISPLAY_CONF_MAX):
+        return DEFAULT_DISPLAY_CONF, (f"the app's default (the bundle's display_conf {value!r} is not a number "
+                                      f"from {DISPLAY_CONF_MIN} to {DISPLAY_CONF_MAX}, so it is not used)")
+    return float(value), str(info.get("display_conf_source") or "recorded in the bundle (source not stated)")

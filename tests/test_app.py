@@ -166,6 +166,43 @@ def test_model_is_loaded_once_per_source(bundle, monkeypatch):
     assert first is second and len(calls) == 1
 
 
+def _slider_value(demo, elem_id: str = "conf"):
+    return next(c["props"]["value"] for c in demo.config["components"] if c["props"].get("elem_id") == elem_id)
+
+
+def _about_text(demo) -> str:
+    return next(c["props"]["value"] for c in demo.config["components"] if c["props"].get("elem_id") == "about")
+
+
+def test_the_confidence_slider_starts_at_the_bundles_threshold_and_the_page_says_where_it_came_from(tmp_path):
+    cfg = Config()
+    cfg.model.width = 0.125
+    cfg.data.image_size = SIZE
+    source = "F1-best on the test split of `VOCdevkit` (8 images, 20 objects, 128 px): F1 0.500"
+    bundle = write_bundle(tiny_confident_model(), cfg, tmp_path / "bundle",
+                          display={"display_conf": 0.23, "display_conf_source": source})
+    demo = webapp.build_demo(bundle, SAMPLES)
+    assert _slider_value(demo) == 0.23
+    assert f"**Confidence threshold:** the slider starts at 0.23: {source}." in _about_text(demo)
+
+
+def test_a_bundle_without_a_threshold_starts_at_the_apps_default_and_says_so(bundle):
+    demo = webapp.build_demo(bundle, SAMPLES)  # the module's bundle: written without display_conf
+    assert _slider_value(demo) == webapp.DEFAULT_CONF == 0.4
+    assert "the slider starts at 0.4: the app's default (this bundle records no threshold" in _about_text(demo)
+
+
+def test_predict_without_a_threshold_uses_the_bundles(tmp_path, sample):
+    cfg = Config()
+    cfg.model.width = 0.125
+    cfg.data.image_size = SIZE
+    bundle = write_bundle(tiny_confident_model(), cfg, tmp_path / "strict", display={"display_conf": 0.99})
+    strict, _ = webapp.load_source(bundle)
+    r = webapp.predict(strict, str(sample), size=SIZE, top_k=0)  # every score of the model is ~0.88
+    assert "score > 0.99" in r.message and r.rows == []
+    assert len(webapp.predict(strict, str(sample), conf=0.5, size=SIZE, top_k=0).rows) > 0
+
+
 # --- no model -----------------------------------------------------------------------------------
 def test_without_a_model_predict_says_so_and_shows_nothing(sample):
     r = webapp.predict(None, str(sample))

@@ -97,6 +97,9 @@ def test_upload_shows_boxes_table_and_cam_gallery(browser, served, tmp_path):
     about.get_by_text("The 20 classes this model detects").wait_for()
     assert about.get_by_text("tvmonitor").count() >= 1
     assert about.get_by_text("Trained on:").count() == 1
+    # the confidence slider starts at the bundle's threshold, and the page says where it came from
+    assert about.get_by_text("Confidence threshold:").count() == 1
+    assert float(page.locator("#conf input[type=number]").input_value()) == loaded.display_conf[0]
     if not os.environ.get("YOLO_BUNDLE"):  # the test bundle's metrics and model link
         assert about.get_by_text("mAP at IoU 0.5 (VOC07 11-point)").count() == 1
         assert about.locator("a[href='https://huggingface.co/someone/yolov3-voc']").count() == 1

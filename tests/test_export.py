@@ -218,3 +218,129 @@ def test_command_line_export_of_the_latest_checkpoint_of_a_run(tmp_path, model_a
     assert main(["--checkpoint", "latest", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "b")]) == 0
     assert main(["--checkpoint", "latest", "--run-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "c")]) == 2
     assert "empty: not found" in capsys.readouterr().err
+
+
+# --- the confidence threshold the app shows the model at -----------------------------------------
+def fake_collect(monkeypatch, detections, truths):
+    """helpers.evaluate.collect answering with these detections and truths (the loader is built, not read)."""
+    from helpers import evaluate
+
+    monkeypatch.setattr(evaluate, "collect", lambda model, loader, **kw: (detections, truths, None))
+
+
+def test_display_conf_is_the_slider_value_with_the_best_f1_measured_on_the_data(tmp_path, voc, model_and_config,
+                                                                               monkeypatch):
+    model, cfg = model_and_config
+    a, b, c = [10.0, 10, 40, 40], [50.0, 10, 90, 60], [0.0, 0, 5, 5]
+    truths = [{"boxes": torch.tensor([a, b]), "labels": torch.tensor([3, 7]),
+               "difficult": torch.tensor([False, False])},
+              {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+               "difficult": torch.zeros(0, dtype=torch.bool)}]
+    # in score order: TP 0.9, FP 0.5, TP 0.3, FP 0.1 -> F1 0.8 for thresholds 0.10..0.29, the best
+    detections = [torch.tensor([a + [0.9, 3], b + [0.3, 7], c + [0.1, 3]]), torch.tensor([c + [0.5, 7]])]
+    fake_collect(monkeypatch, detections, truths)
+    ckpt = fake_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", model, cfg)
+    info = read_bundle_config(export_checkpoint(ckpt, tmp_path / "b", data=voc))
+    assert info["display_conf"] == 0.29  # score > t keeps the TP at 0.3; among equal F1, the highest t
+    measured = info["display_conf_measured"]
+    assert (measured["f1"], measured["recall"]) == (0.8, 1.0) and measured["precision"] == pytest.approx(2 / 3, abs=1e-4)
+    assert measured["boxes_per_image"] == 1.5 and measured["images"] == 2 and measured["objects"] == 2
+    assert measured["at_default"] == {"conf": 0.4, "f1": 0.5, "precision": 0.5, "recall": 0.5,
+                                      "boxes_per_image": 1.0}
+    assert info["display_conf_source"].startswith(
+        "F1-best on the test split of `VOCdevkit` (2 images, 2 objects, 64 px): F1 0.800")
+
+
+def test_display_conf_by_hand_is_recorded_as_such_and_checked(tmp_path, model_and_config, capsys):
+    model, cfg = model_and_config
+    ckpt = fake_checkpoint(tmp_path / "c" / "x.ckpt", model, cfg)
+    info = read_bundle_config(export_checkpoint(ckpt, tmp_path / "b", display_conf=0.3))
+    assert (info["display_conf"], info["display_conf_source"]) == (0.3, "set by hand at export")
+    assert "display_conf_measured" not in info
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "d"), "--display-conf", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--display-conf 1.5: must lie from 0.01 to 0.99" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_without_its_data_the_export_records_the_default_and_says_why(tmp_path, model_and_config, capsys):
+    model, cfg = model_and_config
+    cfg.data.root = str(tmp_path / "gone" / "VOCdevkit")  # trained on another machine
+    ckpt = fake_checkpoint(tmp_path / "c" / "x.ckpt", model, cfg)
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "b")]) == 0
+    info = read_bundle_config(tmp_path / "b")
+    assert info["display_conf"] == 0.4
+    assert info["display_conf_source"] == f"the default, not measured ({cfg.data.root}: data folder not found)"
+    err = capsys.readouterr().err
+    assert "note: display threshold not measured" in err and "--data PATH" in err
+
+
+@pytest.mark.parametrize("data, message", [("missing", "data folder not found"),
+                                           ("voc", "the test split of `VOCdevkit`: no confidence threshold finds"),
+                                           ("course", "the test split of `course`: no confidence threshold finds")])
+def test_data_named_on_the_command_line_that_cannot_be_measured_on_is_one_line(tmp_path, voc, course, model_and_config,
+                                                                             capsys, data, message):
+    model, cfg = model_and_config  # random weights: nothing right at any threshold (read, run, scored: both layouts)
+    ckpt = fake_checkpoint(tmp_path / "c" / "x.ckpt", model, cfg)
+    folder = {"voc": voc, "course": course}.get(data, tmp_path / "missing")
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "b"), "--data", str(folder)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # after the bar
+    assert len(errors) == 1 and f"--data {folder}" in errors[0] and message in errors[0]
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_bundle_is_reissued_with_the_same_weights_file_and_only_the_display_fields_new(
+        tmp_path, model_and_config, capsys):
+    model, cfg = model_and_config
+    old = write_bundle(model, cfg, tmp_path / "old", fp16=True, metrics={"m": 0.1})  # without display_conf
+    assert main(["--checkpoint", str(old), "--out", str(tmp_path / "new"), "--display-conf", "0.25"]) == 0
+    new = tmp_path / "new"
+    assert (new / WEIGHTS).read_bytes() == (old / WEIGHTS).read_bytes()
+    before, after = read_bundle_config(old), read_bundle_config(new)
+    assert {k: v for k, v in after.items() if not k.startswith("display_conf")} == before
+    assert (after["display_conf"], after["display_conf_source"]) == (0.25, "set by hand at export")
+    assert main(["--checkpoint", str(old), "--out", str(tmp_path / "x"), "--fp16"]) == 2
+    assert "is a bundle" in capsys.readouterr().err
+
+
+def test_a_bundle_whose_weights_do_not_match_their_hash_is_not_reissued(tmp_path, model_and_config):
+    from helpers.export import export_bundle
+
+    model, cfg = model_and_config
+    old = write_bundle(model, cfg, tmp_path / "old")
+    info = json.loads((old / CONFIG).read_text())
+    (old / CONFIG).write_text(json.dumps({**info, "weights_sha256": "0" * 64}))
+    with pytest.raises(BundleError, match="does not match the weights_sha256"):
+        export_bundle(old, tmp_path / "new", display_conf=0.3)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"display_conf": 0.23, "display_conf_source": "F1-best on X"}, (0.23, "F1-best on X")),
+    ({}, (0.4, "the app's default (this bundle records no threshold of its own)")),
+    ({"display_conf": 1.5}, (0.4, "the app's default (the bundle's display_conf 1.5 is not a number from 0.01 "
+                                  "to 0.99, so it is not used)")),
+    ({"display_conf": "0.2"}, (0.4, "the app's default (the bundle's display_conf '0.2' is not a number from 0.01 "
+                                    "to 0.99, so it is not used)")),
+])
+def test_a_bundles_display_conf_is_read_with_its_source_and_older_bundles_get_the_default(fields, expected):
+    from helpers.weights import display_conf
+
+    assert display_conf({"format": "yolov3-voc-bundle", **fields}) == expected
+
+
+@pytest.mark.slow
+def test_the_bundled_models_threshold_is_what_measuring_it_again_gives():
+    """app/bundle's display_conf is the F1-best one on the generated test split it was trained beside."""
+    from pathlib import Path
+
+    from helpers.datamodule import synthetic_root
+    from helpers.export import measure_display_conf
+
+    bundle = Path(__file__).resolve().parents[1] / "app" / "bundle"
+    info = read_bundle_config(bundle)
+    model, cfg = load_bundle(bundle)
+    measured = measure_display_conf(model, cfg, synthetic_root(cfg.train.seed), cfg.data.val_split, generated=True)
+    assert measured["display_conf"] == info["display_conf"]
+    assert measured["display_conf_measured"] == info["display_conf_measured"]
+    assert measured["display_conf_measured"]["f1"] > measured["display_conf_measured"]["at_default"]["f1"]

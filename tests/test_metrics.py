@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.metrics import YoloAccuracy, average_precision, coco_map, voc_map
+from helpers.metrics import YoloAccuracy, average_precision, coco_map, f1_by_threshold, voc_map
 
 
 def gt(boxes, labels, difficult=None):
@@ -262,6 +262,46 @@ def test_fast_voc_map_equals_a_literal_devkit_loop_on_random_sets(seed, method, 
     ref_map, ref_ap = devkit_reference(found, truths, iou_threshold, method, 4)
     np.testing.assert_allclose(r["ap"], ref_ap, rtol=0, atol=1e-12)
     assert r["map"] == pytest.approx(ref_map, abs=1e-12)
+
+
+# --------------------------------------------------------------------------- F1 by threshold
+def test_f1_by_threshold_on_a_hand_counted_case():
+    # Two objects and a difficult one; in score order: A (TP), on the difficult one (neither), off (FP), B (TP).
+    truths = [gt([A, B, FAR], [0, 0, 0], difficult=[False, False, True])]
+    found = [dets(A + [0.9, 0], FAR + [0.7, 0], [0, 0, 5, 5, 0.4, 0], B + [0.3, 0])]
+    r = f1_by_threshold(found, truths, [0.1, 0.2, 0.5, 0.95], num_classes=1)
+    assert r["num_gt"] == 2
+    assert r["tp"].tolist() == [2, 2, 1, 0] and r["fp"].tolist() == [1, 1, 0, 0]
+    assert r["precision"].tolist() == pytest.approx([2 / 3, 2 / 3, 1.0, 1.0])
+    assert r["recall"].tolist() == pytest.approx([1.0, 1.0, 0.5, 0.0])
+    assert r["f1"].tolist() == pytest.approx([0.8, 0.8, 2 / 3, 0.0])
+    assert r["best"] == 1  # 0.1 and 0.2 tie on F1: the higher threshold (fewer boxes for the same F1)
+
+
+def test_f1_by_threshold_drops_a_score_equal_to_the_threshold_as_detect_does():
+    r = f1_by_threshold([dets(A + [0.5, 0])], [gt([A], [0])], [0.5, 0.49], num_classes=1)
+    assert r["tp"].tolist() == [0, 1]
+
+
+def test_f1_by_threshold_without_detections_or_objects_is_zero_not_an_error():
+    r = f1_by_threshold([dets()], [gt([A], [0])], [0.1, 0.5], num_classes=1)
+    assert r["f1"].tolist() == [0.0, 0.0] and r["precision"].tolist() == [1.0, 1.0]
+    r = f1_by_threshold([dets(A + [0.9, 0])], [gt([], [])], [0.1, 0.95], num_classes=1)
+    assert r["f1"].tolist() == [0.0, 0.0] and r["recall"].tolist() == [0.0, 0.0] and r["num_gt"] == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_f1_by_threshold_equals_matching_only_the_detections_kept_at_each_threshold(seed):
+    # One matching of the whole set read at each threshold == a fresh VOC matching of what is kept.
+    found, truths = random_set(seed)
+    thresholds = np.arange(0, 21) / 20  # every tied score value itself, and beyond both ends
+    r = f1_by_threshold(found, truths, thresholds, num_classes=4)
+    for i, t in enumerate(thresholds):
+        kept = [d[d[:, 4] > t] for d in found]
+        ref = voc_map(kept, truths, num_classes=4)
+        assert (r["tp"][i], r["fp"][i]) == (ref["num_tp"].sum(), ref["num_fp"].sum()), t
+    assert r["num_gt"] == sum(int((~t_["difficult"]).sum()) for t_ in truths)
+    assert r["f1"][r["best"]] == r["f1"].max()
 
 
 def test_both_voc_methods_come_from_one_matching_and_equal_separate_calls(monkeypatch):
