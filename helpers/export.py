@@ -20,7 +20,7 @@ in half precision (half the bytes; loading casts them back to float32).
 of the slider's values (0.01 steps) with the best F1 (IoU 0.5, all classes pooled, difficult objects
 ignored) on the checkpoint's evaluation split (`--data`/`--split` name another), measured with the
 app's settings (the model's image size, its NMS IoU, at most 100 boxes per image) through
-`helpers.evaluate.collect` and `helpers.metrics.f1_by_threshold`. `display_conf_source` says where
+`helpers.evaluate.evaluate` and `helpers.metrics.f1_by_threshold`. `display_conf_source` says where
 it came from in words (the app shows it), `display_conf_measured` holds the figures. `--display-conf X`
 sets it by hand; without readable data it is `weights.DEFAULT_DISPLAY_CONF`, said so.
 
@@ -178,14 +178,14 @@ def measure_display_conf(model: YOLOv3, config: Config, root: str | os.PathLike,
 
     The model runs as the app runs it: at `config.data.image_size`, NMS IoU `config.train.nms_iou`,
     at most 100 boxes per image, letterboxed, boxes scored in the stored image's pixels against its
-    full ground truth (`helpers.evaluate.collect`); F1 pooled over all classes at IoU 0.5, difficult
+    full ground truth (`helpers.evaluate.evaluate`); F1 pooled over all classes at IoU 0.5, difficult
     objects ignored (`helpers.metrics.f1_by_threshold`), ties to the higher threshold.
     Raises DatasetError (not a dataset, no such split, no images) and ValueError (no object to find,
     or no threshold finds any: F1 0 everywhere), each naming the data.
     """
-    from .datamodule import collate_with_meta
+    from .batch import collate
     from .dataset_org import PlainDataset
-    from .evaluate import collect
+    from .evaluate import Evaluator, evaluate
     from .metrics import f1_by_threshold
     from .utils import pick_device
 
@@ -198,11 +198,12 @@ def measure_display_conf(model: YOLOv3, config: Config, root: str | os.PathLike,
     where = f"the generated {split} split" if generated else f"the {split} split of `{root.name}`"
     if len(dataset) == 0:
         raise DatasetError(f"{root}: no images in its {split} split to measure the display threshold on")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=False, collate_fn=collate_with_meta)
-    detections, truths, _ = collect(model, loader, conf_threshold=float(DISPLAY_THRESHOLDS[0]),
-                                    nms_iou=config.train.nms_iou, max_detections=DISPLAY_MAX_DETECTIONS,
-                                    device=pick_device(device), accuracy=False,
-                                    progress=progress)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=False, collate_fn=collate)
+    evaluator = Evaluator(config.data.classes, conf_threshold=float(DISPLAY_THRESHOLDS[0]),
+                          nms_iou=config.train.nms_iou, max_detections=DISPLAY_MAX_DETECTIONS)
+    evaluate(model, loader, device=pick_device(device), coco=False, progress=progress, accuracy=False,
+             evaluator=evaluator)
+    detections, truths, images = evaluator.detections.per_image()
     curve = f1_by_threshold(detections, truths, DISPLAY_THRESHOLDS, iou_threshold=0.5,
                             num_classes=config.model.num_classes)
     if curve["num_gt"] == 0:
@@ -212,7 +213,6 @@ def measure_display_conf(model: YOLOv3, config: Config, root: str | os.PathLike,
         raise ValueError(f"{where}: no confidence threshold finds any object (F1 0 at every one)")
     default = int(np.argmin(np.abs(DISPLAY_THRESHOLDS - DEFAULT_DISPLAY_CONF)))
     scores = torch.cat([d[:, 4] for d in detections]) if detections else torch.zeros(0)
-    images = len(detections)
 
     def boxes_per_image(k: int) -> float:
         return round(int((scores > float(DISPLAY_THRESHOLDS[k])).sum()) / max(images, 1), 3)

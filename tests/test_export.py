@@ -221,11 +221,16 @@ def test_command_line_export_of_the_latest_checkpoint_of_a_run(tmp_path, model_a
 
 
 # --- the confidence threshold the app shows the model at -----------------------------------------
-def fake_collect(monkeypatch, detections, truths):
-    """helpers.evaluate.collect answering with these detections and truths (the loader is built, not read)."""
+def fake_evaluation(monkeypatch, detections, truths):
+    """helpers.evaluate.evaluate leaving these detections and truths in its evaluator (the loader is
+    built, not read)."""
     from helpers import evaluate
 
-    monkeypatch.setattr(evaluate, "collect", lambda model, loader, **kw: (detections, truths, None))
+    def fake(model, loader, *, evaluator, **kw):
+        evaluator.detections.update(detections, truths, torch.arange(len(detections)))
+        return {}
+
+    monkeypatch.setattr(evaluate, "evaluate", fake)
 
 
 def test_display_conf_is_the_slider_value_with_the_best_f1_measured_on_the_data(tmp_path, voc, model_and_config,
@@ -238,7 +243,7 @@ def test_display_conf_is_the_slider_value_with_the_best_f1_measured_on_the_data(
                "difficult": torch.zeros(0, dtype=torch.bool)}]
     # in score order: TP 0.9, FP 0.5, TP 0.3, FP 0.1 -> F1 0.8 for thresholds 0.10..0.29, the best
     detections = [torch.tensor([a + [0.9, 3], b + [0.3, 7], c + [0.1, 3]]), torch.tensor([c + [0.5, 7]])]
-    fake_collect(monkeypatch, detections, truths)
+    fake_evaluation(monkeypatch, detections, truths)
     ckpt = fake_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", model, cfg)
     info = read_bundle_config(export_checkpoint(ckpt, tmp_path / "b", data=voc))
     assert info["display_conf"] == 0.29  # score > t keeps the TP at 0.3; among equal F1, the highest t
