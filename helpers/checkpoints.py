@@ -32,7 +32,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from .config import Config
 from .storage import EMPTY_TRASH, TEMPORARY, atomic_write_new, free_bytes, human
-from .weights import NAME, CheckpointError, problem_with, step_of
+from .weights import NAME, SETTINGS_ADDED, CheckpointError, problem_with, saved_config, step_of
 
 WEIGHTS_DIR = "weights"
 # What a full disk while writing a checkpoint says to do.
@@ -224,10 +224,6 @@ MODEL_KEYS = ("num_classes", "width")
 SCHEDULE_KEYS = (("train", "epochs"), ("train", "max_lr"), ("train", "pct_start"), ("train", "div_factor"),
                  ("train", "final_div_factor"), ("train", "anneal_strategy"), ("train", "three_phase"),
                  ("train", "optimizer"), ("train", "limit_train_batches"), ("data", "batch_size"))
-# The loss terms, and what a checkpoint written before they were settings used (the course's).
-LOSS_KEYS = {"obj_loss": "mse", "box_loss": "mse"}
-
-
 def check_resumable(path: str | os.PathLike, config: Config) -> None:
     """Refuse (CheckpointError, one line naming the file and the mismatch) a checkpoint that is not a
     complete training state of this run's model and schedule."""
@@ -243,7 +239,7 @@ def check_resumable(path: str | os.PathLike, config: Config) -> None:
         raise CheckpointError(f"cannot resume from {path}: it is {kind} (resume from a file in the checkpoint "
                               "folder itself, not its weights/ folder)")
     try:
-        saved = Config.from_dict(ckpt["hyper_parameters"]["config"])
+        saved = saved_config(ckpt["hyper_parameters"]["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"cannot resume from {path}: not a checkpoint of helpers.train ({e})") from None
     for key in MODEL_KEYS:
@@ -251,9 +247,8 @@ def check_resumable(path: str | os.PathLike, config: Config) -> None:
         if here != there:
             raise CheckpointError(f"cannot resume from {path}: its model has {key} {there}, this run's {here} "
                                   f"(pass --{key.replace('_', '-')} {there}, or use another --run-dir)")
-    saved_train = ckpt["hyper_parameters"]["config"].get("train") or {}
-    for key, before_it_was_a_setting in LOSS_KEYS.items():
-        here, there = getattr(config.train, key), saved_train.get(key, before_it_was_a_setting)
+    for key in SETTINGS_ADDED["train"]:  # the loss: a checkpoint from before it was a setting used the course's
+        here, there = getattr(config.train, key), getattr(saved.train, key)
         if here != there:
             raise CheckpointError(
                 f"cannot resume from {path}: it was trained with {key} {there} and this run asks {here} "

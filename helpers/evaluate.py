@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         from .datamodule import synthetic_root
 
-        root = synthetic_root()
+        root = synthetic_root(cfg.train.seed)  # the set the run generated and trained on
     if not root.exists():
         raise SystemExit(f"evaluate: data folder {root} does not exist")
     try:

@@ -32,6 +32,9 @@ from .model import YOLOv3, build_model
 
 # A full training state's file name: epoch, global step, the schedule's LR, a version on a clash.
 NAME = re.compile(r"epoch=(\d+)-step=(\d+)-lr=([0-9.e+-]+)(?:-v(\d+))?\.ckpt$")
+# Settings added after checkpoints were first written, and what a run saved before them used (the
+# course's loss): a saved config is read with these, not with today's defaults.
+SETTINGS_ADDED = {"train": {"obj_loss": "mse", "box_loss": "mse"}}
 FORMAT = "yolov3-voc-bundle"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -149,7 +152,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     except Exception as e:  # noqa: BLE001 - report any unreadable file the same clear way
         raise ValueError(f"{path}: not a readable checkpoint ({e})") from e
     try:
-        config = Config.from_dict(ckpt["hyper_parameters"]["config"])
+        config = saved_config(ckpt["hyper_parameters"]["config"])
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     except KeyError as e:
         raise ValueError(f"{path}: not a checkpoint of helpers.train (missing {e})") from None
@@ -189,12 +192,22 @@ def read_bundle_config(path: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
+def saved_config(d: dict[str, Any]) -> Config:
+    """The Config a checkpoint or bundle was written with: a setting it predates reads as what such
+    runs used (`SETTINGS_ADDED`), every other missing field as today's default."""
+    d = {section: dict(values) if isinstance(values, dict) else values for section, values in d.items()}
+    for section, added in SETTINGS_ADDED.items():
+        if isinstance(d.get(section, {}), dict):
+            d[section] = {**added, **d.get(section, {})}
+    return Config.from_dict(d)
+
+
 def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[YOLOv3, Config]:
     """The YOLOv3 (eval mode) and its Config from a bundle folder; no pickle is read."""
     path = Path(path)
     info = read_bundle_config(path)
     try:
-        config = Config.from_dict(info["config"])
+        config = saved_config(info["config"])
     except (TypeError, ValueError) as e:
         raise BundleError(f"{path / CONFIG}: bad 'config' ({e})") from None
     if not (path / WEIGHTS).is_file():

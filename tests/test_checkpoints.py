@@ -307,3 +307,14 @@ def test_a_resume_keeps_the_loss_it_was_trained_with_even_from_before_the_loss_w
         check_resumable(tmp_path / "old.ckpt", cfg)
     cfg.train.obj_loss = "mse"
     check_resumable(tmp_path / "old.ckpt", cfg)
+
+
+def test_a_saved_config_reads_a_setting_it_predates_as_what_such_runs_used(tmp_path):
+    from helpers.weights import load_model
+
+    cfg = Config(model=ModelConfig(num_classes=20, width=0.125))
+    old = training_state(cfg)
+    del old["hyper_parameters"]["config"]["train"]["obj_loss"]  # written before the loss was a setting
+    torch.save(old, tmp_path / "old.ckpt")
+    _, saved = load_model(tmp_path / "old.ckpt")
+    assert (saved.train.obj_loss, saved.train.box_loss) == ("mse", cfg.train.box_loss)  # the course's; kept
