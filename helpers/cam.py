@@ -13,10 +13,10 @@ Which layer. By default a detection's target layer is the last feature map of it
 (`prediction_features(model)[scale]`, the output of the 3x3 conv block of that scale's prediction
 head): only the 1x1 prediction conv separates it from the score, so its Grad-CAM is the score's own
 map over the image, as CAM is for a classifier. `target_layers="head_inputs"` takes the feature
-map entering the head instead (`YOLOv3.head_inputs`); any module of the model can be given. On a
-small model trained on synthetic squares (tests/test_cam.py) the default put 93% of the map's mass
-inside the detected box on average (80% at worst), the head inputs 13% (1% at worst): a 3x3 conv,
-BatchNorm and LeakyReLU between layer and score blur what the channel weights mean.
+map entering the head instead (`YOLOv3.head_inputs`); any module of the model can be given. The
+default keeps the most of a map inside its detected box (benchmarks/RESULTS.md, "Grad-CAM: which
+layer"): a 3x3 conv, BatchNorm and LeakyReLU between layer and score blur what the channel weights
+mean.
 
 Speed. The network runs once without gradients, keeping the activations the rest needs (the
 output of the step of `model.layers` just before the target layer's step, and the backbone

@@ -6,11 +6,8 @@ Reading the curve. torch-lr-finder records the loss through a trailing exponenti
 steepest point with it. Here the range test records the raw losses and `read_curve` smooths them
 with a centred moving average (no lag); the max LR used is the steepest descent of that curve,
 capped at a tenth of the LR of its minimum (fastai's "minimum / 10" rule), so it is always on the
-falling part, a decade short of where the loss turns up. On the embedded default (width 0.25,
-generated shapes) the trailing-average curve of a 30-iteration test pointed at 1.1e-2, and 8 epochs
-there reached mAP@0.5 0.06; the centred curve of a 100-iteration test from one random init gave
-2.4e-3 (steepest descent 3.9e-3, capped), where 8 epochs reach 0.24 (0.28 at the embedded
-default's 2e-3; the notebook's seeded test picks 2.0e-3).
+falling part, a decade short of where the loss turns up. What each reading gives when trained on
+is measured in benchmarks/RESULTS.md ("Which max LR the range test should give").
 Use at least ~100 iterations: with 30 the curve has 4 points per decade and no reliable slope.
 """
 from __future__ import annotations
