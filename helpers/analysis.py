@@ -19,7 +19,7 @@ import torch
 from torchvision.ops import box_iou
 
 from .batch import Batch
-from .boxes import cxcywh_to_xyxy
+from .boxes import labels_to_pixels
 from .cam import assigned_index, capture, detection_cams, locate_detections
 from .metrics import match_detections
 from .postprocess import detect
@@ -41,13 +41,6 @@ class Examples:
     num_classes: int
 
 
-def _pixel_truths(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Dataset boxes [G,5] (class, cx, cy, w, h normalised) -> [G,5] (x1, y1, x2, y2, class) in pixels."""
-    b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 5)
-    xyxy = cxcywh_to_xyxy(b[:, 1:] * b.new_tensor([width, height, width, height]))
-    return torch.cat((xyxy, b[:, :1]), dim=1)
-
-
 def examples(data, n: int) -> tuple[torch.Tensor, list, list]:
     """(images [n,3,H,W] float, truths: per image [G,5] pixel boxes or None, metas: per image the
     plain dataset's meta or None) from a dataset (items (image, boxes[, meta])), a `batch.Batch` or
@@ -58,7 +51,7 @@ def examples(data, n: int) -> tuple[torch.Tensor, list, list]:
     if isinstance(data, Batch):
         images = data.images[:n]
         h, w = data.image_hw
-        truths = [_pixel_truths(data.boxes[data.boxes[:, 0] == i][:, 1:], h, w) for i in range(len(images))]
+        truths = [labels_to_pixels(data.boxes[data.boxes[:, 0] == i][:, 1:], h, w) for i in range(len(images))]
         metas = list(data.metas[:n]) if data.metas is not None else [None] * len(images)
         return images, truths, metas
     images, truths, metas = [], [], []
@@ -68,7 +61,7 @@ def examples(data, n: int) -> tuple[torch.Tensor, list, list]:
             continue
         img, boxes = item[0], item[1]
         images.append(img)
-        truths.append(_pixel_truths(boxes, img.shape[-2], img.shape[-1]))
+        truths.append(labels_to_pixels(boxes, img.shape[-2], img.shape[-1]))
         metas.append(item[2] if len(item) > 2 and isinstance(item[2], Mapping) else None)
     if not images:
         raise ValueError("examples: no readable sample among the first items of the dataset")

@@ -15,7 +15,7 @@ from torchvision.ops import box_convert, box_iou
 
 from .config import STRIDES
 
-__all__ = ["as_hw", "grid_shapes", "cxcywh_to_xyxy", "xyxy_to_cxcywh", "box_iou", "paired_iou", "wh_iou",
+__all__ = ["as_hw", "grid_shapes", "cxcywh_to_xyxy", "labels_to_pixels", "xyxy_to_cxcywh", "box_iou", "paired_iou", "wh_iou",
            "Letterbox", "letterboxes_to_original"]
 
 
@@ -36,6 +36,14 @@ def grid_shapes(image_size: int | Sequence[int], strides: Sequence[int] = STRIDE
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     """[..., 4] cx, cy, w, h -> [..., 4] x1, y1, x2, y2."""
     return box_convert(boxes.reshape(-1, 4), "cxcywh", "xyxy").reshape(boxes.shape)
+
+
+def labels_to_pixels(boxes, height: int, width: int) -> torch.Tensor:
+    """Dataset boxes [n,5] (class, cx, cy, w, h normalised) -> [n,5] (x1, y1, x2, y2, class) in the
+    pixels of a height x width input, float32."""
+    b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 5)
+    xyxy = cxcywh_to_xyxy(b[:, 1:] * b.new_tensor([width, height, width, height]))
+    return torch.cat((xyxy, b[:, :1]), dim=1)
 
 
 def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:

@@ -91,13 +91,6 @@ def split_boxes(boxes) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None
     return b, None, None
 
 
-def yolo_to_pixels(boxes, height: int, width: int) -> np.ndarray:
-    """Dataset boxes [n,5] (class, cx, cy, w, h normalised) -> [n,5] (x1, y1, x2, y2, class) in pixels."""
-    b = np.asarray(boxes.detach().cpu() if isinstance(boxes, torch.Tensor) else boxes, np.float64).reshape(-1, 5)
-    cx, cy, w, h = b[:, 1] * width, b[:, 2] * height, b[:, 3] * width, b[:, 4] * height
-    return np.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, b[:, 0]), axis=1)
-
-
 def _label(classes, scores, k: int, class_names) -> str:
     if classes is None:
         return ""

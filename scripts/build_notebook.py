@@ -118,7 +118,8 @@ from helpers.annotations import DatasetError
 from helpers.data_source import get_data
 from helpers.datamodule import YOLODataModule
 from helpers.dataset import TrainingDataset
-from helpers.plotting import draw_boxes, show, yolo_to_pixels
+from helpers.boxes import labels_to_pixels
+from helpers.plotting import draw_boxes, show
 
 if SMOKE and not DATA_ROOT:
     print("smoke mode: generated shapes with VOC class names (no download)")
@@ -143,7 +144,7 @@ with warnings.catch_warnings():  # mosaic 0 and 1 here only to show both kinds o
 fig, axes = plt.subplots(2, 4, figsize=(12, 6))
 for k, ax in enumerate(axes.flat):
     image, boxes = (plain if k < 4 else mosaic)[(k % 4, size)]
-    draw_boxes(image, yolo_to_pixels(boxes, size, size), cfg.data.classes, ax=ax, title="plain" if k < 4 else "mosaic")
+    draw_boxes(image, labels_to_pixels(boxes, size, size), cfg.data.classes, ax=ax, title="plain" if k < 4 else "mosaic")
 show(fig, "training_samples", FIGURES)
 plt.close(fig)"""),
     ("md", "## 4. The model\nDarknet-53 + the YOLOv3 head; three outputs, coarse to fine."),

@@ -41,7 +41,6 @@ from helpers.plotting import (  # noqa: E402
     read_metrics_csv,
     show,
     to_image,
-    yolo_to_pixels,
 )
 from helpers.schedule import OneCycleSpec, Schedule, compute_schedule  # noqa: E402
 
@@ -132,14 +131,6 @@ def test_to_image_converts_float_arrays_and_tensors_to_uint8_hwc():
 def test_to_image_rejects_what_is_not_an_image(bad):
     with pytest.raises(ValueError):
         to_image(bad)
-
-
-def test_yolo_to_pixels_maps_normalised_centre_boxes_to_corner_pixels():
-    boxes = [[3, 0.5, 0.25, 0.5, 0.5], [7, 0.1, 0.9, 0.2, 0.2]]
-    expected = [[25, 0, 75, 25, 3], [0, 40, 20, 50, 7]]  # width 100, height 50
-    np.testing.assert_allclose(yolo_to_pixels(boxes, 50, 100), expected)
-    np.testing.assert_allclose(yolo_to_pixels(torch.tensor(boxes), 50, 100), expected)
-    assert yolo_to_pixels(np.zeros((0, 5)), 50, 100).shape == (0, 5)
 
 
 def test_draw_boxes_draws_each_box_with_its_label_and_truth_dashed_white():

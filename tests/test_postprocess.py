@@ -242,3 +242,13 @@ def test_return_indices_names_the_cell_anchor_and_scale_each_detection_came_from
     assert rows[1][0] >= 3 * (13 * 13 + 26 * 26)  # scale 2's box came from a scale-2 row
     plain = detect(outs, 416, letterbox=[meta, meta])  # without the flag: just the detections, the same
     assert all(torch.equal(p, d) for p, d in zip(plain, dets))
+
+
+def test_dataset_boxes_map_from_normalised_centres_to_corner_pixels():
+    from helpers.boxes import labels_to_pixels
+
+    boxes = [[3, 0.5, 0.25, 0.5, 0.5], [7, 0.1, 0.9, 0.2, 0.2]]
+    expected = torch.tensor([[25.0, 0, 75, 25, 3], [0, 40, 20, 50, 7]])  # width 100, height 50
+    torch.testing.assert_close(labels_to_pixels(boxes, 50, 100), expected)
+    torch.testing.assert_close(labels_to_pixels(torch.tensor(boxes, dtype=torch.float64), 50, 100), expected)
+    assert labels_to_pixels(torch.zeros(0, 5), 50, 100).shape == (0, 5)
