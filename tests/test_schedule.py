@@ -102,3 +102,41 @@ def test_a_schedule_too_short_for_its_warm_up_is_refused_clearly():
                         pct_start=5 / 40)  # a 1-step warm-up: torch's OneCycleLR divides by zero
     with pytest.raises(ValueError, match="warm-up phase has 1.0 steps"):
         Schedule.compute(spec)
+
+
+def stepped(schedule: Schedule, steps: int, state: dict | None = None):
+    """An Adam with two parameter groups under ScheduleFileLR (restored from `state` if given), the LR
+    of each group at each of `steps` optimizer steps, and the scheduler."""
+    from helpers.schedule import ScheduleFileLR
+
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([{"params": [a]}, {"params": [b]}], lr=schedule.lr_at(0))
+    sched = ScheduleFileLR(opt, schedule)
+    if state is not None:
+        sched.load_state_dict(state)
+        for group in opt.param_groups:  # what the restored optimizer state holds (saved after the step)
+            group["lr"] = schedule.lr_at(state["last_epoch"])
+    lrs = []
+    for _ in range(steps):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    return lrs, sched
+
+
+def test_the_scheduler_runs_step_k_at_line_k_of_the_file_in_every_group_and_holds_past_the_end():
+    schedule = Schedule.compute(SPEC)
+    lrs, _ = stepped(schedule, SPEC.total_steps + 3)
+    assert [group[0] for group in lrs] == schedule.lrs + [schedule.lrs[-1]] * 3  # exactly the file's values
+    assert all(a == b for a, b in lrs)
+
+
+def test_the_scheduler_saves_its_position_only_and_resumes_on_the_same_line(tmp_path):
+    schedule = Schedule.compute(SPEC)
+    whole, _ = stepped(schedule, SPEC.total_steps)
+    _, first = stepped(schedule, 9)
+    state = first.state_dict()
+    assert "schedule" not in state and state["last_epoch"] == 9
+    torch.save(state, tmp_path / "state.pt")  # plain types: readable with weights_only=True
+    rest, _ = stepped(schedule, SPEC.total_steps - 9, torch.load(tmp_path / "state.pt", weights_only=True))
+    assert rest == whole[9:]

@@ -520,3 +520,25 @@ def test_a_flag_of_the_wrong_type_is_refused_naming_the_type(capsys):
         with pytest.raises(SystemExit):
             parse(*argv)
         assert type_name in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_the_scheduler_resumes_on_its_line_of_the_schedule_file(tmp_path):
+    from helpers.module import YOLOModule
+    from helpers.schedule import OneCycleSpec
+
+    spec = OneCycleSpec(max_lr=2e-3, epochs=3, steps_per_epoch=4, batch_size=4, dataset_length=16)
+    Schedule.compute(spec).write(tmp_path / "schedule.txt")
+    schedule = Schedule.read(tmp_path / "schedule.txt")  # the file's values, as the module reads them
+    module = YOLOModule(tiny_config("unused", tmp_path).to_dict(), schedule_path=str(tmp_path / "schedule.txt"))
+    # What an older version saved: no scheduler state, the optimizer at the previous step's LR.
+    ckpt = {"global_step": 5, "optimizer_states": [{"state": {}, "param_groups": [{"lr": schedule.lr_at(4)}]}],
+            "skipped_images": {"train": 3, "val": 1, "train_this_epoch": 2}}
+    module.on_load_checkpoint(ckpt)
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == schedule.lr_at(5)  # step 5 runs at line 5
+    optimizers = module.configure_optimizers()
+    optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+    scheduler.load_state_dict(ckpt["lr_schedulers"][0])
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == schedule.lr_at(6)
+    assert module.skipped_images == {"train": 3, "val": 1} and int(module.train_skipped) == 2
