@@ -43,8 +43,8 @@ class YOLOModule(pl.LightningModule):
         self.schedule = Schedule.read(schedule_path) if schedule_path else None
         # Unreadable training samples of this epoch on this rank, counted on the device (no host
         # sync per step); then totals over the run (all ranks, kept in checkpoints) and the last
-        # validation's count.
-        self.register_buffer("train_skipped", torch.zeros((), dtype=torch.int64), persistent=False)
+        # validation's count. Not a buffer: DDP broadcasts buffers from rank 0 at every forward.
+        self.train_skipped = torch.zeros((), dtype=torch.int64)
         self.skipped_images = {"train": 0, "val": 0}
         self.last_map: dict | None = None  # the last validation's Evaluator result that scored mAP
 
@@ -54,7 +54,7 @@ class YOLOModule(pl.LightningModule):
     # --- training ---------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         b = len(batch)
-        self.train_skipped += batch.skipped
+        self.train_skipped = batch.skipped + self.train_skipped  # onto the batch's device at the first step
         if b == 0:  # no image of this batch could be read (the dataset warned, naming the files)
             # Still one optimizer step, so the step count stays on the schedule file and every DDP rank
             # steps together; at LR 0 and zero gradients the weights do not move (the scheduler sets
@@ -73,18 +73,22 @@ class YOLOModule(pl.LightningModule):
         return parts.total
 
     def on_train_epoch_end(self) -> None:
-        skipped = int(self.trainer.strategy.reduce(self.train_skipped.float(), reduce_op="sum"))
+        skipped = self._train_skipped_over_ranks()
         self.log("train/skipped_samples", float(skipped), on_epoch=True, sync_dist=False)
         if skipped:
             rank_zero_only(print)(f"epoch {self.current_epoch}: {skipped} training samples could not be read and "
                                   "were skipped (the warnings above name the files)")
         self.skipped_images["train"] += skipped
-        self.train_skipped.zero_()
+        self.train_skipped = torch.zeros((), dtype=torch.int64)
+
+    def _train_skipped_over_ranks(self) -> int:
+        """This epoch's unreadable training samples, summed over ranks (a collective: every rank calls it)."""
+        return int(self.trainer.strategy.reduce(self.train_skipped.to(self.device, torch.float32), reduce_op="sum"))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Every rank saves together (Lightning gathers the state; rank 0 writes), so the partial
         # epoch's count can be summed over ranks here.
-        this_epoch = int(self.trainer.strategy.reduce(self.train_skipped.float(), reduce_op="sum"))
+        this_epoch = self._train_skipped_over_ranks()
         checkpoint["skipped_images"] = {**self.skipped_images, "train_this_epoch": this_epoch}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -92,7 +96,7 @@ class YOLOModule(pl.LightningModule):
         self.skipped_images = {"train": int(saved.get("train", 0)), "val": int(saved.get("val", 0))}
         # The saved partial count is the sum over ranks: one rank carries it on.
         on_this_rank = int(saved.get("train_this_epoch", 0)) if self.global_rank == 0 else 0
-        self.train_skipped.fill_(on_this_rank)
+        self.train_skipped = torch.tensor(on_this_rank, dtype=torch.int64)
         if "lr_schedulers" not in checkpoint and self.schedule is not None and "optimizer_states" in checkpoint:
             # Written before the schedule was a scheduler: its position is the step count, and the
             # next step's LR is the file's (the saved optimizer holds the previous step's).

@@ -542,3 +542,25 @@ def test_a_checkpoint_from_before_the_scheduler_resumes_on_its_line_of_the_sched
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == schedule.lr_at(6)
     assert module.skipped_images == {"train": 3, "val": 1} and int(module.train_skipped) == 2
+
+
+@pytest.mark.slow
+def test_under_two_process_ddp_unreadable_images_count_on_whichever_rank_reads_them(tmp_path):
+    from torch.utils.data import DistributedSampler
+
+    from helpers.datamodule import YOLODataModule
+
+    root = make_voc_dataset(tmp_path / "voc", n_trainval=16, n_test=6, image_size=(64, 48), seed=7)
+    cfg = tiny_config(root, tmp_path / "run", epochs=1, strategy="ddp", devices=2)
+    cfg.data.mosaic, cfg.data.train_sizes = 0.0, (64,)  # every sample reads exactly its own image
+    dm = YOLODataModule(cfg.data, seed=cfg.train.seed)
+    dm.setup("fit")
+    rank1 = list(DistributedSampler(dm.train_dataset, 2, 1, shuffle=True, seed=cfg.train.seed))  # epoch 0
+    bad = [dm.train_dataset.records[i].image_path for i in (rank1[0], rank1[5])]  # one in each of its batches
+    bad.append(dm.val_dataset.records[3].image_path)  # validation: rank 1 reads 1, 3, 5
+    for path in bad:
+        path.write_bytes(b"not a jpeg")
+    done = run_driver(tmp_path, cfg, env={"MASTER_PORT": "29519"}, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["skipped_images"] == {"train": 2, "val": 1}
