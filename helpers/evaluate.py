@@ -79,6 +79,8 @@ class Evaluator(nn.Module):
                targets: Sequence[torch.Tensor] | None = None) -> None:
         self.skipped.update(batch.skipped.float())
         if outputs is None or len(batch) == 0:  # no sample of the batch could be read
+            if self.scores_detections:  # under DDP this rank's states must still be [n, 7] ones
+                self.detections.update([], [], torch.zeros(0, dtype=torch.long))
             return
         if self.scores_accuracy:
             if targets is None:
@@ -177,7 +179,7 @@ def evaluate(
             if not isinstance(batch, Batch):
                 raise TypeError(f"evaluate: the loader must yield helpers.batch.Batch (collate_fn="
                                 f"helpers.batch.collate), got {type(batch).__name__}")
-            batch = batch.to(device, non_blocking=True)
+            batch = batch.to(device, non_blocking=device.type == "cuda")
             outputs = None
             if len(batch):
                 with torch.autocast(device.type, dtype=torch.float16) if amp else nullcontext():
@@ -201,8 +203,9 @@ def format_report(result: dict) -> str:
     def ap(x):
         return "   n/a" if x is None else f"{100 * x:6.2f}"
 
-    lines = [f"images {result['images']}, ground truths {result['ground_truths']} ({result['difficult']} difficult, "
-             f"ignored), detections {result['detections']}",
+    unread = f", {result['skipped']} unreadable (skipped; the warnings name them)" if result.get("skipped") else ""
+    lines = [f"images {result['images']}{unread}, ground truths {result['ground_truths']} ({result['difficult']} "
+             f"difficult, ignored), detections {result['detections']}",
              f"class accuracy {pct(result['class_acc'])} %   no-object accuracy {pct(result['noobj_acc'])} %   "
              f"object accuracy {pct(result['obj_acc'])} %", "",
              f"{'class':14s} {'GT':>6s} {'TP':>6s} {'FP':>7s} {'AP07':>6s} {'AP all':>6s}"]
@@ -281,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval-<split>); "
                    "an existing non-empty one gets a -vN sibling instead")
     args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit {args.limit}: the number of images to evaluate must be at least 1")
 
     from .utils import pick_device
     from .weights import load_model, resolve_checkpoint

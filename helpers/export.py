@@ -201,7 +201,8 @@ def measure_display_conf(model: YOLOv3, config: Config, root: str | os.PathLike,
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=False, collate_fn=collate)
     evaluator = Evaluator(config.data.classes, conf_threshold=float(DISPLAY_THRESHOLDS[0]),
                           nms_iou=config.train.nms_iou, max_detections=DISPLAY_MAX_DETECTIONS)
-    evaluate(model, loader, device=pick_device(device), coco=False, progress=progress, accuracy=False,
+    # fp32 even on a GPU (amp=False): the app runs the model in fp32, and the F1 recorded is the app's.
+    evaluate(model, loader, device=pick_device(device), coco=False, progress=progress, accuracy=False, amp=False,
              evaluator=evaluator)
     detections, truths, images = evaluator.detections.per_image()
     curve = f1_by_threshold(detections, truths, DISPLAY_THRESHOLDS, iou_threshold=0.5,

@@ -68,6 +68,10 @@ class DetectionsAndTruths(Metric):
         self.add_state("images", default=torch.tensor(0), dist_reduce_fx="sum")
 
     def update(self, detections: list[torch.Tensor], truths: list[dict], image_ids: torch.Tensor) -> None:
+        if not len(detections):  # a batch of nothing readable: still a [0, 7] entry, so every rank
+            self.dets.append(torch.zeros(0, 7, device=self.device))  # gathers 2-D states of one shape
+            self.gts.append(torch.zeros(0, 7, device=self.device))
+            return
         for d, t, i in zip(detections, truths, image_ids.tolist()):
             self.dets.append(torch.cat([d.new_full((len(d), 1), i), d.float()], 1))
             boxes = t["boxes"].to(self.device, torch.float32).reshape(-1, 4)

@@ -97,7 +97,7 @@ class YOLOModule(pl.LightningModule):
         # The saved partial count is the sum over ranks: one rank carries it on.
         on_this_rank = int(saved.get("train_this_epoch", 0)) if self.global_rank == 0 else 0
         self.train_skipped = torch.tensor(on_this_rank, dtype=torch.int64)
-        if "lr_schedulers" not in checkpoint and self.schedule is not None and "optimizer_states" in checkpoint:
+        if not checkpoint.get("lr_schedulers") and self.schedule is not None and "optimizer_states" in checkpoint:
             # Written before the schedule was a scheduler: its position is the step count, and the
             # next step's LR is the file's (the saved optimizer holds the previous step's).
             step = int(checkpoint["global_step"])
@@ -121,11 +121,13 @@ class YOLOModule(pl.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         outputs = targets = None
-        if len(batch):  # else no image of this batch could be read
+        loss = torch.zeros((), device=self.device)  # no image of this batch could be read: weight 0
+        if len(batch):
             outputs = self.model(batch.images)
             targets = build_targets(batch.boxes, len(batch), batch.image_hw)
-            self.log("val/loss", self.loss_fn(outputs, targets), on_epoch=True, batch_size=len(batch),
-                     sync_dist=True, prog_bar=True)
+            loss = self.loss_fn(outputs, targets)
+        # Logged by every rank at every batch: the epoch-end sync is a collective.
+        self.log("val/loss", loss, on_epoch=True, batch_size=len(batch), sync_dist=True, prog_bar=True)
         if not self.trainer.sanity_checking:
             self.evaluator.update(outputs, batch, targets)
 

@@ -194,3 +194,16 @@ def test_cli_prints_the_table_and_writes_metrics_and_pr_curves_into_a_fresh_fold
     main(args)  # a second run never overwrites the first
     assert (tmp_path / "eval-v2" / "metrics.json").is_file()
     assert json.loads((out / "metrics.json").read_text()) == saved
+
+
+def test_the_report_says_how_many_images_could_not_be_read():
+    batch, outs = letterboxed_batch()
+    empty = Batch(torch.zeros(0, 3, 1, 1), torch.zeros(0, 6), [], torch.tensor(2))
+    result = evaluate(Oracle([outs]), [empty, batch], tiny_cfg(), progress=False)
+    assert "images 2, 2 unreadable (skipped" in format_report(result)
+
+
+def test_a_limit_below_one_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", "x.ckpt", "--limit", "0"])
+    assert "--limit 0: the number of images to evaluate must be at least 1" in capsys.readouterr().err
