@@ -248,18 +248,35 @@ def write_outputs(result: dict, out: Path, class_names: Sequence[str]) -> dict[s
     return paths
 
 
-def _build_loader(root: Path, split: str, image_size: int, cfg: Config, batch_size: int, workers: int,
-                  limit: int | None) -> torch.utils.data.DataLoader:
+def run_data(cfg: Config) -> Path:
+    """The data a run trained on: its dataset folder, or the generated set of its seed (made again if
+    this machine has none)."""
+    if cfg.data.root:
+        return Path(cfg.data.root)
+    from .datamodule import synthetic_root
+
+    return synthetic_root(cfg.train.seed)
+
+
+def evaluation_loader(root: str | os.PathLike, split: str | None, image_size: int, classes: Sequence[str], *,
+                      batch_size: int = 16, workers: int = 0, limit: int | None = None,
+                      ) -> tuple[torch.utils.data.DataLoader, str]:
+    """(a loader of `Batch`es with metas over `split` of the dataset at `root`, in order, the first
+    `limit` images only; the split's name). split None: the layout's test split. DatasetError (one
+    line, naming the folder) when it is not a dataset, has no such split, or no image in it."""
     from .dataset_org import PlainDataset
 
-    dataset = PlainDataset(root, split, image_size, classes=tuple(cfg.data.classes), return_meta=True,
-                          on_error="skip")
+    root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"{root}: data folder not found")
+    dataset = PlainDataset(root, split, image_size, classes=tuple(classes), return_meta=True, on_error="skip")
     if len(dataset) == 0:
-        raise SystemExit(f"evaluate: no images in {root} for split {split!r}")
-    if limit:
+        raise DatasetError(f"{root}: no images in its {dataset.split} split")
+    if limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       collate_fn=collate, pin_memory=torch.cuda.is_available())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=collate, pin_memory=torch.cuda.is_available())
+    return loader, dataset.split if limit is None else dataset.dataset.split
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -303,19 +320,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     image_size = args.image_size or cfg.data.image_size
     if image_size % 32:
         raise SystemExit(f"evaluate: --image-size must be a multiple of 32, got {image_size}")
-    if args.data:
-        root = Path(args.data)
-    elif cfg.data.root:
-        root = Path(cfg.data.root)
-    else:
-        from .datamodule import synthetic_root
-
-        root = synthetic_root(cfg.train.seed)  # the set the run generated and trained on
-    if not root.exists():
-        raise SystemExit(f"evaluate: data folder {root} does not exist")
+    root = Path(args.data) if args.data else run_data(cfg)
     try:
-        loader = _build_loader(root, args.split, image_size, cfg, args.batch_size, args.workers, args.limit)
-    except DatasetError as e:  # not a dataset, a missing split, unusable files: said in one place
+        loader, _ = evaluation_loader(root, args.split, image_size, cfg.data.classes, batch_size=args.batch_size,
+                                      workers=args.workers, limit=args.limit)
+    except DatasetError as e:  # not a dataset, a missing split, no images, unusable files: said in one place
         raise SystemExit(f"evaluate: {e}") from None
     print(f"evaluating {checkpoint} on {root} ({args.split}, {len(loader.dataset)} images, {image_size} px) "
           f"on {device}")

@@ -183,22 +183,13 @@ def measure_display_conf(model: YOLOv3, config: Config, root: str | os.PathLike,
     Raises DatasetError (not a dataset, no such split, no images) and ValueError (no object to find,
     or no threshold finds any: F1 0 everywhere), each naming the data.
     """
-    from .batch import collate
-    from .dataset_org import PlainDataset
-    from .evaluate import Evaluator, evaluate
+    from .evaluate import Evaluator, evaluate, evaluation_loader
     from .metrics import f1_by_threshold
     from .utils import pick_device
 
     root, size = Path(root), config.data.image_size
-    dataset = PlainDataset(root, split, size, classes=tuple(config.data.classes), return_meta=True,
-                           on_error="skip")
-    split = dataset.split
-    if limit:
-        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    loader, split = evaluation_loader(root, split, size, config.data.classes, batch_size=8, limit=limit)
     where = f"the generated {split} split" if generated else f"the {split} split of `{root.name}`"
-    if len(dataset) == 0:
-        raise DatasetError(f"{root}: no images in its {split} split to measure the display threshold on")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=False, collate_fn=collate)
     evaluator = Evaluator(config.data.classes, conf_threshold=float(DISPLAY_THRESHOLDS[0]),
                           nms_iou=config.train.nms_iou, max_detections=DISPLAY_MAX_DETECTIONS)
     # fp32 even on a GPU (amp=False): the app runs the model in fp32, and the F1 recorded is the app's.
@@ -251,18 +242,12 @@ def display_threshold(model: YOLOv3, config: Config, *, data: str | os.PathLike 
             raise BundleError(f"--display-conf {display_conf:g}: must lie from {DISPLAY_CONF_MIN} to "
                               f"{DISPLAY_CONF_MAX} (the app's slider)")
         return {"display_conf": round(float(display_conf), 4), "display_conf_source": "set by hand at export"}
-    generated = data is None and config.data.root is None
-    if generated:
-        from .datamodule import synthetic_root
+    from .evaluate import run_data
 
-        root = synthetic_root(config.train.seed)  # the set helpers.train generated for this run
-        split = split or config.data.val_split
-    else:
-        root = Path(data if data is not None else config.data.root)
-        split = split or (config.data.val_split if data is None else None)
+    generated = data is None and config.data.root is None
     try:
-        if not root.exists():
-            raise DatasetError(f"{root}: data folder not found")
+        root = Path(data) if data is not None else run_data(config)  # the run's: the generated set of its seed
+        split = split or (config.data.val_split if data is None else None)
         return measure_display_conf(model, config, root, split, generated=generated, limit=limit,
                                     progress=progress)
     except (DatasetError, ValueError, OSError) as e:
@@ -371,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--display-conf", type=float,
                    help="the app's starting confidence threshold, set by hand (nothing is measured)")
     args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit {args.limit}: the number of images to measure on must be at least 1")
     try:
         checkpoint = resolve_checkpoint(args.checkpoint, args.run_dir)
         display = dict(data=args.data, split=args.split, display_conf=args.display_conf, limit=args.limit,
