@@ -19,27 +19,52 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from helpers.config import DataConfig
+from helpers.config import FULL_MODEL_TARGETS, DataConfig, TrainConfig
 from helpers.datamodule import YOLODataModule
 from helpers.evaluate import Evaluator
 from helpers.loss import YoloLoss
+from helpers.metrics import judge_accuracies, verdict_sentence
 from helpers.model import YOLOv3
 from helpers.schedule import OneCycleSpec, Schedule, ScheduleFileLR
 from helpers.targets import build_targets
 from helpers.utils import seed_everything
 
-VARIANTS = {  # name: (obj_loss, box_loss)
-    "course": ("mse", "mse"),
-    "bce": ("bce", "mse"),
-    "bce+giou": ("bce", "giou"),
-    "bce+ciou": ("bce", "ciou"),
+# name: the loss settings (TrainConfig fields) that differ from TrainConfig's defaults.
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "course": {"obj_loss": "mse", "box_loss": "mse", "obj_target_min": 0.0},
+    "bce-iou": {"obj_loss": "bce", "obj_target_min": 0.0},
+    "bce-floor0.5": {"obj_loss": "bce", "obj_target_min": 0.5},
+    "bce-one": {"obj_loss": "bce", "obj_target_min": 1.0},
+    "bce-iou-noobj30": {"obj_loss": "bce", "obj_target_min": 0.0, "lambda_noobj": 30.0},
+    "bce-one-noobj30": {"obj_loss": "bce", "obj_target_min": 1.0, "lambda_noobj": 30.0},
+    "bce-one-noobj100": {"obj_loss": "bce", "obj_target_min": 1.0, "lambda_noobj": 100.0},
+    "bce-one-balanced": {"obj_loss": "bce", "obj_target_min": 1.0, "obj_balance": (0.4, 1.0, 4.0)},
+    "bce-one-noobj30-balanced": {"obj_loss": "bce", "obj_target_min": 1.0, "lambda_noobj": 30.0,
+                                 "obj_balance": (0.4, 1.0, 4.0)},
+    "bce-floor0.5-noobj30-balanced": {"obj_loss": "bce", "obj_target_min": 0.5, "lambda_noobj": 30.0,
+                                      "obj_balance": (0.4, 1.0, 4.0)},
+    "bce-one-noobj50-balanced": {"obj_loss": "bce", "obj_target_min": 1.0, "lambda_noobj": 50.0,
+                                 "obj_balance": (0.4, 1.0, 4.0)},
+    "bce-one-noobj100-balanced": {"obj_loss": "bce", "obj_target_min": 1.0, "lambda_noobj": 100.0,
+                                  "obj_balance": (0.4, 1.0, 4.0)},
+    "bce-one-noobj200-balanced": {"obj_loss": "bce", "obj_target_min": 1.0, "lambda_noobj": 200.0,
+                                  "obj_balance": (0.4, 1.0, 4.0)},
+    "bce-floor0.5-noobj100-balanced": {"obj_loss": "bce", "obj_target_min": 0.5, "lambda_noobj": 100.0,
+                                       "obj_balance": (0.4, 1.0, 4.0)},
+    "bce-one-giou": {"obj_loss": "bce", "obj_target_min": 1.0, "box_loss": "giou"},
 }
+LOSS_FIELDS = ("obj_loss", "box_loss", "obj_target_min", "obj_balance", "lambda_class", "lambda_noobj", "lambda_obj", "lambda_box")
 SIZE, BATCH, WIDTH, MAX_LR, MEMORISE_N = 224, 8, 0.25, 2e-3, 16
+MIN_MAP = 0.50  # the memorise protocol's mAP@0.5 (VOC07) bar, beside the full model's accuracy targets
 
 
 def datamodule(root: str, part: str, train_split: str | None, test_split: str | None) -> YOLODataModule:
@@ -54,13 +79,14 @@ def datamodule(root: str, part: str, train_split: str | None, test_split: str | 
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader) -> dict:
+def evaluate(model: torch.nn.Module, loader, device: torch.device) -> dict:
     """The project's `Evaluator` (course thresholds), plus the mean sigmoid(objectness) at positive and
     negative cells."""
     model.eval()
-    evaluator = Evaluator(loader.dataset.classes)
+    evaluator = Evaluator(loader.dataset.classes).to(device)
     obj_sum, obj_n = {1: 0.0, 0: 0.0}, {1: 0, 0: 0}
     for batch in loader:
+        batch = batch.to(device)
         outputs = targets = None
         if len(batch):
             outputs = model(batch.images)
@@ -81,11 +107,68 @@ def evaluate(model: torch.nn.Module, loader) -> dict:
     return out
 
 
-def run(dm: YOLODataModule, variant: str, steps: int, eval_every: int, seed: int, lambda_noobj: float) -> dict:
+def memorise_folder(root: str, dest: Path) -> Path:
+    """A VOCdevkit at `dest` whose split "memorise" is the memorise part's 16 images (links to `root`'s
+    files), so that `python -m helpers.train` can run the same protocol."""
+    dm = datamodule(root, "memorise", None, None)
+    voc = dest / "VOCdevkit" / "VOC2007"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    ids = []
+    for record in dm.train_dataset.records:
+        image = Path(record.image_path)
+        xml = image.parent.parent / "Annotations" / f"{image.stem}.xml"
+        for src, dst in ((image, voc / "JPEGImages" / image.name), (xml, voc / "Annotations" / xml.name)):
+            if not dst.exists():
+                dst.symlink_to(src.resolve())
+        ids.append(image.stem)
+    (voc / "ImageSets" / "Main" / "memorise.txt").write_text("\n".join(ids) + "\n")
+    return dest / "VOCdevkit"
+
+
+def train_command(data: Path, run_dir: Path, steps: int, variant: str, seed: int) -> list[str]:
+    """`python -m helpers.train` running the memorise protocol: 2 batches an epoch, steps / 2 epochs."""
+    flags = {"data": data, "train-split": "memorise", "val-split": "memorise", "width": WIDTH, "image-size": SIZE,
+             "train-sizes": SIZE, "batch-size": BATCH, "num-workers": 0, "mosaic": 0, "epochs": steps // 2,
+             "max-lr": MAX_LR, "weight-decay": 1e-4, "optimizer": "adam", "pct-start": 0.2, "div-factor": 100,
+             "final-div-factor": 100, "anneal-strategy": "linear", "precision": "32-true", "accuracy-every": 25,
+             "map-every": 25, "checkpoint-every-minutes": 0, "keep-last-k": 1, "seed": seed, "run-dir": run_dir}
+    flags.update({k.replace("_", "-"): ",".join(map(str, v)) if isinstance(v, tuple) else v
+                  for k, v in VARIANTS[variant].items()})
+    return [sys.executable, "-m", "helpers.train", *(x for k, v in flags.items() for x in (f"--{k}", str(v)))]
+
+
+def run_cli(root: str, out: Path, variant: str, steps: int, seed: int) -> dict:
+    """The memorise protocol through `python -m helpers.train`, read back from its metrics.json."""
+    work = out / f"memorise-cli-{variant}"
+    data = memorise_folder(root, work / "data")
+    command = train_command(data, work / "run", steps, variant, seed)
+    print("  " + " ".join(command[1:]), flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    summary = json.loads((work / "run" / "metrics.json").read_text())
+    m = summary["metrics"]
+    last = {"step": summary["global_step"], **{k: round(m.get(f"val/{k}", float("nan")), 2)
+                                              for k in ("class_acc", "noobj_acc", "obj_acc")},
+            "map50_voc07": round(m.get("val/map50_voc07", 0.0), 4), "map50_all": round(m.get("val/map50_all", 0.0), 4)}
+    return {"variant": variant, "settings": {k: getattr(loss_settings(variant), k) for k in LOSS_FIELDS},
+            "steps": summary["global_step"], "command": " ".join(command[1:]), "verdict_of_run": summary.get("verdict"),
+            "seconds": round(time.perf_counter() - started, 1), "curve": [last]}
+
+
+def loss_settings(variant: str) -> TrainConfig:
+    """TrainConfig's defaults with the variant's loss settings on top."""
+    return replace(TrainConfig(), **VARIANTS[variant])
+
+
+def run(dm: YOLODataModule, variant: str, steps: int, eval_every: int, seed: int, device: torch.device,
+        save=None) -> dict:
+    """Train the variant for `steps`, evaluating every `eval_every`; `save(partial result)` after each
+    evaluation (a run cut short still leaves its curve so far)."""
     seed_everything(seed)
-    obj_loss, box_loss = VARIANTS[variant]
-    model = YOLOv3(num_classes=len(dm.cfg.classes), width=WIDTH)
-    loss_fn = YoloLoss(obj_loss=obj_loss, box_loss=box_loss, lambda_noobj=lambda_noobj)
+    t = loss_settings(variant)
+    model = YOLOv3(num_classes=len(dm.cfg.classes), width=WIDTH).to(device)
+    loss_fn = YoloLoss.from_config(t).to(device)
     schedule = Schedule.compute(OneCycleSpec(max_lr=MAX_LR, epochs=1, steps_per_epoch=steps, batch_size=BATCH,
                                              dataset_length=len(dm.train_dataset), pct_start=0.2, div_factor=100.0,
                                              final_div_factor=100.0, anneal_strategy="linear"))
@@ -97,6 +180,7 @@ def run(dm: YOLODataModule, variant: str, steps: int, eval_every: int, seed: int
     while step < steps:
         train_loader.batch_sampler.set_epoch(epoch)
         for batch in train_loader:
+            batch = batch.to(device)
             t0 = time.perf_counter()
             parts = loss_fn.parts(model(batch.images), build_targets(batch.boxes, len(batch), batch.image_hw))
             optimizer.zero_grad(set_to_none=True)
@@ -107,17 +191,27 @@ def run(dm: YOLODataModule, variant: str, steps: int, eval_every: int, seed: int
             step += 1
             if step % eval_every == 0 or step == steps:
                 point = {"step": step, "loss": round(float(parts.total.detach()), 4), "obj": round(float(parts.obj.detach()), 4),
-                         "noobj": round(float(parts.noobj.detach()), 4), **evaluate(model, eval_loader)}
+                         "noobj": round(float(parts.noobj.detach()), 4), **evaluate(model, eval_loader, device)}
                 curve.append(point)
+                if save is not None:
+                    save({"variant": variant, "seed": seed, "steps_done": step, "curve": curve})
                 print(f"  {variant:9s} step {step:4d}  " + "  ".join(f"{k} {v}" for k, v in point.items()
                                                                         if k != "step"), flush=True)
             if step >= steps:
                 break
         epoch += 1
-    return {"variant": variant, "obj_loss": obj_loss, "box_loss": box_loss, "lambda_noobj": lambda_noobj,
-            "steps": steps, "train_images": len(dm.train_dataset), "eval_images": len(dm.val_dataset),
+    return {"variant": variant, "seed": seed, "settings": {k: getattr(t, k) for k in LOSS_FIELDS}, "steps": steps,
+            "device": device.type, "train_images": len(dm.train_dataset), "eval_images": len(dm.val_dataset),
             "seconds": round(time.perf_counter() - started, 1),
             "train_ms_per_step": round(1000 * train_seconds / steps, 1), "curve": curve}
+
+
+def verdict(point: dict) -> str:
+    """The memorise protocol's bar: the full model's accuracy targets and mAP@0.5 (VOC07) >= MIN_MAP."""
+    checks = judge_accuracies(point, FULL_MODEL_TARGETS)
+    ok = all(c.passed for c in checks) and point["map50_voc07"] >= MIN_MAP
+    return ("meets all four" if ok else "misses") + f" ({verdict_sentence(checks)}; mAP@0.5 {point['map50_voc07']:.3f} " \
+           f"{'>=' if point['map50_voc07'] >= MIN_MAP else '<'} {MIN_MAP})"
 
 
 def plot(out: Path) -> Path:
@@ -126,23 +220,29 @@ def plot(out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    runs = [r for r in runs if r["part"] in ("memorise", "generalise")]  # memorise-cli: one point each
+    for r in runs:
+        r["variant"] += f" seed {r['seed']}" if r.get("seed") else ""
     parts = sorted({r["part"] for r in runs}, reverse=True)  # memorise, generalise
-    keys = [("map50_voc07", "mAP@0.5 (VOC07)"), ("class_acc", "class acc %"), ("noobj_acc", "no-object acc %"),
-            ("obj_acc", "object acc %")]
-    def label(r):
-        return r["variant"] + ("" if r["lambda_noobj"] == 10 else f" noobj×{r['lambda_noobj']:g}")
-
-    colours = {name: f"C{i}" for i, name in enumerate(sorted({label(r) for r in runs}))}  # same colour in every panel
+    keys = [("map50_voc07", "mAP@0.5 (VOC07)", MIN_MAP), ("class_acc", "class acc %", FULL_MODEL_TARGETS.class_acc),
+            ("noobj_acc", "no-object acc %", FULL_MODEL_TARGETS.noobj_acc),
+            ("obj_acc", "object acc %", FULL_MODEL_TARGETS.obj_acc)]
+    names = sorted({r["variant"] for r in runs})
+    colours = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}  # same in every panel
     fig, axes = plt.subplots(len(parts), len(keys), figsize=(4 * len(keys), 3.2 * len(parts)), squeeze=False)
     for row, part in zip(axes, parts):
-        for ax, (key, title) in zip(row, keys):
+        for ax, (key, title, target) in zip(row, keys):
             for r in (r for r in runs if r["part"] == part):
-                ax.plot([p["step"] for p in r["curve"]], [p[key] for p in r["curve"]], marker=".", label=label(r),
-                        color=colours[label(r)])
+                ax.plot([p["step"] for p in r["curve"]], [p[key] for p in r["curve"]], marker=".", label=r["variant"],
+                        color=colours[r["variant"]])
+            if key != "map50_voc07" or part == "memorise":  # MIN_MAP is the memorise protocol's bar
+                ax.axhline(target, color="k", linestyle="--", linewidth=1, label="target")
+            if key == "noobj_acc":  # the interesting range
+                ax.set_ylim(max(0.0, ax.get_ylim()[0]), 100.5)
             ax.set_title(f"{part}: {title}", fontsize=10)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        row[0].legend(fontsize=8)
+        row[0].legend(fontsize=7)
     fig.tight_layout()
     path = out / "curves.png"
     fig.savefig(path, dpi=90)
@@ -152,15 +252,16 @@ def plot(out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.learning", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="a VOCdevkit or Kaggle/course folder")
-    p.add_argument("--part", choices=("memorise", "generalise", "both"), default="both")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
-    p.add_argument("--steps", type=int, default=300, help="memorise: optimizer steps")
-    p.add_argument("--generalise-steps", type=int, default=600, help="generalise: optimizer steps")
+    p.add_argument("--part", choices=("memorise", "generalise", "both", "memorise-cli"), default="both",
+                   help="memorise-cli: the memorise protocol through python -m helpers.train (its metrics.json)")
+    p.add_argument("--variants", default="default,course", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--steps", type=int, default=600, help="memorise: optimizer steps")
+    p.add_argument("--generalise-steps", type=int, default=1500, help="generalise: optimizer steps")
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--lambda-noobj", type=float, default=10.0, help="the no-object weight (course: 10)")
     p.add_argument("--train-split", help="default: the layout's")
     p.add_argument("--test-split", help="default: the layout's")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/learning"))
     args = p.parse_args(argv)
@@ -169,22 +270,33 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
-          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"{name}, torch {torch.__version__}, {args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M')}")
+    if args.part == "memorise-cli":
+        for variant in variants:
+            result = {"part": "memorise-cli", **run_cli(args.data, args.out, variant, args.steps, args.seed)}
+            (args.out / f"memorise-cli-{variant}.json").write_text(json.dumps(result, indent=1))
+            print(f"memorise-cli {variant}: {verdict(result['curve'][-1])}  [{result['seconds']} s]", flush=True)
+        return 0
     parts = ("memorise", "generalise") if args.part == "both" else (args.part,)
     for part in parts:
         dm = datamodule(args.data, part, args.train_split, args.test_split)
         steps = args.steps if part == "memorise" else args.generalise_steps
         print(f"{part}: train {len(dm.train_dataset)} images, evaluate {len(dm.val_dataset)}, {steps} steps")
         for variant in variants:
-            result = {"part": part, **run(dm, variant, steps, args.eval_every, args.seed, args.lambda_noobj)}
-            suffix = "" if args.lambda_noobj == 10 else f"-noobj{args.lambda_noobj:g}"
-            (args.out / f"{part}-{variant}{suffix}.json").write_text(json.dumps(result, indent=1))
+            path = args.out / f"{part}-{variant}{'' if args.seed == 0 else f'-seed{args.seed}'}.json"
+            def save(partial, path=path, part=part):
+                path.write_text(json.dumps({"part": part, **partial, "complete": False}, indent=1))
+            result = {"part": part, **run(dm, variant, steps, args.eval_every, args.seed, device, save)}
+            path.write_text(json.dumps(result, indent=1))
             last = result["curve"][-1]
             print(f"{part} {variant}: class {last['class_acc']}%  no-object {last['noobj_acc']}%  object "
                   f"{last['obj_acc']}%  mAP@0.5 {last['map50_voc07']} (VOC07) / {last['map50_all']} (all)  "
                   f"[{result['seconds']} s, {result['train_ms_per_step']} ms/step]", flush=True)
+            if part == "memorise":
+                print(f"{part} {variant}: {verdict(last)}", flush=True)
     print(f"plot: {plot(args.out)}")
     return 0
 

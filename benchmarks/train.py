@@ -104,7 +104,7 @@ def main() -> None:
                    else ["32-true"])
     p.add_argument("--steps", type=int, default=20 if torch.cuda.is_available() else 3)
     p.add_argument("--warmup", type=int, default=5 if torch.cuda.is_available() else 1)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--workers", default=str(os.cpu_count() or 2), help="comma-separated: one data run per count")
     p.add_argument("--width", type=float, default=1.0)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -112,10 +112,13 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; {os.cpu_count()} CPU cores; batch {args.batch_size}; "
           f"width {args.width}")
     torch.backends.cudnn.benchmark = True
+    workers = [int(w) for w in args.workers.split(",")]
     for size in (int(s) for s in args.sizes.split(",")):
-        loader, source = real_loader(args.batch_size, size, args.workers)
-        data_rate = measure(lambda images, boxes: None, loader, torch.device("cpu"), args.warmup, args.steps * 2)
-        print(f"[{size}] data pipeline alone ({source}, {args.workers} workers): {data_rate:7.1f} images/s")
+        loaders = {}
+        for w in workers:
+            loaders[w], source = real_loader(args.batch_size, size, w)
+            data_rate = measure(lambda images, boxes: None, loaders[w], torch.device("cpu"), args.warmup, args.steps * 2)
+            print(f"[{size}] data pipeline alone ({source}, {w} workers): {data_rate:7.1f} images/s", flush=True)
         for precision in args.precision:
             model = YOLOv3(num_classes=20, width=args.width).to(device).train()
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -123,11 +126,12 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             model_rate = measure(step, synthetic_batches(args.batch_size, size), device, args.warmup, args.steps)
-            with_data = measure(step, loader, device, args.warmup, args.steps)
+            with_data = {w: measure(step, loaders[w], device, args.warmup, args.steps) for w in workers}
             mem = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
                    if device.type == "cuda" else "")
-            print(f"[{size}] {precision:9s} model-bound {model_rate:7.1f} images/s; with the data pipeline "
-                  f"{with_data:7.1f} images/s{mem}")
+            shown = "; ".join(f"{rate:7.1f} images/s with {w} workers" for w, rate in with_data.items())
+            print(f"[{size}] {precision:9s} model-bound (data from memory) {model_rate:7.1f} images/s; with the data "
+                  f"pipeline {shown}{mem}", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ all-point, difficult objects ignored, in original image pixels) and COCO mAP.
 
     python -m helpers.evaluate --checkpoint runs/default/checkpoints/last.ckpt --data VOCdevkit --split test
 
-prints the accuracies and a per-class AP table, writes metrics.json and pr_curves.png into a new
-folder (never over an earlier evaluation), with a progress bar.
+writes metrics.json and pr_curves.png into a new folder (never over an earlier evaluation), then
+prints the course's accuracies against their targets (the model's: `ModelConfig.accuracy_targets`),
+a per-class AP table, the mAPs, and last one sentence: passes all three targets, or which miss and
+by how much.
 
 Batches are `helpers.batch.Batch`. With metas (evaluation batches) detections are mapped back to the
 stored image and scored against its full ground truth; without (training batches) they are scored in
@@ -32,8 +34,9 @@ from tqdm.auto import tqdm
 
 from .annotations import DatasetError
 from .batch import Batch, collate
-from .config import ANCHORS, Config
-from .metrics import DetectionsAndTruths, YoloAccuracy, coco_map, voc_map
+from .config import ANCHORS, AccuracyTargets, Config
+from .metrics import (ACCURACY_NAMES, DetectionsAndTruths, YoloAccuracy, coco_map, judge_accuracies, verdict_sentence,
+                      voc_map)
 from .postprocess import detect
 from .targets import build_targets
 
@@ -46,7 +49,9 @@ class Evaluator(nn.Module):
     update(outputs, batch, targets=None): outputs the model's 3 raw tensors [B, 3, S_h, S_w, 5+C] for
     `batch` (None when the batch is empty); targets `build_targets` of the batch if already built.
     compute(coco=False) -> dict of plain values (gathered over ranks; see `evaluate`), plus "curves":
-    the all-point `voc_map` result with its per-class precision/recall arrays (not JSON).
+    the all-point `voc_map` result with its per-class precision/recall arrays (not JSON). With
+    `targets`, the accuracies are also judged: "accuracy_targets" {name: {value, target, passed}} and
+    "verdict", one sentence (`metrics.verdict_sentence`).
 
     Thresholds are the course's by default (`build_evaluator` reads them from a Config). Each image
     gets the id rank + world_size * (images this rank has seen), unique across ranks and equal to its
@@ -55,8 +60,9 @@ class Evaluator(nn.Module):
 
     def __init__(self, class_names: Sequence[str], conf_threshold: float = 0.05, nms_iou: float = 0.45,
                  map_iou: float = 0.5, max_detections: int = 100, nms_pre: int | None = 1000,
-                 score: str = "obj*cls", anchors=ANCHORS):
+                 score: str = "obj*cls", anchors=ANCHORS, targets: AccuracyTargets | None = None):
         super().__init__()
+        self.targets = targets  # the course's accuracy targets to judge against (None: not judged)
         self.class_names = list(class_names)
         self.conf_threshold, self.nms_iou, self.map_iou = conf_threshold, nms_iou, map_iou
         self.max_detections, self.nms_pre, self.score, self.anchors = max_detections, nms_pre, score, anchors
@@ -102,6 +108,10 @@ class Evaluator(nn.Module):
                   "map50_voc07": None, "map50_all": None, "coco": None, "per_class": None, "curves": None,
                   "settings": {"conf_threshold": self.conf_threshold, "nms_iou": self.nms_iou,
                                "map_iou": self.map_iou, "num_classes": c}}
+        if self.scores_accuracy and self.targets is not None:
+            checks = judge_accuracies(acc, self.targets)
+            result["accuracy_targets"] = {c.name: c.as_dict() for c in checks}
+            result["verdict"] = verdict_sentence(checks)
         if not self.scores_detections:
             return result
         dets, truths, images = self.detections.per_image()
@@ -134,7 +144,8 @@ def build_evaluator(cfg: Config) -> Evaluator:
     course's 0.05 / 0.45 / 0.5 by default), class names from `cfg.data.classes`, one per model class."""
     t, num_classes = cfg.train, cfg.model.num_classes
     names = list(cfg.data.classes)[:num_classes] + [str(k) for k in range(len(cfg.data.classes), num_classes)]
-    return Evaluator(names, conf_threshold=t.conf_threshold, nms_iou=t.nms_iou, map_iou=t.map_iou)
+    return Evaluator(names, conf_threshold=t.conf_threshold, nms_iou=t.nms_iou, map_iou=t.map_iou,
+                     targets=cfg.model.accuracy_targets)
 
 
 @torch.inference_mode()
@@ -206,8 +217,7 @@ def format_report(result: dict) -> str:
     unread = f", {result['skipped']} unreadable (skipped; the warnings name them)" if result.get("skipped") else ""
     lines = [f"images {result['images']}{unread}, ground truths {result['ground_truths']} ({result['difficult']} "
              f"difficult, ignored), detections {result['detections']}",
-             f"class accuracy {pct(result['class_acc'])} %   no-object accuracy {pct(result['noobj_acc'])} %   "
-             f"object accuracy {pct(result['obj_acc'])} %", "",
+             *_accuracy_lines(result), "",
              f"{'class':14s} {'GT':>6s} {'TP':>6s} {'FP':>7s} {'AP07':>6s} {'AP all':>6s}"]
     for row in result["per_class"]:
         lines.append(f"{row['class']:14s} {row['num_gt']:6d} {row['num_tp']:6d} {row['num_fp']:7d} "
@@ -219,7 +229,23 @@ def format_report(result: dict) -> str:
         c = result["coco"]
         lines.append(f"COCO       mAP@[.5:.95] {ap(c['map_50_95'])} %   mAP@.5 {ap(c['map_50'])} %   "
                      f"mAP@.75 {ap(c['map_75'])} %")
+    if result.get("verdict"):
+        lines += ["", result["verdict"][0].upper() + result["verdict"][1:] + "."]
     return "\n".join(lines)
+
+
+def _accuracy_lines(result: dict) -> list[str]:
+    """The course's accuracies, each with its target and pass/miss where the result was judged."""
+    judged = result.get("accuracy_targets")
+    if not judged:
+        return ["   ".join(f"{label} accuracy {'n/a' if result.get(name) is None else f'{result[name]:.2f} %'}"
+                           for name, label in ACCURACY_NAMES.items())]
+    lines = [f"{'accuracy':14s} {'value':>8s} {'target':>8s}"]
+    for name, label in ACCURACY_NAMES.items():
+        j = judged[name]
+        value = "n/a" if j["value"] is None else f"{j['value']:.2f} %"
+        lines.append(f"{label:14s} {value:>8s} {j['target']:6g} %  {'pass' if j['passed'] else 'MISS'}")
+    return lines
 
 
 def fresh_dir(path: Path) -> Path:
@@ -332,10 +358,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = evaluate(model, loader, cfg, device, coco=not args.no_coco)
     result["checkpoint"], result["data"], result["split"] = str(checkpoint), str(root), args.split
     result["settings"]["image_size"] = image_size
-    print(format_report(result))
     out = fresh_dir(Path(args.out) if args.out else checkpoint.parent / f"eval-{args.split}")
     paths = write_outputs(result, out, list(cfg.data.classes))
-    print(f"wrote {paths['metrics']} and {paths['pr_curves']}")
+    print(f"wrote {paths['metrics']} and {paths['pr_curves']}\n")
+    print(format_report(result))  # its last line: the verdict on the course's targets
     return result
 
 

@@ -13,8 +13,17 @@ Variants (`TrainConfig.obj_loss`, `TrainConfig.box_loss`; the constructor's defa
 - obj_loss "mse": the course's term above. Its gradient in the logit carries sigmoid'(logit), which
   vanishes once the 10x no-object term has pushed objectness down, so positives cannot pull it back
   up (on real photos it learns no objectness at all: benchmarks/RESULTS.md, "Learning").
-- obj_loss "bce": BCE-with-logits of the objectness logit against the detached IoU (darknet's
-  logistic objectness, ultralytics' objectness loss); its gradient is sigmoid(logit) - IoU.
+- obj_loss "bce": BCE-with-logits of the objectness logit against the detached IoU (ultralytics'
+  objectness loss); its gradient is sigmoid(logit) - IoU.
+- obj_target_min (`TrainConfig.obj_target_min`, either objectness loss): a positive's objectness
+  target is max(IoU, obj_target_min). 0 is the course's (the IoU itself); 1 is the YOLOv3 paper's and
+  darknet's (every positive is an object, whatever its box); in between, the IoU clamped from below.
+  A small model's early IoUs are small, so an IoU target holds positives near the course's 0.05
+  accuracy threshold (benchmarks/RESULTS.md, "The graded accuracies").
+- obj_balance (`TrainConfig.obj_balance`): per-scale weights of the object and no-object terms,
+  coarse to fine (ultralytics' `balance`). Each term is a mean over its scale's cells, so with equal
+  weights an empty cell of the finest scale (16x the cells of the coarsest) is pushed 16x more weakly,
+  yet that scale holds most of the cells the no-object accuracy counts.
 - box_loss "mse": the course's term above; "giou" | "diou" | "ciou": torchvision.ops' generalized /
   distance / complete IoU loss of the decoded predicted box against the target box (cell units).
 
@@ -84,6 +93,8 @@ class YoloLoss(nn.Module):
         lambda_box: float = 10.0,
         obj_loss: str = "mse",
         box_loss: str = "mse",
+        obj_target_min: float = 0.0,
+        obj_balance: tuple[float, ...] = (1.0, 1.0, 1.0),
     ):
         super().__init__()
         if obj_loss not in OBJ_LOSSES:
@@ -92,13 +103,22 @@ class YoloLoss(nn.Module):
             raise ValueError(f"box_loss {box_loss!r} is not a known box loss: use one of {', '.join(BOX_LOSSES)}")
         self.register_buffer("anchors", torch.as_tensor(anchors, dtype=torch.float32), persistent=False)
         self.weights = (lambda_box, lambda_obj, lambda_noobj, lambda_class)
-        self.obj_loss, self.box_loss = obj_loss, box_loss
+        if not 0.0 <= obj_target_min <= 1.0:
+            raise ValueError(f"obj_target_min {obj_target_min!r} must lie in [0, 1] (0: the IoU, 1: always 1)")
+        if len(obj_balance) != len(anchors):
+            raise ValueError(f"obj_balance {tuple(obj_balance)!r} needs one weight per scale ({len(anchors)})")
+        self.obj_loss, self.box_loss, self.obj_target_min = obj_loss, box_loss, obj_target_min
+        # [scales, 4 terms]: the obj and noobj columns weighted per scale
+        scale_weights = torch.ones(len(anchors), 4)
+        scale_weights[:, 1:3] = torch.as_tensor(obj_balance, dtype=torch.float32)[:, None]
+        self.register_buffer("scale_weights", scale_weights, persistent=False)
 
     @classmethod
     def from_config(cls, t) -> YoloLoss:
         """The loss a `TrainConfig` asks for (weights and variants)."""
         return cls(lambda_class=t.lambda_class, lambda_noobj=t.lambda_noobj, lambda_obj=t.lambda_obj,
-                   lambda_box=t.lambda_box, obj_loss=t.obj_loss, box_loss=t.box_loss)
+                   lambda_box=t.lambda_box, obj_loss=t.obj_loss, box_loss=t.box_loss,
+                   obj_target_min=t.obj_target_min, obj_balance=t.obj_balance)
 
     def forward(self, outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
         """outputs: 3 x [B, 3, S, S, 5+C] raw; targets: 3 x [B, 3, S, S, 6]. Returns a 0-d tensor."""
@@ -110,7 +130,8 @@ class YoloLoss(nn.Module):
             terms = torch.stack([
                 self._scale_terms(p.float(), t.float(), self.anchors[s].to(p.device))
                 for s, (p, t) in enumerate(zip(outputs, targets, strict=True))
-            ]).sum(0)
+            ])
+            terms = (terms * self.scale_weights.to(terms.device)).sum(0)
             weighted = terms * terms.new_tensor(self.weights)
         box, obj, noobj, cls = weighted.unbind()
         return LossParts(box=box, obj=obj, noobj=noobj, cls=cls, total=weighted.sum())
@@ -136,11 +157,11 @@ class YoloLoss(nn.Module):
         xy = torch.sigmoid(p[:, 1:3])
         wh = torch.exp(p[:, 3:5].clamp(max=MAX_LOG_SCALE)) * anchor_cells
         with torch.no_grad():
-            iou = paired_iou(torch.cat([xy, wh], 1), t[:, 1:5])
+            obj_target = paired_iou(torch.cat([xy, wh], 1), t[:, 1:5]).clamp(min=self.obj_target_min)
         if self.obj_loss == "bce":
-            obj_loss = _mean(F.binary_cross_entropy_with_logits(p[:, 0], iou, reduction="none"))
+            obj_loss = _mean(F.binary_cross_entropy_with_logits(p[:, 0], obj_target, reduction="none"))
         else:
-            obj_loss = _mean((torch.sigmoid(p[:, 0]) - iou) ** 2)
+            obj_loss = _mean((torch.sigmoid(p[:, 0]) - obj_target) ** 2)
 
         if self.box_loss == "mse":
             target_twh = torch.log(1e-16 + t[:, 3:5] / anchor_cells)

@@ -44,10 +44,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torchmetrics import Metric
+
+from .config import AccuracyTargets
 
 METHODS = ("voc07", "all")
 
@@ -161,6 +164,49 @@ class YoloAccuracy(Metric):
 
 
 # --------------------------------------------------------------------------- VOC AP
+ACCURACY_NAMES = {"class_acc": "class", "noobj_acc": "no-object", "obj_acc": "object"}
+
+
+@dataclass(frozen=True)
+class AccuracyCheck:
+    """One course accuracy against its target (percent); `value` None when it was not scored."""
+    name: str  # "class_acc" | "noobj_acc" | "obj_acc"
+    value: float | None
+    target: float
+
+    @property
+    def passed(self) -> bool:
+        return self.value is not None and self.value >= self.target
+
+    @property
+    def label(self) -> str:
+        return ACCURACY_NAMES[self.name]
+
+    def as_dict(self) -> dict:
+        return {"value": self.value, "target": self.target, "passed": self.passed}
+
+
+def judge_accuracies(values: Mapping[str, float | None], targets: AccuracyTargets) -> list[AccuracyCheck]:
+    """The three course accuracies of `values` ({"class_acc", "noobj_acc", "obj_acc"} in percent, as
+    `YoloAccuracy.compute` or `Evaluator.compute` give them) against `targets`, in that order."""
+    return [AccuracyCheck(name, None if values.get(name) is None else float(values[name]), getattr(targets, name))
+            for name in ACCURACY_NAMES]
+
+
+def verdict_sentence(checks: Sequence[AccuracyCheck]) -> str:
+    """One sentence: passes all three, or which miss and by how much (percentage points)."""
+    shown = ", ".join(f"{c.label} {c.value:.1f}% (target {c.target:g})" for c in checks if c.value is not None)
+    missing = [c for c in checks if not c.passed]
+    if not missing:
+        return f"passes all three course targets: {shown}"
+    if all(c.value is None for c in checks):
+        return "the course accuracies were not scored"
+    misses = "; ".join(f"{c.label} not scored" if c.value is None else
+                       f"{c.label} {c.value:.1f}% misses {c.target:g} by {c.target - c.value:.1f} points"
+                       for c in missing)
+    return f"misses {len(missing)} of 3 course targets: {misses}"
+
+
 def _gather(detections: Sequence[torch.Tensor], ground_truths: Sequence[Mapping], num_classes: int):
     """Flatten per-image inputs to whole-set NumPy arrays (float64 boxes and scores).
 

@@ -141,6 +141,8 @@ class YOLOModule(pl.LightningModule):
         if self.evaluator.scores_accuracy:
             self.log_dict({f"val/{k}": result[k] for k in ("class_acc", "noobj_acc", "obj_acc")
                            if result[k] is not None}, prog_bar=True)
+            if result.get("verdict"):  # the per-epoch log: the graded accuracies against their targets
+                self.print(f"epoch {self.current_epoch} (step {self.global_step}): {result['verdict']}")
         if self.evaluator.scores_detections:
             self.log_dict({f"val/{k}": result[k] for k in ("map50_voc07", "map50_all") if result[k] is not None})
             self.last_map = result

@@ -32,7 +32,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image, ImageDraw, ImageFont
 
-from .config import VOC_CLASSES
+from .config import VOC_CLASSES, AccuracyTargets
+from .metrics import ACCURACY_NAMES
 
 GOLDEN = 0.618033988749895
 
@@ -417,13 +418,14 @@ def read_run_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {k: np.array([float(r[k]) if r.get(k) not in ("", None) else np.nan for r in rows]) for k in keys}
 
 
-def plot_training_curves(metrics) -> Figure:
+def plot_training_curves(metrics, targets: AccuracyTargets | None = None) -> Figure:
     """Losses, accuracies, mAP and learning rate against the optimizer step, from a run's log folder
     (`<run_dir>/logs` or `<run_dir>`: every session merged, see `read_run_metrics`), a Lightning
     CSVLogger `metrics.csv`, or a dict of columns (name -> list/array, NaN where empty).
 
     Panels appear for what was logged: train loss per step (light) and per epoch, val loss; the
-    course's accuracies (val/class_acc, val/noobj_acc, val/obj_acc); val mAP; the learning rate.
+    course's accuracies (val/class_acc, val/noobj_acc, val/obj_acc), each with its target from
+    `targets` (`ModelConfig.accuracy_targets`) as a dashed line of its colour; val mAP; the learning rate.
     """
     if isinstance(metrics, (str, os.PathLike)):
         cols = read_run_metrics(metrics) if Path(metrics).is_dir() else read_metrics_csv(metrics)
@@ -460,7 +462,11 @@ def plot_training_curves(metrics) -> Figure:
     axes = np.atleast_1d(fig.subplots(rows, ncols, squeeze=False)).reshape(-1)
     for ax, (name, lines, _) in zip(axes, panels):
         for label, (x, y), style in lines:
-            ax.plot(x, y, label=label, **style)
+            line, = ax.plot(x, y, label=label, **style)
+            key = label.removeprefix("val/")
+            if targets is not None and label.startswith("val/") and key in ACCURACY_NAMES:
+                ax.axhline(getattr(targets, key), color=line.get_color(), linestyle="--", linewidth=1,
+                           label=f"target {getattr(targets, key):g}")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)

@@ -36,9 +36,11 @@ from .checkpoints import (
     set_aside,
     storage_plan,
 )
-from .config import Config, DataConfig, ModelConfig, TrainConfig
+from .config import AccuracyTargets, Config, DataConfig, ModelConfig, TrainConfig
 from .datamodule import YOLODataModule
+from .metrics import ACCURACY_NAMES, judge_accuracies, verdict_sentence
 from .module import YOLOModule, build_optimizer
+from .progress import TargetsProgressBar
 from .schedule import OneCycleSpec, Schedule, ScheduleMismatch, limited_steps
 from .storage import StorageFull, free_bytes, human
 from .weights import CheckpointError, find_latest
@@ -350,7 +352,7 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
     callbacks = [PeriodicCheckpoint(ckpt_dir, every_minutes=t.checkpoint_every_minutes,
                                     every_n_steps=checkpoint_every_steps, keep_last_k=t.keep_last_k, plan=plan),
                  # ~20 refreshes an epoch: a logged notebook stays small, a terminal stays lively.
-                 pl.callbacks.TQDMProgressBar(refresh_rate=max(1, steps_per_epoch // 20))]
+                 TargetsProgressBar(refresh_rate=max(1, steps_per_epoch // 20))]
     if t.ema:  # exponential moving average of the weights, used for validation and the final model
         from torch.optim.swa_utils import get_ema_multi_avg_fn
 
@@ -378,11 +380,12 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
         "metrics": _final_metrics(run_dir / "logs", trainer), "schedule_steps": schedule.spec.total_steps,
         "skipped_images": dict(module.skipped_images),
     }
+    summary.update(judged_accuracies(summary["metrics"], cfg.model.accuracy_targets))
     if module.last_map:
         summary["ap_per_class_voc07"] = {row["class"]: None if row["ap50_voc07"] is None else round(row["ap50_voc07"], 4)
                                          for row in module.last_map["per_class"]}
     if trainer.is_global_zero:
-        _save_plots(summary, run_dir)
+        _save_plots(summary, run_dir, cfg.model.accuracy_targets)
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -404,12 +407,19 @@ def _final_metrics(logs: Path, trainer) -> dict[str, float]:
     return metrics
 
 
-def _save_plots(summary: dict, run_dir: Path) -> None:
+def judged_accuracies(metrics: dict[str, float], targets: AccuracyTargets) -> dict:
+    """The last validation's course accuracies (`metrics`' val/class_acc, ...) against `targets`:
+    {"accuracy_targets": {name: {value, target, passed}}, "verdict": one sentence}."""
+    checks = judge_accuracies({name: metrics.get(f"val/{name}") for name in ACCURACY_NAMES}, targets)
+    return {"accuracy_targets": {c.name: c.as_dict() for c in checks}, "verdict": verdict_sentence(checks)}
+
+
+def _save_plots(summary: dict, run_dir: Path, targets: AccuracyTargets) -> None:
     try:
         from .plotting import plot_training_curves
     except ImportError:
         return
-    fig = plot_training_curves(summary["logs"])
+    fig = plot_training_curves(summary["logs"], targets=targets)
     fig.savefig(run_dir / "training_curves.png", dpi=100)
     summary["plots"] = [str(run_dir / "training_curves.png")]
 
@@ -444,6 +454,8 @@ def print_written(summary: dict) -> None:
     print(f"  {'metrics':12s} {Path(summary['run_dir']) / 'metrics.json'}")
     shown = {k: round(v, 4) for k, v in summary["metrics"].items() if k.startswith("val/")}
     print(f"final validation metrics: {shown}")
+    if summary.get("verdict"):  # the graded figures, last (a summary from before the targets has none)
+        print(f"verdict: {summary['verdict']}")
 
 
 if __name__ == "__main__":

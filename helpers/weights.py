@@ -34,7 +34,8 @@ from .model import YOLOv3, build_model
 NAME = re.compile(r"epoch=(\d+)-step=(\d+)-lr=([0-9.e+-]+)(?:-v(\d+))?\.ckpt$")
 # Settings added after checkpoints were first written, and what a run saved before them used (the
 # course's loss): a saved config is read with these, not with today's defaults.
-SETTINGS_ADDED = {"train": {"obj_loss": "mse", "box_loss": "mse"}}
+SETTINGS_ADDED = {"train": {"obj_loss": "mse", "box_loss": "mse", "obj_target_min": 0.0,
+                            "obj_balance": (1.0, 1.0, 1.0)}}
 FORMAT = "yolov3-voc-bundle"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"

@@ -233,3 +233,56 @@ def test_the_command_line_refuses_an_unknown_variant_in_one_line(capsys):
         build_parser().parse_args(["--obj-loss", "focal"])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--obj-loss" in error and "'focal'" in error and "'bce'" in error and "'mse'" in error
+
+
+def _objectness_gradient_with_target_floor(floor: float) -> float:
+    """d loss / d logit at a positive whose predicted box misses its target (IoU ~ 0), logit 0."""
+    targets = build_targets(BOXES[:1], 1, 128)
+    outs = [torch.zeros(1, 3, 128 // s, 128 // s, 25) for s in (32, 16, 8)]
+    b, a, i, j = (targets[0][..., 0] == 1).nonzero()[0]
+    outs[0][b, a, i, j, 3:5] = -8.0  # a box exp(-8) of its anchor: no overlap with the target
+    outs = [o.requires_grad_() for o in outs]
+    loss = YoloLoss(lambda_class=0, lambda_noobj=0, lambda_obj=1, lambda_box=0, obj_loss="bce",
+                    obj_target_min=floor)(outs, targets)
+    return float(torch.autograd.grad(loss, outs[0])[0][b, a, i, j, 0])
+
+
+def test_an_objectness_target_floor_pulls_a_positive_up_whatever_its_box():
+    # BCE's gradient is (sigmoid - target) / count: at logit 0 and IoU ~ 0 the IoU target pushes the
+    # positive *down* (0.5 - 0), the floor of 1 pulls it up (0.5 - 1), the floor 0.5 leaves it there.
+    iou, half, one = (_objectness_gradient_with_target_floor(f) for f in (0.0, 0.5, 1.0))
+    assert iou > 0 and abs(half) < 1e-6 and one < 0
+    torch.testing.assert_close(torch.tensor(one), torch.tensor(-iou))
+
+
+def test_obj_balance_weights_each_scales_object_and_no_object_terms_only():
+    outs, targets = outputs(), build_targets(BOXES, 2, 128)
+    plain = YoloLoss(obj_loss="bce")
+    per_scale = [YoloLoss(obj_loss="bce", obj_balance=tuple(float(k == s) for k in range(3))).parts(outs, targets)
+                 for s in range(3)]
+    whole = plain.parts(outs, targets)
+    for term in ("obj", "noobj"):  # the three one-hot balances split the term into its scales
+        torch.testing.assert_close(sum(getattr(p, term) for p in per_scale), getattr(whole, term))
+    for term in ("box", "cls"):  # untouched by the balance
+        for p in per_scale:
+            torch.testing.assert_close(getattr(p, term), getattr(whole, term))
+    doubled = YoloLoss(obj_loss="bce", obj_balance=(2.0, 2.0, 2.0)).parts(outs, targets)
+    torch.testing.assert_close(doubled.noobj, 2 * whole.noobj)
+
+
+@pytest.mark.parametrize("kwargs,name", [({"obj_target_min": 1.5}, "obj_target_min"),
+                                         ({"obj_balance": (1.0, 1.0)}, "obj_balance")])
+def test_an_objectness_setting_out_of_range_is_refused_naming_it(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        YoloLoss(**kwargs)
+
+
+def test_the_default_loss_differs_from_the_courses_only_in_named_settings():
+    from helpers.config import COURSE_LOSS
+
+    default, course = YoloLoss.from_config(TrainConfig()), YoloLoss.from_config(TrainConfig(**COURSE_LOSS))
+    outs, targets = outputs(), build_targets(BOXES, 2, 128)
+    torch.testing.assert_close(course(outs, targets), YoloLoss()(outs, targets))  # the course's, exactly
+    assert (default.obj_loss, default.obj_target_min) == ("bce", 1.0)
+    assert default.weights[2] == 100.0
+    torch.testing.assert_close(default.scale_weights[:, 2], torch.tensor([0.4, 1.0, 4.0]))

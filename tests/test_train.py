@@ -72,6 +72,13 @@ def test_a_short_fit_lowers_the_loss(voc, tmp_path):
     assert written["global_step"] == summary["global_step"] == 6 * 6
     for key in ("val/class_acc", "val/noobj_acc", "val/obj_acc", "val/map50_voc07", "val/map50_all"):
         assert key in written["metrics"], key
+    # the graded accuracies against the run's targets (a 0.25-width model: the reduced model's)
+    for name, target in (("class_acc", 75.0), ("noobj_acc", 95.0), ("obj_acc", 70.0)):
+        judged = written["accuracy_targets"][name]
+        assert judged["target"] == target and judged["value"] == pytest.approx(written["metrics"][f"val/{name}"])
+        assert judged["passed"] == (judged["value"] >= target)
+    assert written["verdict"].startswith("passes all three" if all(
+        j["passed"] for j in written["accuracy_targets"].values()) else "misses")
 
 
 def test_the_lr_finder_leaves_model_and_optimizer_exactly_as_they_were(voc):
