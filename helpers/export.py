@@ -35,7 +35,6 @@ Reading a bundle (`read_bundle_config`, `load_bundle`) is `helpers.weights`'s, t
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os

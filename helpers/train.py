@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import jsonargparse
-
 import numpy as np
 import pytorch_lightning as pl
 import torch
