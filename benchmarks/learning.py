@@ -129,11 +129,11 @@ def memorise_folder(root: str, dest: Path) -> Path:
 def train_command(data: Path, run_dir: Path, steps: int, variant: str, seed: int) -> list[str]:
     """`python -m helpers.train` running the memorise protocol: 2 batches an epoch, steps / 2 epochs."""
     flags = {"data": data, "train-split": "memorise", "val-split": "memorise", "width": WIDTH, "image-size": SIZE,
-             "train-sizes": SIZE, "batch-size": BATCH, "num-workers": 0, "mosaic": 0, "epochs": steps // 2,
+             "train-sizes": f"[{SIZE}]", "batch-size": BATCH, "num-workers": 0, "mosaic": 0, "epochs": steps // 2,
              "max-lr": MAX_LR, "weight-decay": 1e-4, "optimizer": "adam", "pct-start": 0.2, "div-factor": 100,
              "final-div-factor": 100, "anneal-strategy": "linear", "precision": "32-true", "accuracy-every": 25,
              "map-every": 25, "checkpoint-every-minutes": 0, "keep-last-k": 1, "seed": seed, "run-dir": run_dir}
-    flags.update({k.replace("_", "-"): ",".join(map(str, v)) if isinstance(v, tuple) else v
+    flags.update({k.replace("_", "-"): f"[{','.join(map(str, v))}]" if isinstance(v, tuple) else v
                   for k, v in VARIANTS[variant].items()})
     return [sys.executable, "-m", "helpers.train", *(x for k, v in flags.items() for x in (f"--{k}", str(v)))]
 

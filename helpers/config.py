@@ -5,6 +5,9 @@ you need, hand it to the code that uses it.
 """
 from __future__ import annotations
 
+import difflib
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -120,8 +123,9 @@ class TrainConfig:
     keep_last_k: int = 0  # 0 = keep all
     ema: bool = False
     seed: int = 42
-    limit_train_batches: float | int | None = None
-    limit_val_batches: float | int | None = None
+    # an int: that many batches; a float: that fraction (Lightning's). int first: "10" on the command line is 10 batches.
+    limit_train_batches: int | float | None = None
+    limit_val_batches: int | float | None = None
 
 
 # The course's loss, every setting of it (TrainConfig's defaults are ours: benchmarks/RESULTS.md, "The
@@ -143,20 +147,76 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        def build(kind, values):
-            known = {f.name: f for f in fields(kind)}
-            kwargs = {}
-            for k, v in (values or {}).items():
-                if k not in known:
-                    raise ValueError(f"unknown {kind.__name__} field {k!r}")
-                kwargs[k] = tuple(v) if isinstance(v, list) else v
-            return kind(**kwargs)
+        """The Config that `d` (JSON's types: a checkpoint's, a bundle's or a --config file's) describes;
+        a missing field takes its default. ValueError, in one line naming the field and what it
+        takes, for an unknown section or field or a value of another type: an int is taken where a
+        float is expected and a list where a tuple is, nothing else is converted."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected an object with model, data and train sections, got {type(d).__name__}")
+        kinds = typing.get_type_hints(cls)  # section name -> its dataclass
+        for section, values in d.items():
+            if section not in kinds:
+                raise ValueError(f"unknown section {section!r} (expected {', '.join(kinds)})")
+            if not isinstance(values, dict):
+                raise ValueError(f"section {section!r} must be an object, got {type(values).__name__}")
+        return cls(**{section: _build(kind, section, d.get(section, {})) for section, kind in kinds.items()})
 
-        return cls(
-            model=build(ModelConfig, d.get("model")),
-            data=build(DataConfig, d.get("data")),
-            train=build(TrainConfig, d.get("train")),
-        )
+    def updated(self, changes: dict[str, Any]) -> Config:
+        """A new Config: this one with the fields `changes` sets (`{section: {field: value}}`, any
+        subset, JSON's types) replaced, checked as `from_dict` checks them."""
+        if not isinstance(changes, dict):
+            return Config.from_dict(changes)  # refused there, in its words
+        merged = self.to_dict()
+        for section, values in changes.items():
+            merged[section] = {**merged.get(section, {}), **values} if isinstance(values, dict) else values
+        return Config.from_dict(merged)
+
+
+def field_types(kind: type) -> dict[str, Any]:
+    """The resolved type of each field of the dataclass `kind` (a `Literal` of its choices where the
+    field's metadata names some)."""
+    hints = typing.get_type_hints(kind)
+    return {f.name: typing.Literal[tuple(f.metadata["choices"])] if "choices" in f.metadata else hints[f.name]
+            for f in fields(kind)}
+
+
+def type_name(kind: Any) -> str:
+    """A field type as a user writes its values: `int`, `int | float | null`, `list of int`, `one of 'mse', 'bce'`."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if isinstance(kind, types.UnionType) or origin is typing.Union:
+        return " | ".join(type_name(a) for a in args)
+    if origin is tuple:
+        return f"list of {type_name(args[0])}"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    return "null" if kind is type(None) else kind.__name__
+
+
+def _checked(value: Any, kind: Any, name: str) -> Any:
+    """`value` as a value of the field type `kind`, or ValueError naming the field `name`. A value of
+    one of the types a union names is kept as it is (10 stays an int for `float | int`)."""
+    union = isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
+    options = typing.get_args(kind) if union else (kind,)
+    for option in options:  # the value's own type first
+        if type(value) is option or option is type(None) and value is None:
+            return value
+        if typing.get_origin(option) is typing.Literal and isinstance(value, str) and value in typing.get_args(option):
+            return value
+    for option in options:  # then the two conversions JSON needs (never from a bool: JSON's true is no number)
+        if option is float and type(value) is int:
+            return float(value)
+        if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)):
+            return tuple(_checked(v, typing.get_args(option)[0], f"{name}[{k}]") for k, v in enumerate(value))
+    raise ValueError(f"{name}: expected {type_name(kind)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(kind: type, section: str, values: dict[str, Any]):
+    known = field_types(kind)
+    for name in values:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            raise ValueError(f"unknown {section} field {name!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    return kind(**{name: _checked(v, known[name], f"{section}.{name}") for name, v in values.items()})
 
 
 def _plain(x: Any) -> Any:

@@ -305,13 +305,31 @@ def evaluation_loader(root: str | os.PathLike, split: str | None, image_size: in
     return loader, dataset.split if limit is None else dataset.dataset.split
 
 
+class CheckpointCommandLine(argparse.ArgumentParser):
+    """The command line of a tool that reads a checkpoint (evaluate, export): `--checkpoint` (as
+    `weights.resolve_checkpoint` takes it), the `--run-dir` its 'latest' looks in, and `--limit N`
+    images, refused below 1 in one line saying what the images are for (`purpose`)."""
+
+    def __init__(self, prog: str, description: str, checkpoint_help: str, purpose: str, limit_help: str, **kwargs):
+        super().__init__(prog=prog, description=description, **kwargs)
+        self.purpose = purpose
+        self.add_argument("--checkpoint", required=True, help=checkpoint_help)
+        self.add_argument("--run-dir", default="runs/default", help="the run that --checkpoint latest looks in")
+        self.add_argument("--limit", type=int, default=None, help=limit_help)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if parsed.limit is not None and parsed.limit < 1:
+            self.error(f"--limit {parsed.limit}: the number of images to {self.purpose} must be at least 1")
+        return parsed
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m helpers.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="a training .ckpt, an export bundle folder, a run or checkpoint folder (its newest), "
-                        "or 'latest' (the newest in --run-dir)")
-    p.add_argument("--run-dir", default="runs/default", help="the run that --checkpoint latest looks in")
+    p = CheckpointCommandLine(
+        "python -m helpers.evaluate", __doc__.split("\n\n")[0], purpose="evaluate",
+        checkpoint_help="a training .ckpt, an export bundle folder, a run or checkpoint folder (its newest), "
+                        "or 'latest' (the newest in --run-dir)",
+        limit_help="only the first N images", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None,
                    help="VOCdevkit or Kaggle/course folder (default: the checkpoint's, else the generated set)")
     p.add_argument("--split", default="test")
@@ -322,13 +340,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N images")
     p.add_argument("--no-coco", action="store_true", help="skip COCO mAP")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval-<split>); "
                    "an existing non-empty one gets a -vN sibling instead")
     args = p.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        p.error(f"--limit {args.limit}: the number of images to evaluate must be at least 1")
 
     from .utils import pick_device
     from .weights import load_model, resolve_checkpoint

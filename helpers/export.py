@@ -35,7 +35,6 @@ Reading a bundle (`read_bundle_config`, `load_bundle`) is `helpers.weights`'s, t
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -336,14 +335,15 @@ def export_bundle(bundle: str | os.PathLike, out: str | os.PathLike, *, hub_repo
 
 # --- command line -------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m helpers.export",
-                                description="Export a training checkpoint as a model bundle for the app "
-                                            "(model.safetensors + config.json).")
-    p.add_argument("--checkpoint", required=True,
-                   help="a .ckpt written by helpers.train, a run or checkpoint folder (its newest), 'latest' "
+    from .evaluate import CheckpointCommandLine
+
+    p = CheckpointCommandLine(
+        "python -m helpers.export", "Export a training checkpoint as a model bundle for the app "
+                                    "(model.safetensors + config.json).", purpose="measure on",
+        checkpoint_help="a .ckpt written by helpers.train, a run or checkpoint folder (its newest), 'latest' "
                         "(the newest in --run-dir), or a bundle (re-issued with the same weights and a display "
-                        "threshold measured now)")
-    p.add_argument("--run-dir", default="runs/default", help="the run that --checkpoint latest looks in")
+                        "threshold measured now)",
+        limit_help="measure on the first N images of the split only")
     p.add_argument("--out", required=True, help="new folder for the bundle (never overwritten)")
     p.add_argument("--hub-repo", help="Hugging Face model repo id the bundle will be published as (user/name)")
     p.add_argument("--metrics", help="a JSON file of evaluation metrics to include (e.g. from helpers.evaluate)")
@@ -352,12 +352,9 @@ def main(argv: list[str] | None = None) -> int:
                                   "threshold on (default: the checkpoint's, or the generated set it trained on)")
     p.add_argument("--split", help="its split (default: the checkpoint's evaluation split, else the layout's "
                                    "test split)")
-    p.add_argument("--limit", type=int, help="measure on the first N images of the split only")
     p.add_argument("--display-conf", type=float,
                    help="the app's starting confidence threshold, set by hand (nothing is measured)")
     args = p.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        p.error(f"--limit {args.limit}: the number of images to measure on must be at least 1")
     try:
         checkpoint = resolve_checkpoint(args.checkpoint, args.run_dir)
         display = dict(data=args.data, split=args.split, display_conf=args.display_conf, limit=args.limit,

@@ -7,21 +7,25 @@ disconnect with `--resume latest` and it continues from the newest checkpoint th
 same line of the saved schedule file.
 
 Every field of the config dataclasses is a flag (`--epochs 40`, `--batch-size 16`, `--width 0.5`,
-`--train-sizes 320,352,...`), parsed as the field's type. Settings come from the preset, then a
-`--config FILE.json` (any subset of `{model: {...}, data: {...}, train: {...}}`), then the flags:
-each overrides the one before.
+`--train-sizes [320,352]`, `--checkpoint-dir null`), parsed as the field's type. Settings come from
+the preset, then a `--config FILE.json` (any subset of `{model: {...}, data: {...}, train: {...}}`),
+then the flags: each overrides the one before. `--help` shows each flag's type and the value this
+command starts from (`--preset course --help`: the course's).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
-import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
+import jsonargparse
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -36,7 +40,8 @@ from .checkpoints import (
     set_aside,
     storage_plan,
 )
-from .config import AccuracyTargets, Config, DataConfig, ModelConfig, TrainConfig
+from .config import (COURSE_LOSS, AccuracyTargets, Config, DataConfig, ModelConfig, TrainConfig, field_types,
+                     type_name)
 from .datamodule import YOLODataModule
 from .metrics import ACCURACY_NAMES, judge_accuracies, verdict_sentence
 from .module import YOLOModule, build_optimizer
@@ -77,119 +82,115 @@ PRESETS = {"default": embedded_default, "course": course_preset}
 
 
 # --- command line -----------------------------------------------------------------------------
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+# Built by jsonargparse (LightningCLI's parser) from the config dataclasses: one flag a field, parsed
+# and checked as the field's type, its default shown in --help. The defaults are the values this
+# command line starts from, so --help is read after --preset and --config: `--preset course --help`
+# shows the course's.
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+FLAGS = {"root": "--data", "classes": None}  # field -> its flag where that is not --field-name (None: no flag)
+FIELD_HELP = {"root": "dataset folder: a VOCdevkit or the Kaggle/course layout, or a folder above either; "
+                      "null: the generated shapes"}
+# The flags that are not config fields, by dest: the type each takes.
+OPTION_TYPES = {"preset": typing.Literal[tuple(sorted(PRESETS))], "config": str | None, "resume": str | None,
+                "checkpoint_every_steps": int}
 
 
-def _parse_value(kind, text: str):
-    """`text` as a value of the type `kind` (a resolved annotation of a config field): bool, int,
-    float, str, `tuple[X, ...]` (comma-separated) or a union of them (`None` from "none"; an int
-    before a float before a str, the first that parses)."""
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-        options = typing.get_args(kind)
-        if type(None) in options and text.lower() == "none":
-            return None
-        ranked = sorted((o for o in options if o is not type(None)), key=lambda o: (int, float, bool, str).index(o)
-                        if o in (int, float, bool, str) else 4)
-        for option in ranked:
-            try:
-                return _parse_value(option, text)
-            except (ValueError, argparse.ArgumentTypeError):
-                continue
-        raise argparse.ArgumentTypeError(f"expected {_type_name(kind)}, got {text!r}")
-    if typing.get_origin(kind) is tuple:
-        item = typing.get_args(kind)[0]
-        return tuple(_parse_value(item, v.strip()) for v in text.split(",") if v.strip())
-    if kind is bool:
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-        return text.lower() in ("true", "1", "yes")
-    if kind in (int, float, str):
-        return kind(text)
-    raise TypeError(f"no command-line parser for a setting of type {kind!r}")
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, jsonargparse.DefaultHelpFormatter):
+    """jsonargparse's help (each flag's type and default) keeping the description's and examples' lines."""
 
 
-def _type_name(kind) -> str:
-    """What a flag takes, for its help and its errors: INT, FLOAT|INT|NONE, INT,INT,..."""
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-        return "|".join(_type_name(o) for o in typing.get_args(kind))
-    if typing.get_origin(kind) is tuple:
-        item = _type_name(typing.get_args(kind)[0])
-        return f"{item},{item},..."
-    return "NONE" if kind is type(None) else kind.__name__.upper()
+class CommandLineParser(jsonargparse.ArgumentParser):
+    """jsonargparse's parser answering a bad flag in one line: the flag, what it takes, what it got."""
+
+    def __init__(self, *args, value_types: dict[str, Any], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.value_types = value_types  # dest -> the type its flag takes ("epochs" -> int), for the error line
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        key = re.match(r'Parser key "(\w+)"', message)
+        got = re.findall(r"(?:Got|Given) value: (.*)", message)
+        action = key and next((a for a in self._actions if a.dest == key.group(1)), None)
+        if action and got:
+            kind = self.value_types[action.dest]
+            hint = "; write a list as [a,b,...]" if typing.get_origin(kind) is tuple else ""
+            message = f"{action.option_strings[0]}: expected {type_name(kind)}, got {got[-1].strip()!r}{hint}"
+        print(f"{self.prog}: error: {' '.join(message.split())} (--help lists every setting)", file=sys.stderr)
+        self.exit(2)
 
 
-def _parser_for(kind):
-    def parse(text: str):
-        return _parse_value(kind, text)
-
-    parse.__name__ = _type_name(kind)  # argparse names it in "invalid ... value"
-    return parse
-
-
-def _merge(base: dict, file: dict) -> dict:
-    """`base` (a Config's dict) with the sections and fields `file` sets replaced; an unknown section
-    refused (an unknown field is refused by Config.from_dict)."""
-    if not isinstance(file, dict):
-        raise ValueError(f"expected a JSON object with model, data and train sections, got {type(file).__name__}")
-    merged = {section: dict(values) for section, values in base.items()}
-    for section, values in file.items():
-        if section not in merged:
-            raise ValueError(f"unknown section {section!r} (expected {', '.join(merged)})")
-        if not isinstance(values, dict):
-            raise ValueError(f"section {section!r} must be a JSON object, got {type(values).__name__}")
-        merged[section].update(values)
-    return merged
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m helpers.train",
-        description="Train YOLOv3 from scratch on PASCAL VOC (or the embedded generated data).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def build_parser(start: Config | None = None, origin: str = "--preset default") -> CommandLineParser:
+    """The command line, with `start` (default: the embedded default) as every setting's default;
+    `origin` says in --help where those defaults come from."""
+    start = start or embedded_default()
+    value_types = OPTION_TYPES | {name: kind for k in SECTIONS.values() for name, kind in field_types(k).items()}
+    p = CommandLineParser(
+        prog="python -m helpers.train", value_types=value_types, allow_abbrev=False,
+        usage="%(prog)s [--preset NAME] [--config FILE] [--data PATH] [--resume latest|PATH] [--SETTING VALUE ...]",
+        description="Train YOLOv3 from scratch on PASCAL VOC (or the embedded generated data).\n\n"
+                    "Every setting starts from the preset, then what a --config file sets, then the flags\n"
+                    "given: each overrides the one before. The defaults shown are this command's:\n"
+                    f"{origin}.",
+        formatter_class=_HelpFormatter,
         epilog="examples:\n"
                "  python -m helpers.train                                  # embedded default, CPU, minutes\n"
                "  python -m helpers.train --data ~/VOCdevkit --preset course --run-dir /content/drive/MyDrive/yolo\n"
-               "  python -m helpers.train --data ~/VOCdevkit --preset course --run-dir ... --resume latest\n",
+               "  python -m helpers.train --data ~/VOCdevkit --preset course --run-dir ... --resume latest\n"
+               "  python -m helpers.train --preset course --help           # the course's values as defaults\n",
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+    p.add_argument("--preset", type=OPTION_TYPES["preset"], default="default", metavar="NAME",
                    help="starting configuration: 'default' (small, CPU, generated data) or 'course' (the 40-epoch run)")
-    p.add_argument("--config", type=Path, help="JSON file with any of {model: {...}, data: {...}, train: {...}}: what it sets overrides the "
-                        "preset, and flags override it")
-    p.add_argument("--data", dest="root", help="dataset folder: a VOCdevkit or the Kaggle/course layout")
-    p.add_argument("--resume", help="'latest' (newest checkpoint that loads in the checkpoint folder) or a path")
+    p.add_argument("--config", type=OPTION_TYPES["config"], default=None, metavar="FILE",
+                   help="JSON file with any of {model: {...}, data: {...}, train: {...}}: what it sets overrides "
+                        "the preset, and flags override it")
+    p.add_argument("--resume", type=OPTION_TYPES["resume"], default=None, metavar="latest|PATH",
+                   help="'latest' (newest checkpoint that loads in the checkpoint folder) or a path")
     p.add_argument("--start-fresh", action="store_true",
                    help="start over on purpose: move the checkpoint folder's files into a set-aside-* subfolder first")
     p.add_argument("--lr-find", action="store_true",
                    help="run the LR range test first and use its suggestion as max LR (see helpers.lr_finder)")
-    p.add_argument("--checkpoint-every-steps", type=int, default=0,
+    p.add_argument("--checkpoint-every-steps", type=OPTION_TYPES["checkpoint_every_steps"], default=0,
                    help="also checkpoint every N optimizer steps (0 = off)")
-    for section, kind in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
+    p.add_argument("--course-loss", action="store_true",
+                   help="the course's loss: every loss setting as config.COURSE_LOSS (MSE objectness against "
+                        "the IoU, no-object weight 10, no balance); loss flags given still override")
+    for section, kind in SECTIONS.items():
         group = p.add_argument_group(f"{section} settings ({kind.__name__})")
-        hints = typing.get_type_hints(kind)  # the fields' types, resolved from their annotations
-        for f in dataclasses.fields(kind):
-            if f.name in ("root", "classes"):
-                continue
-            group.add_argument(_flag(f.name), dest=f"{section}.{f.name}", metavar=_type_name(hints[f.name]),
-                               type=_parser_for(hints[f.name]),
-                               choices=f.metadata.get("choices"),
-                               help="default: the preset's, or the --config file's")
+        values = getattr(start, section)
+        for name, field_type in field_types(kind).items():
+            if (flag := FLAGS.get(name, "--" + name.replace("_", "-"))) is not None:
+                # dest: the field's bare name (field names are unique over the sections); a dotted
+                # one would make jsonargparse read `--data` as the whole data section.
+                group.add_argument(flag, dest=name, type=field_type, default=getattr(values, name),
+                                   help=FIELD_HELP.get(name), metavar="PATH" if name == "root" else None)
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The preset, then what the --config file sets, then the flags given: each overrides the one before."""
-    settings = PRESETS[args.preset]().to_dict()
-    if args.config:
-        settings = _merge(settings, json.loads(args.config.read_text()))
-    cfg = Config.from_dict(settings)
-    if args.root:
-        cfg.data.root = str(args.root)
-    for key, value in vars(args).items():
-        if "." in key and value is not None:
-            section, name = key.split(".")
-            setattr(getattr(cfg, section), name, value)
-    return cfg
+def command_line(argv: Sequence[str] | None = None) -> tuple[Config, jsonargparse.Namespace]:
+    """The run's Config and the other options (resume, lr_find, ...) from `argv`: the preset, then
+    what the --config file sets, then the flags given, each overriding the one before. A bad flag
+    or file exits with one line naming it (status 2)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # read before the defaults exist
+    first.add_argument("--preset", default="default")
+    first.add_argument("--config")
+    first.add_argument("--course-loss", action="store_true")
+    known, _ = first.parse_known_args(argv)
+    start = PRESETS.get(known.preset, embedded_default)()  # an unknown name is refused by the parser below
+    origin = f"--preset {known.preset}"
+    if known.config:
+        origin += f" with what --config {known.config} sets"
+        try:
+            start = start.updated(json.loads(Path(known.config).read_text()))
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or fields Config.from_dict refuses by name
+            problem = e.strerror if isinstance(e, OSError) else f"not JSON: {e}" if isinstance(
+                e, json.JSONDecodeError) else e
+            build_parser(start, origin).error(f"--config {known.config}: {problem}")
+    if known.course_loss:  # a layer of its own, under the flags
+        start, origin = start.updated({"train": COURSE_LOSS}), origin + " and --course-loss"
+    args = build_parser(start, origin).parse_args(argv)
+    given = {section: {f.name: args[f.name] for f in dataclasses.fields(kind) if f.name in args}
+             for section, kind in SECTIONS.items()}
+    return start.updated(given), args
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -424,13 +425,8 @@ def _save_plots(summary: dict, run_dir: Path, targets: AccuracyTargets) -> None:
     summary["plots"] = [str(run_dir / "training_curves.png")]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except (OSError, ValueError, TypeError) as e:  # --config: missing, not JSON, unknown or mistyped fields
-        parser.error(f"--config {args.config}: {e}")
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, args = command_line(argv)
     try:
         if cfg.data.root:  # the dataset folder itself, said once (--data may be a folder above it)
             cfg.data.root = str(find_dataset(cfg.data.root))

@@ -1,19 +1,23 @@
 """Every `python -m helpers.…` command the README and the app's README show parses as written: its
-subcommand and flags exist (the command is parsed by the module's own argparse, then stopped)."""
+subcommand and flags exist and its values have their flags' types (the command is parsed by the
+module's own parser, argparse or jsonargparse, then stopped)."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import re
 import shlex
 from pathlib import Path
 
+import jsonargparse
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", REPO / "app" / "README.md"]
 COMMAND = re.compile(r"python -m (helpers\.\w+)((?:[ ]+(?!#)[^\s`|]+)*)")
 PLACEHOLDER = "X"  # stands for "..." in a shown command
+CONFIG_FILE = re.compile(r"<\w+>/config\.json")  # the config file helpers.runtime writes into a run folder
 
 
 class Parsed(Exception):
@@ -51,17 +55,21 @@ def shown_commands() -> list[tuple[str, str, list[str]]]:
 
 
 @pytest.mark.parametrize("doc,module,args", shown_commands(), ids=lambda v: v if isinstance(v, str) else None)
-def test_documented_command_parses(doc, module, args, monkeypatch):
-    def stop(self, args=None, namespace=None):
-        namespace, extra = argparse.ArgumentParser.parse_known_args(self, args, namespace)
-        if extra:
-            self.error(f"unrecognized arguments: {' '.join(extra)}")
-        raise Parsed(namespace)
+def test_documented_command_parses(doc, module, args, monkeypatch, tmp_path):
+    from helpers.config import Config
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", stop)
+    def stopping(parse_args):
+        def stop(self, *a, **k):
+            raise Parsed(parse_args(self, *a, **k))  # a bad command exits here, as a user would see it
+        return stop
+
+    for parser in (argparse.ArgumentParser, jsonargparse.ArgumentParser):
+        monkeypatch.setattr(parser, "parse_args", stopping(parser.parse_args))
+    written = tmp_path / "config.json"  # what helpers.runtime.train_command writes
+    written.write_text(json.dumps(Config().to_dict()))
     main = importlib.import_module(module).main
     with pytest.raises(Parsed):
-        main(args)
+        main([str(written) if CONFIG_FILE.fullmatch(a) else a for a in args])
 
 
 def test_the_docs_show_the_main_commands():

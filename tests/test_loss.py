@@ -217,20 +217,31 @@ def test_an_unknown_variant_is_refused_in_one_line_naming_it_and_the_choices(kwa
 
 
 def test_the_command_line_chooses_the_variant_and_defaults_to_the_presets():
-    from helpers.train import build_parser, config_from_args
+    from helpers.train import command_line
 
-    cfg = config_from_args(build_parser().parse_args(["--obj-loss", "mse", "--box-loss", "giou"]))
+    cfg, _ = command_line(["--obj-loss", "mse", "--box-loss", "giou"])
     assert (cfg.train.obj_loss, cfg.train.box_loss) == ("mse", "giou")
     for preset in ("default", "course"):
-        cfg = config_from_args(build_parser().parse_args(["--preset", preset]))
+        cfg, _ = command_line(["--preset", preset])
         assert (cfg.train.obj_loss, cfg.train.box_loss) == (TrainConfig().obj_loss, TrainConfig().box_loss)
 
 
+def test_course_loss_sets_every_loss_setting_to_the_courses_and_loss_flags_still_override():
+    from helpers.config import COURSE_LOSS
+    from helpers.train import command_line
+
+    for preset in ("default", "course"):
+        cfg, _ = command_line(["--preset", preset, "--course-loss"])
+        assert {k: getattr(cfg.train, k) for k in COURSE_LOSS} == COURSE_LOSS
+    cfg, _ = command_line(["--course-loss", "--lambda-noobj", "30"])
+    assert (cfg.train.obj_loss, cfg.train.lambda_noobj) == ("mse", 30.0)
+
+
 def test_the_command_line_refuses_an_unknown_variant_in_one_line(capsys):
-    from helpers.train import build_parser
+    from helpers.train import command_line
 
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["--obj-loss", "focal"])
+        command_line(["--obj-loss", "focal"])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--obj-loss" in error and "'focal'" in error and "'bce'" in error and "'mse'" in error
 

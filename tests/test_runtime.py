@@ -62,13 +62,13 @@ def test_the_training_command_carries_the_whole_config(tmp_path):
 
     from helpers.config import Config
     from helpers.runtime import train_command
-    from helpers.train import build_parser, config_from_args
+    from helpers.train import command_line
 
     cfg = Config()
     cfg.train.run_dir, cfg.train.devices, cfg.data.root = str(tmp_path / "run"), 2, "/kaggle/input/x"
     command = train_command(cfg)
     assert command[1:3] == ["-m", "helpers.train"] and command[-2:] == ["--resume", "latest"]
-    again = config_from_args(build_parser().parse_args(command[3:]))
+    again, _ = command_line(command[3:])
     assert again.to_dict() == json.loads(json.dumps(cfg.to_dict()))
 
 

@@ -483,9 +483,9 @@ def test_the_schedule_counts_limit_train_batches_and_a_resume_keeps_the_range_te
 
 # --- command line ---------------------------------------------------------------------------------
 def parse(*argv: str) -> Config:
-    from helpers.train import build_parser, config_from_args
+    from helpers.train import command_line
 
-    return config_from_args(build_parser().parse_args(list(argv)))
+    return command_line(argv)[0]
 
 
 def test_a_config_file_overrides_only_what_it_sets_and_flags_override_the_file(tmp_path):
@@ -500,33 +500,64 @@ def test_a_config_file_overrides_only_what_it_sets_and_flags_override_the_file(t
     assert parse("--preset", "course", "--config", str(settings), "--epochs", "5").train.epochs == 5
 
 
-def test_a_config_file_with_an_unknown_section_or_field_is_one_error_naming_it(tmp_path, capsys):
+def test_a_config_file_with_an_unknown_or_mistyped_section_or_field_is_one_error_naming_it(tmp_path, capsys):
     from helpers.train import main
 
-    for content, named in (({"trian": {"epochs": 3}}, "trian"), ({"train": {"epoch": 3}}, "epoch")):
+    for content, named in (({"trian": {"epochs": 3}}, "trian"), ({"train": {"epoch": 3}}, "epoch"),
+                           ({"data": {"batch_size": "4"}}, "data.batch_size: expected int, got '4'"),
+                           ({"data": {"train_sizes": 160}}, "data.train_sizes: expected list of int, got 160"),
+                           ({"train": {"max_lr": "0.001"}}, "train.max_lr: expected float, got '0.001'")):
         settings = tmp_path / "f.json"
         settings.write_text(json.dumps(content))
         with pytest.raises(SystemExit):
             main(["--config", str(settings)])
         err = capsys.readouterr().err
-        assert f"--config {settings}" in err and named in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1 and f"--config {settings}: " in err and named in err, err
+
+
+def test_flags_override_the_config_file_wherever_they_stand(tmp_path):
+    settings = tmp_path / "f.json"
+    settings.write_text(json.dumps({"train": {"epochs": 3}, "data": {"root": "/data/voc"}}))
+    cfg = parse("--epochs", "5", "--config", str(settings))
+    assert cfg.train.epochs == 5 and cfg.data.root == "/data/voc"
+    assert parse("--config", str(settings), "--data", "/elsewhere").data.root == "/elsewhere"
+
+
+def test_help_shows_as_defaults_the_values_the_command_starts_from(tmp_path, capsys):
+    from helpers.train import command_line
+
+    def help_of(*argv):
+        with pytest.raises(SystemExit):
+            command_line(["--help", *argv])
+        return " ".join(capsys.readouterr().out.split())
+
+    assert "--epochs EPOCHS (type: int, default: 8)" in help_of()  # the embedded default
+    course = help_of("--preset", "course")
+    assert "--epochs EPOCHS (type: int, default: 40)" in course and "default: runs/course" in course
+    settings = tmp_path / "f.json"
+    settings.write_text(json.dumps({"train": {"epochs": 3}}))
+    assert "--epochs EPOCHS (type: int, default: 3)" in help_of("--preset", "course", "--config", str(settings))
 
 
 def test_flags_are_parsed_as_their_fields_types():
-    cfg = parse("--limit-train-batches", "10", "--limit-val-batches", "0.5", "--checkpoint-dir", "none",
-                "--train-sizes", "320,352", "--ema", "yes", "--width", "0.5", "--val-split", "val")
+    cfg = parse("--limit-train-batches", "10", "--limit-val-batches", "0.5", "--checkpoint-dir", "null",
+                "--train-sizes", "[320, 352]", "--ema", "true", "--width", "0.5", "--val-split", "val")
     assert cfg.train.limit_train_batches == 10 and isinstance(cfg.train.limit_train_batches, int)
     assert cfg.train.limit_val_batches == 0.5 and cfg.train.checkpoint_dir is None
     assert cfg.data.train_sizes == (320, 352) and cfg.train.ema is True
     assert cfg.model.width == 0.5 and cfg.data.val_split == "val"
 
 
-def test_a_flag_of_the_wrong_type_is_refused_naming_the_type(capsys):
-    for argv, type_name in ((["--epochs", "ten"], "INT"), (["--ema", "maybe"], "BOOL"),
-                            (["--limit-train-batches", "lots"], "FLOAT|INT|NONE")):
+def test_a_flag_of_the_wrong_type_is_refused_in_one_line_naming_the_flag_and_its_type(capsys):
+    for argv, expected in ((["--epochs", "ten"], "--epochs: expected int, got 'ten'"),
+                           (["--ema", "maybe"], "--ema: expected bool, got 'maybe'"),
+                           (["--limit-train-batches", "lots"], "--limit-train-batches: expected int | float | null"),
+                           (["--train-sizes", "320"], "--train-sizes: expected list of int, got '320'; write a list as"),
+                           (["--preset", "cource"], "--preset: expected one of 'course', 'default', got 'cource'")):
         with pytest.raises(SystemExit):
             parse(*argv)
-        assert type_name in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and expected in err, err
 
 
 def test_a_checkpoint_from_before_the_scheduler_resumes_on_its_line_of_the_schedule_file(tmp_path):
