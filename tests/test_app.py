@@ -116,21 +116,40 @@ def test_gradcam_equals_pytorch_grad_cam_on_the_whole_network(loaded, sample):
     from helpers.cam import DetectionTarget, FlatOutputs, prediction_features, unravel_index
 
     upload = webapp.read_upload(sample)
-    result, state = webapp.predict_boxes(loaded, upload, 0.5, 0.45, SIZE, "Grad-CAM", 3)
+    result, job = webapp.predict_boxes(loaded, upload, 0.5, 0.45, SIZE, "Grad-CAM", 3)
     top = result.detections[:3]
-    ours, _ = webapp.cam_maps(loaded, state, top)  # [K, S, S] over the input
-    rows = state["rows"][:3]
+    ours, _ = webapp.cam_maps(loaded, job, top)  # [K, S, S] over the input
+    rows = job.rows[:3]
     plain = tiny_confident_model().eval()  # the same weights, BatchNorm not folded
     layers = prediction_features(plain)
-    for k, (row, scale) in enumerate(zip(rows.tolist(), unravel_index(rows, state["capture"].outputs)[:, 0])):
+    for k, (row, scale) in enumerate(zip(rows.tolist(), unravel_index(rows, job.capture.outputs)[:, 0])):
         with GradCAM(model=FlatOutputs(plain), target_layers=[layers[int(scale)]]) as cam:
-            lib = cam(input_tensor=state["x"].contiguous(), targets=[DetectionTarget(row, int(top[k, 5]))])[0]
+            lib = cam(input_tensor=job.capture.image.contiguous(), targets=[DetectionTarget(row, int(top[k, 5]))])[0]
         np.testing.assert_allclose(ours[k], lib, atol=1e-4)
 
 
 def test_eigencam_gives_one_map_per_detection(loaded, sample):
     r = run(loaded, str(sample), cam_method="EigenCAM", top_k=2)
     assert len(r.cams) == 2 and all("EigenCAM" in caption for _, caption in r.cams)
+
+
+def test_predict_steps_show_the_boxes_first_then_end_on_predicts_result(loaded, sample):
+    first, last = webapp.predict_steps(loaded, str(sample), conf=0.5, size=SIZE, top_k=2)
+    assert first.rows and first.cams == [] and first.message.endswith("Computing the CAMs…")
+    assert last.rows == first.rows and len(last.cams) == 2 and "for the top 2" in last.message
+    again = run(loaded, str(sample), top_k=2)
+    assert again.rows == last.rows and [c for _, c in again.cams] == [c for _, c in last.cams]
+    assert len(list(webapp.predict_steps(loaded, str(sample), conf=0.5, size=SIZE, top_k=0))) == 1  # no CAMs to wait for
+
+
+def test_a_failure_inside_predict_is_one_message_in_the_page(loaded, sample, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(webapp, "detection_cams", broken)
+    *_, last = webapp.predict_steps(loaded, str(sample), conf=0.5, size=SIZE, top_k=2)
+    assert last.message.startswith("**Something went wrong") and "RuntimeError" in last.message
+    assert run(loaded, str(sample), top_k=2).message == last.message
 
 
 @pytest.mark.parametrize("h, w", [(427, 640), (640, 427), (333, 500), (100, 101), (128, 128)])
@@ -147,10 +166,10 @@ def test_each_detection_keeps_its_row_of_the_raw_outputs(loaded, sample):
     from helpers.cam import flatten_outputs
 
     upload = webapp.read_upload(sample)
-    result, state = webapp.predict_boxes(loaded, upload, 0.5, 0.45, SIZE, "Grad-CAM", 3)
+    result, job = webapp.predict_boxes(loaded, upload, 0.5, 0.45, SIZE, "Grad-CAM", 3)
     dets = result.detections
     assert (dets[:, 3] == Image.open(sample).size[1]).any()  # boxes clipped at the image's edge are among them
-    cells = flatten_outputs(state["capture"].outputs)[0, state["rows"]]
+    cells = flatten_outputs(job.capture.outputs)[0, job.rows]
     score = cells[:, 0].sigmoid() * cells[:, 5:].softmax(-1).gather(1, dets[:, 5:6].long())[:, 0]
     torch.testing.assert_close(score, dets[:, 4], atol=1e-5, rtol=0)
 

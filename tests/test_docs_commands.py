@@ -1,5 +1,6 @@
-"""Every `python -m helpers.…` command the README and the app's README show parses as written: its
-subcommand and flags exist (the command is parsed by the module's own argparse, then stopped)."""
+"""Every `python -m helpers.…` and `python -m app.app` command the README and the app's README show
+parses as written: its subcommand and flags exist (the command is parsed by the module's own argparse,
+then stopped)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", REPO / "app" / "README.md"]
-COMMAND = re.compile(r"python -m (helpers\.\w+)((?:[ ]+(?!#)[^\s`|]+)*)")
+COMMAND = re.compile(r"python -m ((?:helpers|app)\.\w+)((?:[ ]+(?!#)[^\s`|]+)*)")
 PLACEHOLDER = "X"  # stands for "..." in a shown command
 
 
