@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
+import io
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -396,6 +399,41 @@ def predict(loaded: LoadedModel | None, image, conf=None, iou=DEFAULT_IOU, size=
     return result
 
 
+def save_output(image: Image.Image, folder: str | os.PathLike, name: str) -> str:
+    """`image` as a JPEG file under `folder` (Gradio's cache), named by its content and written whole.
+
+    Why not hand Gradio the PIL image: Gradio 6 (`processing_utils.save_pil_to_cache`) names the file
+    by the hash of its bytes and rewrites it in place at every request. Two requests with the same
+    output (two visitors clicking the same sample; or the boxes step and the final step of one
+    request, both showing the same annotated image) then rewrite a file while it is being sent to
+    a browser: its declared length no longer matches (`h11 LocalProtocolError: Too much/little data
+    for declared Content-Length`) and the download breaks off. Here a file is renamed into place
+    complete (`os.replace`), and an existing one is left as it is: same name, same bytes.
+    """
+    with io.BytesIO() as buffer:
+        image.save(buffer, format="JPEG")  # Pillow's default quality, as Gradio's own JPEG outputs
+        data = buffer.getvalue()
+    path = Path(folder) / hashlib.sha256(data).hexdigest() / f"{name}.jpg"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(staging, path)
+        except BaseException:
+            Path(staging).unlink(missing_ok=True)
+            raise
+    return str(path)
+
+
+def page_outputs(result: Result, folder: str | os.PathLike) -> tuple:
+    """The page's outputs for `result`: (annotated image file, table rows, [(CAM file, caption)], message)."""
+    annotated = save_output(result.annotated, folder, "detections") if result.annotated is not None else None
+    gallery = [(save_output(image, folder, f"cam{i + 1}"), caption) for i, (image, caption) in enumerate(result.cams)]
+    return annotated, result.rows, gallery, result.message
+
+
 # --- the page ---------------------------------------------------------------------------------
 def _about(loaded: LoadedModel | None, hub_repo: str | None) -> str:
     classes = loaded.classes if loaded else VOC_CLASSES
@@ -495,7 +533,7 @@ def build_demo(bundle: str | os.PathLike | None, samples_dir: str | os.PathLike 
 
     def run(image, conf, iou, size, cam_method, top_k):
         for result in predict_steps(loaded, image, conf, iou, size, cam_method, top_k):
-            yield result.annotated, result.rows, result.cams, result.message
+            yield page_outputs(result, demo.GRADIO_CACHE)
 
     with gr.Blocks(title="YOLOv3 on PASCAL VOC") as demo:
         gr.Markdown("# YOLOv3 on PASCAL VOC: detections and the Grad-CAM of each one")
@@ -519,14 +557,13 @@ def build_demo(bundle: str | os.PathLike | None, samples_dir: str | os.PathLike 
                 top_k = gr.Slider(0, MAX_TOP_K, value=DEFAULT_TOP_K, step=1, label="CAMs for the top k detections")
                 button = gr.Button("Detect", variant="primary", interactive=loaded is not None)
             with gr.Column(scale=1):
-                annotated = gr.Image(label="Detections", type="pil", format="jpeg", interactive=False,
-                                     elem_id="annotated")
+                # outputs are JPEG files the app writes itself (`save_output`), not PIL images for Gradio to write
+                annotated = gr.Image(label="Detections", type="filepath", interactive=False, elem_id="annotated")
                 message = gr.Markdown(NO_MODEL if loaded is None else "Upload an image or pick a sample.",
                                       elem_id="message")
                 table = gr.Dataframe(headers=TABLE_HEADERS, label="Detections (original image pixels)",
                                      interactive=False, elem_id="table")
-                gallery = gr.Gallery(label="Per detection", columns=3, height="auto", format="jpeg",
-                                     elem_id="cams")
+                gallery = gr.Gallery(label="Per detection", columns=3, height="auto", elem_id="cams")
         with gr.Accordion("About the model and its classes", open=True):
             gr.Markdown(_about(loaded, hub_repo), elem_id="about")
         inputs = [image, conf, iou, size, cam_method, top_k]
