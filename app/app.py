@@ -6,29 +6,40 @@ each detection (or EigenCAM). Weights come only from a model bundle (`model.safe
 `bundle/` beside this file) or a Hugging Face model repo (`--hub-repo user/name`, env
 `YOLO_HUB_REPO`). Without one the app still starts and says so; it never invents detections.
 
-    python app/app.py [--bundle DIR | --hub-repo ID] [--port 7860] [--host 127.0.0.1]
+    python -m app.app [--bundle DIR | --hub-repo ID] [--port 7860] [--host 127.0.0.1]   # from the repository
+    python app.py [...]                                                                    # in a built Space
 
-The work is in plain functions (`load_source`, `read_upload`, `predict`) that the tests call
-directly; `build_demo` only wires them to the page.
+It imports the project's `helpers` package from where Python finds it: the repository root (the
+current folder of `python -m app.app`), or the Space's folder, which `python -m helpers.space build`
+fills with this file and the helpers modules it needs.
+
+The work is in plain functions (`load_source`, `read_upload`, `predict_steps` and `predict`, its last
+step) that the tests call directly; `build_demo` only wires them to the page.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
+import io
 import json
 import logging
 import os
-import sys
+import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if not (HERE / "helpers").is_dir() and str(HERE.parent) not in sys.path:
-    sys.path.insert(0, str(HERE.parent))  # run from the repository (python app/app.py): helpers/ is one up
-
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home; the app works offline
+
+try:
+    import helpers  # noqa: F401 - only to say in one line where to run from, before the imports below
+except ModuleNotFoundError:
+    raise SystemExit("The app needs the project's `helpers` package: run it from the repository's root "
+                     "as `python -m app.app ...` (a Space built by `python -m helpers.space build` "
+                     "carries helpers/ beside app.py).") from None
 
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
@@ -39,7 +50,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from helpers.boxes import Letterbox  # noqa: E402
-from helpers.cam import cam_to_original, capture, detection_cams, unravel_index  # noqa: E402
+from helpers.cam import Capture, cam_to_original, capture, detection_cams, unravel_index  # noqa: E402
 from helpers.config import VOC_CLASSES, Config  # noqa: E402
 from helpers.imageio import ImageError, read_image, read_info  # noqa: E402
 from helpers.model import YOLOv3, fuse_for_inference  # noqa: E402
@@ -59,6 +70,7 @@ from helpers.weights import (  # noqa: E402
     read_bundle_config,
 )
 
+HERE = Path(__file__).resolve().parent
 log = logging.getLogger("yolo-app")
 
 MAX_SIDE = 2048  # every upload is brought down to this longest side before anything else
@@ -235,6 +247,26 @@ class Result:
     timings: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CamJob:
+    """What the CAMs of one prediction need from its boxes step (`predict_boxes`) and were asked for."""
+    upload: Upload  # the image as shown
+    capture: Capture  # the forward pass the CAMs reuse; its input [1, 3, S, S] is `capture.image`
+    letterbox: Letterbox  # the input's place in the shown image
+    rows: torch.Tensor  # [K] each detection's row in the flattened raw outputs: what its Grad-CAM differentiates
+    cam_method: str  # one of CAM_METHODS
+    top_k: int  # CAMs for this many of the best detections
+    started: float  # time.perf_counter() when the request began
+
+    @property
+    def size(self) -> int:
+        return self.capture.image.shape[-1]
+
+
+FAILED = ("**Something went wrong while processing this image** ({error}). "
+          "Please try another image; the details are in the server log.")
+
+
 def _check_settings(conf, iou, size, cam_method, top_k) -> tuple[float, float, int, str, int]:
     try:
         conf, iou, size, top_k = float(conf), float(iou), int(size), int(top_k)
@@ -253,19 +285,20 @@ def detect_boxes(loaded: LoadedModel, upload: Upload, conf: float, iou: float, s
     """One forward pass (keeping what the CAMs need: `helpers.cam.capture`), decode, NMS, letterbox undo.
 
     Returns (detections [K, 6] in shown-image pixels, their rows in the flattened raw output [K] (which
-    cell, anchor and scale each came from: what its Grad-CAM differentiates), the letterboxed input
-    [1, 3, S, S], its Letterbox, the capture).
+    cell, anchor and scale each came from: what its Grad-CAM differentiates), its Letterbox, the capture
+    (holding the letterboxed input [1, 3, S, S])).
     """
     x, meta = to_input(upload.image, size)
     cap = capture(loaded.model, x)
     (dets,), (rows,) = detect(cap.outputs, size, conf, iou, max_detections=MAX_DETECTIONS, letterbox=[meta],
                               return_indices=True)
-    return dets, rows, x, meta, cap
+    return dets, rows, meta, cap
 
 
 def predict_boxes(loaded: LoadedModel | None, image, conf=None, iou=DEFAULT_IOU, size=416,
-                  cam_method="Grad-CAM", top_k=DEFAULT_TOP_K):
-    """Boxes only: (Result, state for `add_cams`) — the page shows this before the CAMs are ready.
+                  cam_method="Grad-CAM", top_k=DEFAULT_TOP_K) -> tuple[Result, CamJob | None]:
+    """Boxes only: (Result, what `add_cams` needs, or None where there is nothing to explain: no model,
+    no image, unusable settings or file, each told in the Result's message).
     conf None: the bundle's own threshold (`LoadedModel.display_conf`)."""
     if loaded is None:
         return Result(message=NO_MODEL), None
@@ -282,7 +315,7 @@ def predict_boxes(loaded: LoadedModel | None, image, conf=None, iou=DEFAULT_IOU,
     except ImageError as e:
         return Result(message=f"**This file cannot be used as an image:** {e}. "
                               "Please upload a JPEG, PNG, WebP, BMP, GIF or TIFF photo."), None
-    dets, rows_in_output, x, meta, cap = detect_boxes(loaded, upload, conf, iou, size)
+    dets, rows_in_output, meta, cap = detect_boxes(loaded, upload, conf, iou, size)
     annotated = Image.fromarray(annotate(upload.image, dets, loaded.classes))
     to_original = 1.0 / upload.scale
     rows = [[k + 1, loaded.classes[int(c)], round(float(s), 3), *[round(float(v) * to_original) for v in box]]
@@ -298,39 +331,37 @@ def predict_boxes(loaded: LoadedModel | None, image, conf=None, iou=DEFAULT_IOU,
     if upload.notes:
         summary += " About this image: " + "; ".join(upload.notes) + "."
     result = Result(annotated, rows, [], summary, dets, {"boxes": t_boxes})
-    state = {"upload": upload, "x": x, "meta": meta, "capture": cap, "rows": rows_in_output,
-             "cam_method": cam_method, "top_k": top_k, "started": started, "size": size}
-    return result, state
+    return result, CamJob(upload, cap, meta, rows_in_output, cam_method, top_k, started)
 
 
-def cam_maps(loaded: LoadedModel, state: dict, top: torch.Tensor) -> tuple[np.ndarray, list[int]]:
+def cam_maps(loaded: LoadedModel, job: CamJob, top: torch.Tensor) -> tuple[np.ndarray, list[int]]:
     """One map per detection over the letterboxed input (float32 [K, S, S], 0..1), from the forward
     pass already made (`helpers.cam.detection_cams`: only each scale's head runs again), and the
     stride of each detection's scale."""
-    cap, size = state["capture"], state["size"]
-    rows = state["rows"][: len(top)]
-    method = "gradcam" if state["cam_method"] == "Grad-CAM" else "eigencam"
-    maps = detection_cams(loaded.model, state["x"], indices=rows, classes=top[:, 5], method=method, cache=cap)
+    cap = job.capture
+    rows = job.rows[: len(top)]
+    method = "gradcam" if job.cam_method == "Grad-CAM" else "eigencam"
+    maps = detection_cams(loaded.model, cap.image, indices=rows, classes=top[:, 5], method=method, cache=cap)
     scales = unravel_index(rows, cap.outputs)[:, 0]
-    return maps, [size // cap.outputs[s].shape[2] for s in scales.tolist()]
+    return maps, [job.size // cap.outputs[s].shape[2] for s in scales.tolist()]
 
 
-def add_cams(loaded: LoadedModel, result: Result, state: dict) -> Result:
-    """The CAM of each of the top-k detections, overlaid on the shown image and titled."""
-    dets, k = result.detections, min(state["top_k"], len(result.detections))
+def add_cams(loaded: LoadedModel, result: Result, job: CamJob) -> Result:
+    """`result` with the CAM of each of the top-k detections, overlaid on the shown image and titled."""
+    dets, k = result.detections, min(job.top_k, len(result.detections))
     if k == 0:
         return result
-    upload, meta = state["upload"], state["meta"]
+    upload = job.upload
     top = dets[:k]
-    maps, strides = cam_maps(loaded, state, top)
-    title = "Grad-CAM" if state["cam_method"] == "Grad-CAM" else "EigenCAM (class-agnostic)"
+    maps, strides = cam_maps(loaded, job, top)
+    title = "Grad-CAM" if job.cam_method == "Grad-CAM" else "EigenCAM (class-agnostic)"
     # The gallery shows thumbnails: its panels need not be larger than CAM_SIDE (5 overlays at 2048 px
     # would cost more than the model). The letterbox is restated for the panel's pixels.
     h, w = upload.image.shape[:2]
     shrink = min(1.0, CAM_SIDE / max(h, w))
     base = upload.image if shrink == 1.0 else cv2.resize(upload.image, (round(w * shrink), round(h * shrink)),
                                                          interpolation=cv2.INTER_AREA)
-    panel = meta._replace(scale=meta.scale / shrink, orig_h=base.shape[0], orig_w=base.shape[1])
+    panel = job.letterbox._replace(scale=job.letterbox.scale / shrink, orig_h=base.shape[0], orig_w=base.shape[1])
     heat = cam_to_original(maps, panel)  # [K, h', w']
     boxes = top.clone()
     boxes[:, :4] *= shrink
@@ -339,24 +370,68 @@ def add_cams(loaded: LoadedModel, result: Result, state: dict) -> Result:
         cls, score = loaded.classes[int(top[i, 5])], float(top[i, 4])
         image = annotate(overlay(base, heat[i], image_weight=0.55), boxes[i: i + 1], loaded.classes)
         cams.append((Image.fromarray(image), f"{i + 1}. {cls} {score:.2f} · {title} at stride {strides[i]}"))
-    result.cams = cams
-    t_all = time.perf_counter() - state["started"]
-    result.timings["boxes+cams"] = t_all
-    result.message += f" {title} for the top {k} in {t_all:.2f} s in all."
-    return result
+    t_all = time.perf_counter() - job.started
+    return replace(result, cams=cams, timings={**result.timings, "boxes+cams": t_all},
+                   message=result.message + f" {title} for the top {k} in {t_all:.2f} s in all.")
+
+
+def predict_steps(loaded: LoadedModel | None, image, conf=None, iou=DEFAULT_IOU, size=416,
+                  cam_method="Grad-CAM", top_k=DEFAULT_TOP_K) -> Iterator[Result]:
+    """What the page shows for one image (a path, or an `Upload`), step by step: where CAMs follow,
+    first the boxes and table with a note that the CAMs are being computed; then the final Result
+    (boxes, table, CAMs). Never raises: a failure is a message (the log gets the traceback).
+    conf None: the bundle's own threshold, where the page's slider starts."""
+    try:
+        result, job = predict_boxes(loaded, image, conf, iou, size, cam_method, top_k)
+        if job is not None and job.top_k > 0 and len(result.detections):
+            yield replace(result, message=result.message + " Computing the CAMs…")
+            result = add_cams(loaded, result, job)
+    except Exception as e:  # noqa: BLE001 - the page gets a sentence, the log gets the traceback
+        log.exception("prediction failed")
+        result = Result(message=FAILED.format(error=type(e).__name__))
+    yield result
 
 
 def predict(loaded: LoadedModel | None, image, conf=None, iou=DEFAULT_IOU, size=416,
             cam_method="Grad-CAM", top_k=DEFAULT_TOP_K) -> Result:
-    """Boxes, table and CAMs for one image (path, or an `Upload`); a message instead of any failure.
-    conf None: the bundle's own threshold, where the page's slider starts."""
-    try:
-        result, state = predict_boxes(loaded, image, conf, iou, size, cam_method, top_k)
-        return add_cams(loaded, result, state) if state else result
-    except Exception as e:  # noqa: BLE001 - the page gets a sentence, the log gets the traceback
-        log.exception("prediction failed")
-        return Result(message=f"**Something went wrong while processing this image** ({type(e).__name__}). "
-                              "Please try another image; the details are in the server log.")
+    """Boxes, table and CAMs for one image: the last step of `predict_steps` (what the page ends on)."""
+    *_, result = predict_steps(loaded, image, conf, iou, size, cam_method, top_k)
+    return result
+
+
+def save_output(image: Image.Image, folder: str | os.PathLike, name: str) -> str:
+    """`image` as a JPEG file under `folder` (Gradio's cache), named by its content and written whole.
+
+    Why not hand Gradio the PIL image: Gradio 6 (`processing_utils.save_pil_to_cache`) names the file
+    by the hash of its bytes and rewrites it in place at every request. Two requests with the same
+    output (two visitors clicking the same sample; or the boxes step and the final step of one
+    request, both showing the same annotated image) then rewrite a file while it is being sent to
+    a browser: its declared length no longer matches (`h11 LocalProtocolError: Too much/little data
+    for declared Content-Length`) and the download breaks off. Here a file is renamed into place
+    complete (`os.replace`), and an existing one is left as it is: same name, same bytes.
+    """
+    with io.BytesIO() as buffer:
+        image.save(buffer, format="JPEG")  # Pillow's default quality, as Gradio's own JPEG outputs
+        data = buffer.getvalue()
+    path = Path(folder) / hashlib.sha256(data).hexdigest() / f"{name}.jpg"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(staging, path)
+        except BaseException:
+            Path(staging).unlink(missing_ok=True)
+            raise
+    return str(path)
+
+
+def page_outputs(result: Result, folder: str | os.PathLike) -> tuple:
+    """The page's outputs for `result`: (annotated image file, table rows, [(CAM file, caption)], message)."""
+    annotated = save_output(result.annotated, folder, "detections") if result.annotated is not None else None
+    gallery = [(save_output(image, folder, f"cam{i + 1}"), caption) for i, (image, caption) in enumerate(result.cams)]
+    return annotated, result.rows, gallery, result.message
 
 
 # --- the page ---------------------------------------------------------------------------------
@@ -457,16 +532,8 @@ def build_demo(bundle: str | os.PathLike | None, samples_dir: str | os.PathLike 
     samples = sample_images(samples_dir, generated_first=trained_on_generated_data(loaded))
 
     def run(image, conf, iou, size, cam_method, top_k):
-        try:
-            result, state = predict_boxes(loaded, image, conf, iou, size, cam_method, top_k)
-            if state is not None and state["top_k"] > 0 and len(result.detections):
-                yield result.annotated, result.rows, [], result.message + " Computing the CAMs…"
-                result = add_cams(loaded, result, state)
-        except Exception as e:  # noqa: BLE001 - never a traceback in the page
-            log.exception("prediction failed")
-            result = Result(message=f"**Something went wrong while processing this image** ({type(e).__name__}). "
-                                    "Please try another image; the details are in the server log.")
-        yield result.annotated, result.rows, result.cams, result.message
+        for result in predict_steps(loaded, image, conf, iou, size, cam_method, top_k):
+            yield page_outputs(result, demo.GRADIO_CACHE)
 
     with gr.Blocks(title="YOLOv3 on PASCAL VOC") as demo:
         gr.Markdown("# YOLOv3 on PASCAL VOC: detections and the Grad-CAM of each one")
@@ -490,14 +557,13 @@ def build_demo(bundle: str | os.PathLike | None, samples_dir: str | os.PathLike 
                 top_k = gr.Slider(0, MAX_TOP_K, value=DEFAULT_TOP_K, step=1, label="CAMs for the top k detections")
                 button = gr.Button("Detect", variant="primary", interactive=loaded is not None)
             with gr.Column(scale=1):
-                annotated = gr.Image(label="Detections", type="pil", format="jpeg", interactive=False,
-                                     elem_id="annotated")
+                # outputs are JPEG files the app writes itself (`save_output`), not PIL images for Gradio to write
+                annotated = gr.Image(label="Detections", type="filepath", interactive=False, elem_id="annotated")
                 message = gr.Markdown(NO_MODEL if loaded is None else "Upload an image or pick a sample.",
                                       elem_id="message")
                 table = gr.Dataframe(headers=TABLE_HEADERS, label="Detections (original image pixels)",
                                      interactive=False, elem_id="table")
-                gallery = gr.Gallery(label="Per detection", columns=3, height="auto", format="jpeg",
-                                     elem_id="cams")
+                gallery = gr.Gallery(label="Per detection", columns=3, height="auto", elem_id="cams")
         with gr.Accordion("About the model and its classes", open=True):
             gr.Markdown(_about(loaded, hub_repo), elem_id="about")
         inputs = [image, conf, iou, size, cam_method, top_k]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import shutil
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -116,21 +119,82 @@ def test_gradcam_equals_pytorch_grad_cam_on_the_whole_network(loaded, sample):
     from helpers.cam import DetectionTarget, FlatOutputs, prediction_features, unravel_index
 
     upload = webapp.read_upload(sample)
-    result, state = webapp.predict_boxes(loaded, upload, 0.5, 0.45, SIZE, "Grad-CAM", 3)
+    result, job = webapp.predict_boxes(loaded, upload, 0.5, 0.45, SIZE, "Grad-CAM", 3)
     top = result.detections[:3]
-    ours, _ = webapp.cam_maps(loaded, state, top)  # [K, S, S] over the input
-    rows = state["rows"][:3]
+    ours, _ = webapp.cam_maps(loaded, job, top)  # [K, S, S] over the input
+    rows = job.rows[:3]
     plain = tiny_confident_model().eval()  # the same weights, BatchNorm not folded
     layers = prediction_features(plain)
-    for k, (row, scale) in enumerate(zip(rows.tolist(), unravel_index(rows, state["capture"].outputs)[:, 0])):
+    for k, (row, scale) in enumerate(zip(rows.tolist(), unravel_index(rows, job.capture.outputs)[:, 0])):
         with GradCAM(model=FlatOutputs(plain), target_layers=[layers[int(scale)]]) as cam:
-            lib = cam(input_tensor=state["x"].contiguous(), targets=[DetectionTarget(row, int(top[k, 5]))])[0]
+            lib = cam(input_tensor=job.capture.image.contiguous(), targets=[DetectionTarget(row, int(top[k, 5]))])[0]
         np.testing.assert_allclose(ours[k], lib, atol=1e-4)
 
 
 def test_eigencam_gives_one_map_per_detection(loaded, sample):
     r = run(loaded, str(sample), cam_method="EigenCAM", top_k=2)
     assert len(r.cams) == 2 and all("EigenCAM" in caption for _, caption in r.cams)
+
+
+def test_predict_steps_show_the_boxes_first_then_end_on_predicts_result(loaded, sample):
+    first, last = webapp.predict_steps(loaded, str(sample), conf=0.5, size=SIZE, top_k=2)
+    assert first.rows and first.cams == [] and first.message.endswith("Computing the CAMs…")
+    assert last.rows == first.rows and len(last.cams) == 2 and "for the top 2" in last.message
+    again = run(loaded, str(sample), top_k=2)
+    assert again.rows == last.rows and [c for _, c in again.cams] == [c for _, c in last.cams]
+    assert len(list(webapp.predict_steps(loaded, str(sample), conf=0.5, size=SIZE, top_k=0))) == 1  # no CAMs to wait for
+
+
+def test_a_failure_inside_predict_is_one_message_in_the_page(loaded, sample, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(webapp, "detection_cams", broken)
+    *_, last = webapp.predict_steps(loaded, str(sample), conf=0.5, size=SIZE, top_k=2)
+    assert last.message.startswith("**Something went wrong") and "RuntimeError" in last.message
+    assert run(loaded, str(sample), top_k=2).message == last.message
+
+
+def test_the_page_calls_predict_steps(bundle, sample, tmp_path, monkeypatch):
+    """The page's handler is `predict_steps` with each step's images written as files: the boxes first,
+    then the final step, whose table, captions and message are `predict`'s."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))
+    demo = webapp.build_demo(bundle, None)
+    handler = next(fn.fn for fn in demo.fns.values() if fn.api_name == "predict")
+    steps = list(handler(str(sample), 0.5, 0.45, SIZE, "Grad-CAM", 2))
+    (boxes, rows, gallery, message), (annotated, final_rows, final_gallery, final_message) = steps
+    assert gallery == [] and "Computing the CAMs" in message
+    assert annotated == boxes and Path(annotated).is_relative_to(tmp_path / "cache")  # one file for both steps
+    assert Image.open(annotated).size == Image.open(sample).size
+    expected = webapp.predict(webapp.load_source(bundle)[0], str(sample), 0.5, 0.45, SIZE, "Grad-CAM", 2)
+    assert final_rows == rows == expected.rows
+    assert [caption for _, caption in final_gallery] == [caption for _, caption in expected.cams]
+    assert all(Path(path).is_file() for path, _ in final_gallery)
+    seconds = re.compile(r"[0-9.]+ s\b")  # timings differ
+    assert seconds.sub("", final_message) == seconds.sub("", expected.message)
+
+
+def test_an_output_image_is_written_whole_once_and_never_rewritten(tmp_path):
+    """Gradio rewrites its cached output file in place when two requests give the same image, while the
+    file may be being sent (a broken download); the app's own writer leaves an existing file alone."""
+    from gradio.processing_utils import save_pil_to_cache
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8))
+    theirs = Path(save_pil_to_cache(image, str(tmp_path / "gradio"), format="jpeg"))
+    written = theirs.stat().st_mtime_ns
+    time.sleep(0.05)
+    assert save_pil_to_cache(image, str(tmp_path / "gradio"), format="jpeg") == str(theirs)
+    assert theirs.stat().st_mtime_ns != written, "Gradio no longer rewrites: save_output may be unneeded"
+    shutil.rmtree(tmp_path / "gradio")
+
+    path = Path(webapp.save_output(image, tmp_path, "detections"))
+    before = path.stat()
+    assert webapp.save_output(image.copy(), tmp_path, "detections") == str(path)
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    other = webapp.save_output(Image.new("RGB", (64, 48)), tmp_path, "detections")
+    assert other != str(path) and Image.open(other).size == (64, 48)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["detections.jpg", "detections.jpg"]
 
 
 @pytest.mark.parametrize("h, w", [(427, 640), (640, 427), (333, 500), (100, 101), (128, 128)])
@@ -147,10 +211,10 @@ def test_each_detection_keeps_its_row_of_the_raw_outputs(loaded, sample):
     from helpers.cam import flatten_outputs
 
     upload = webapp.read_upload(sample)
-    result, state = webapp.predict_boxes(loaded, upload, 0.5, 0.45, SIZE, "Grad-CAM", 3)
+    result, job = webapp.predict_boxes(loaded, upload, 0.5, 0.45, SIZE, "Grad-CAM", 3)
     dets = result.detections
     assert (dets[:, 3] == Image.open(sample).size[1]).any()  # boxes clipped at the image's edge are among them
-    cells = flatten_outputs(state["capture"].outputs)[0, state["rows"]]
+    cells = flatten_outputs(job.capture.outputs)[0, job.rows]
     score = cells[:, 0].sigmoid() * cells[:, 5:].softmax(-1).gather(1, dets[:, 5:6].long())[:, 0]
     torch.testing.assert_close(score, dets[:, 4], atol=1e-5, rtol=0)
 
@@ -548,6 +612,27 @@ def test_served_app_answers_gradio_client_upload_with_thresholds(server, sample)
     assert [item["caption"].split(" · ")[0] for item in gallery] == [f"{r[0]}. {r[1]} {r[2]:.2f}" for r in rows[:2]]
     assert "detection" in message and "Grad-CAM" in message
     assert len(strict_table["data"]) <= len(rows)  # a higher threshold keeps fewer boxes
+
+
+@pytest.mark.slow
+def test_served_app_answers_every_one_of_many_users_asking_for_the_same_image_at_once(server, sample):
+    """Identical outputs share one cached file: it is never rewritten while another user downloads it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    users = 16
+    clients = [Client(server, verbose=False) for _ in range(users)]
+    start = threading.Barrier(users)
+
+    def ask(client):
+        start.wait()
+        return client.predict(handle_file(str(sample)), 0.5, 0.45, SIZE, "Grad-CAM", 5, api_name="/predict")
+
+    with ThreadPoolExecutor(users) as pool:
+        answers = list(pool.map(ask, clients))  # a broken download raises here
+    sizes = {Path(annotated).stat().st_size for annotated, _, _, _ in answers}
+    assert len(sizes) == 1 and all(len(gallery) == 5 for _, _, gallery, _ in answers)
 
 
 @pytest.mark.slow

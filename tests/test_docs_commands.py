@@ -1,6 +1,6 @@
-"""Every `python -m helpers.…` command the README and the app's README show parses as written: its
-subcommand and flags exist and its values have their flags' types (the command is parsed by the
-module's own parser, argparse or jsonargparse, then stopped)."""
+"""Every `python -m helpers.…` and `python -m app.app` command the README and the app's README show
+parses as written: its subcommand and flags exist and its values have their flags' types (the command
+is parsed by the module's own parser, argparse or jsonargparse, then stopped)."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", REPO / "app" / "README.md"]
-COMMAND = re.compile(r"python -m (helpers\.\w+)((?:[ ]+(?!#)[^\s`|]+)*)")
+COMMAND = re.compile(r"python -m ((?:helpers|app)\.\w+)((?:[ ]+(?!#)[^\s`|]+)*)")
 PLACEHOLDER = "X"  # stands for "..." in a shown command
 CONFIG_FILE = re.compile(r"<\w+>/config\.json")  # the config file helpers.runtime writes into a run folder
 
