@@ -27,6 +27,7 @@ from pathlib import Path
 from .config import Config
 from .data_source import KAGGLE_INPUT
 from .schedule import Schedule
+from .storage import atomic_write_text
 
 RUN_NAME = "yolov3-voc"  # the run folder's name on Drive and in /kaggle/working
 
@@ -135,7 +136,7 @@ def train_command(cfg: Config, resume: str = "latest") -> list[str]:
     """Write `cfg` to `<run_dir>/config.json` and return the command that trains it (any devices)."""
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
+    atomic_write_text(run_dir / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=1))
     return [sys.executable, "-m", "helpers.train", "--config", str(run_dir / CONFIG_FILE), "--resume", resume]
 
 

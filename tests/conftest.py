@@ -2,7 +2,10 @@
 the real photos of ../shared/realdet (tests that need them skip where they are absent)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,26 @@ from PIL import Image
 from helpers.synthetic import make_course_dataset, make_voc_dataset
 
 REALDET = Path(os.environ.get("REALDET_ROOT", Path(__file__).resolve().parents[1].parent / "shared" / "realdet"))
+
+
+@pytest.fixture
+def file_size_limit():
+    """file_size_limit(n): a context in which this process cannot write past byte n of any file: the
+    kernel fails the write (EFBIG) as a full disk does (ENOSPC), in whatever library writes, Python's
+    or compiled code's. (SIGXFSZ, which would kill the process, is ignored meanwhile.)"""
+
+    @contextlib.contextmanager
+    def limit(n: int):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, handler)
+
+    return limit
 
 
 @pytest.fixture
