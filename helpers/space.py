@@ -366,7 +366,22 @@ def push(out: str | Path, space: str, private: bool = False, token: str | None =
     except HfHubHTTPError as e:
         raise PermissionError(f"the Hub refused {space}: {str(e).splitlines()[0]} (a write token for that "
                               "user or organisation is needed: `hf auth login`)") from None
+    except Exception as e:
+        if not _network_failure(e):
+            raise
+        from huggingface_hub import constants
+
+        raise ConnectionError(f"could not reach the Hugging Face Hub at {constants.ENDPOINT} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no answer'}): check the internet connection "
+                              "(on Kaggle: Settings > Internet on), then push again") from None
     return str(url)
+
+
+def _network_failure(e: BaseException) -> bool:
+    """Whether `e` is a failure to reach a server: the HTTP client's transport errors (httpx's, under
+    whichever module name huggingface_hub uses) or the standard library's."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"TransportError", "NetworkError", "TimeoutException", "ConnectionError", "TimeoutError"})
 
 
 def main(argv: list[str] | None = None) -> int:
