@@ -40,6 +40,7 @@ from xml.etree import ElementTree as ET
 from .annotations import DatasetError, Record, load_records
 from .config import VOC_CLASSES
 from .storage import atomic_new_folder, refuse_existing, removed_temporaries
+from .utils import network_failure
 from .weights import CONFIG, WEIGHTS, read_bundle_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,7 +368,7 @@ def push(out: str | Path, space: str, private: bool = False, token: str | None =
         raise PermissionError(f"the Hub refused {space}: {str(e).splitlines()[0]} (a write token for that "
                               "user or organisation is needed: `hf auth login`)") from None
     except Exception as e:
-        if not _network_failure(e):
+        if not network_failure(e):
             raise
         from huggingface_hub import constants
 
@@ -375,13 +376,6 @@ def push(out: str | Path, space: str, private: bool = False, token: str | None =
                               f"{str(e).splitlines()[0] if str(e) else 'no answer'}): check the internet connection "
                               "(on Kaggle: Settings > Internet on), then push again") from None
     return str(url)
-
-
-def _network_failure(e: BaseException) -> bool:
-    """Whether `e` is a failure to reach a server: the HTTP client's transport errors (httpx's, under
-    whichever module name huggingface_hub uses) or the standard library's."""
-    names = {c.__name__ for c in type(e).__mro__}
-    return bool(names & {"TransportError", "NetworkError", "TimeoutException", "ConnectionError", "TimeoutError"})
 
 
 def main(argv: list[str] | None = None) -> int:
