@@ -3,6 +3,7 @@ the real photos of ../shared/realdet (tests that need them skip where they are a
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import resource
 import signal
@@ -15,6 +16,28 @@ from PIL import Image
 from helpers.synthetic import make_course_dataset, make_voc_dataset
 
 REALDET = Path(os.environ.get("REALDET_ROOT", Path(__file__).resolve().parents[1].parent / "shared" / "realdet"))
+
+
+class FillsUp:
+    """A file that takes `room` bytes and then fails as a full disk does."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if self.room < len(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ half-written, and what a killed write leaves is removed at the next start. Full 
 the write (ENOSPC from the file, as the kernel returns it) or made real with a file size limit."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FillsUp
 
 from helpers import storage
 from helpers.storage import (
@@ -24,28 +24,6 @@ from helpers.storage import (
 from helpers.synthetic import make_voc_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class FillsUp:
-    """A file that takes `room` bytes and then fails as a full disk does."""
-
-    def __init__(self, f, room):
-        self.f, self.room = f, room
-
-    def write(self, data):
-        if self.room < len(data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.room -= len(data)
-        return self.f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
 
 
 def disk_full_at(monkeypatch, name: str, room: int = 0, after: int = 0) -> None:
