@@ -340,7 +340,7 @@ def test_a_run_killed_at_random_moments_resumes_exactly_as_an_uninterrupted_run(
         killed = run_driver(tmp_path, cfg, kill_at=kill, resume="latest", env=env)
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
         if n == 0:
-            assert "removed 1 temporary file(s) left by an interrupted save" in killed.stdout
+            assert "removed 1 temporary file(s) or folder(s) left by an interrupted write" in killed.stdout
     before = {p.name: p.read_bytes() for p in ckpts.glob("*.ckpt")}
     resumed = run_driver(tmp_path, cfg, resume="latest", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
