@@ -4,7 +4,7 @@ never overwritten, rotated safely; a resume refused in one line when it would no
 - `NoOverwriteCheckpointIO`: Lightning's checkpoint plumbing assembles the state; this writes it
   with `storage.atomic_write_new` (a temporary file in the target folder, fsynced, linked into place
   only if the name is free). A kill mid-write leaves a stray `.tmp` file (removed at the next start
-  by `remove_temporaries`) and every earlier checkpoint intact; a full disk raises `StorageFull`,
+  by `storage.remove_temporaries`) and every earlier checkpoint intact; a full disk raises `StorageFull`,
   one line, with the temporary file removed. Loading always uses `torch.load(..., weights_only=True)`.
 - `PeriodicCheckpoint`: a Callback saving the full training state (weights, optimizer, loops, the
   data loader's position) every N minutes (or N steps) and at every epoch end, keeping the newest
@@ -31,33 +31,13 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from .config import Config
-from .storage import EMPTY_TRASH, TEMPORARY, atomic_write_new, free_bytes, human
+from .storage import EMPTY_TRASH, atomic_write_new, free_bytes, human, remove_temporaries  # noqa: F401 - remove_temporaries: re-exported
 from .weights import NAME, SETTINGS_ADDED, CheckpointError, problem_with, saved_config, step_of
 
 WEIGHTS_DIR = "weights"
 # What a full disk while writing a checkpoint says to do.
 FULL_DISK_ADVICE = (f"Earlier checkpoints are intact. Free some space ({EMPTY_TRASH}; or delete old weight files) "
                     "and rerun with --resume latest")
-
-
-def remove_temporaries(folder: str | os.PathLike) -> tuple[int, int]:
-    """Delete the temporary files that writes killed mid-way left in `folder` (and its weights
-    folder): (how many, bytes freed). Run it at start, before anything writes there."""
-    count = freed = 0
-    folder = Path(folder)
-    for where in (folder, folder / WEIGHTS_DIR):
-        if not where.is_dir():
-            continue
-        for tmp in where.glob(TEMPORARY):
-            if ".ckpt." not in tmp.name:
-                continue  # only ours: .<checkpoint name>.<random>.tmp
-            try:
-                size = tmp.stat().st_size
-                tmp.unlink()
-            except FileNotFoundError:
-                continue
-            count, freed = count + 1, freed + size
-    return count, freed
 
 
 class NoOverwriteCheckpointIO(TorchCheckpointIO):

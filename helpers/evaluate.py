@@ -38,6 +38,7 @@ from .config import ANCHORS, AccuracyTargets, Config
 from .metrics import (ACCURACY_NAMES, DetectionsAndTruths, YoloAccuracy, coco_map, judge_accuracies, verdict_sentence,
                       voc_map)
 from .postprocess import detect
+from .storage import StorageFull, atomic_write_text, remove_temporaries, write_figure
 from .targets import build_targets
 
 
@@ -259,18 +260,13 @@ def fresh_dir(path: Path) -> Path:
 
 
 def write_outputs(result: dict, out: Path, class_names: Sequence[str]) -> dict[str, Path]:
-    """metrics.json and pr_curves.png into `out` (written to a temporary name, then renamed)."""
+    """metrics.json and pr_curves.png into `out`, each atomically (`storage`)."""
     from .plotting import plot_pr_curves
 
     paths = {"metrics": out / "metrics.json", "pr_curves": out / "pr_curves.png"}
     summary = {k: v for k, v in result.items() if k != "curves"}
-    tmp = paths["metrics"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, paths["metrics"])
-    fig = plot_pr_curves(result["curves"], class_names)
-    tmp = out / ".pr_curves.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, paths["pr_curves"])
+    atomic_write_text(paths["metrics"], json.dumps(summary, indent=2))
+    write_figure(plot_pr_curves(result["curves"], class_names), paths["pr_curves"], dpi=110)
     return paths
 
 
@@ -373,8 +369,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = evaluate(model, loader, cfg, device, coco=not args.no_coco)
     result["checkpoint"], result["data"], result["split"] = str(checkpoint), str(root), args.split
     result["settings"]["image_size"] = image_size
-    out = fresh_dir(Path(args.out) if args.out else checkpoint.parent / f"eval-{args.split}")
-    paths = write_outputs(result, out, list(cfg.data.classes))
+    wanted = Path(args.out) if args.out else checkpoint.parent / f"eval-{args.split}"
+    remove_temporaries(wanted)  # what a killed earlier evaluation left, so the folder counts as empty again
+    out = fresh_dir(wanted)
+    try:
+        paths = write_outputs(result, out, list(cfg.data.classes))
+    except StorageFull as e:
+        raise SystemExit(f"evaluate: {e}") from None
     print(f"wrote {paths['metrics']} and {paths['pr_curves']}\n")
     print(format_report(result))  # its last line: the verdict on the course's targets
     return result

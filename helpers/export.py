@@ -46,12 +46,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from .annotations import DatasetError
 from .config import ANCHORS, STRIDES, Config
 from .model import YOLOv3, count_parameters
-from .storage import StorageFull, atomic_new_folder, refuse_existing
+from .storage import StorageFull, atomic_new_folder, refuse_existing, removed_temporaries
 from .weights import (
     CONFIG,
     DEFAULT_DISPLAY_CONF,
@@ -112,8 +112,11 @@ def write_bundle(model: YOLOv3, config: Config, out: str | os.PathLike, *, train
     info["weights_dtype"] = "float16" if fp16 else "float32"
 
     def fill(folder: Path) -> None:
-        save_file(state, str(folder / WEIGHTS), metadata={"format": "pt", "bundle_format": FORMAT})
-        info["weights_sha256"] = _sha256(folder / WEIGHTS)
+        # Serialised in memory, written by Python: safetensors' own file writer reports a full disk as a
+        # SafetensorError ("os error 28"), not the OSError that storage turns into StorageFull.
+        data = safetensors_bytes(state, metadata={"format": "pt", "bundle_format": FORMAT})
+        (folder / WEIGHTS).write_bytes(data)
+        info["weights_sha256"] = hashlib.sha256(data).hexdigest()
         info["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         (folder / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
 
@@ -355,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--display-conf", type=float,
                    help="the app's starting confidence threshold, set by hand (nothing is measured)")
     args = p.parse_args(argv)
+    if (removed := removed_temporaries(Path(args.out).absolute().parent, recursive=False)):
+        print(removed, file=sys.stderr)  # a killed export's folder is as large as its weights
     try:
         checkpoint = resolve_checkpoint(args.checkpoint, args.run_dir)
         display = dict(data=args.data, split=args.split, display_conf=args.display_conf, limit=args.limit,

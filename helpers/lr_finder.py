@@ -12,6 +12,8 @@ Use at least ~100 iterations: with 30 the curve has 4 points per decade and no r
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +26,7 @@ from .config import STRIDES
 from .loss import YoloLoss
 from .plotting import plot_lr_finder
 from .targets import build_targets
+from .utils import free_gpu_memory
 
 
 class _YoloBatches(TrainDataLoaderIter):
@@ -100,19 +103,26 @@ def describe_choice(result: LRFinderResult) -> str:
 def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_loader, loss: YoloLoss | None = None,
             start_lr: float = 1e-7, end_lr: float = 1.0, num_iter: int = 100,
             device: str | torch.device = "cpu", amp: bool = False) -> LRFinderResult:
-    """Run the range test; the model's and optimizer's states are restored afterwards."""
+    """Run the range test; the model's and optimizer's states are restored afterwards, and on a GPU the
+    memory the test took is handed back (`free_gpu_memory`): the model returns to the device it came
+    from, and a 2-GPU run started next in a child process finds cuda:0 as free as before."""
     amp_kwargs = {}
     if amp and torch.device(device).type == "cuda":
         amp_kwargs = {"amp_backend": "torch", "amp_config": {"device_type": "cuda", "dtype": torch.float16}}
     finder = LRFinder(model, optimizer, _TargetsThenLoss(loss or YoloLoss()), device=device, **amp_kwargs)
     try:
         # smooth_f=0: raw losses (the trailing average lags, see the module docstring); a single raw
-        # batch loss is noisier than the average, so "diverged" needs 10x the best, not 5x.
-        finder.range_test(_YoloBatches(train_loader), start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
-                          smooth_f=0.0, diverge_th=10)
+        # batch loss is noisier than the average, so "diverged" needs 10x the best, not 5x. Its prints
+        # ("See the graph with {finder_name}.plot()", a literal placeholder) are not for our users:
+        # the curve and its reading are ours (its progress bar is on stderr and stays).
+        with contextlib.redirect_stdout(io.StringIO()):
+            finder.range_test(_YoloBatches(train_loader), start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
+                              smooth_f=0.0, diverge_th=10)
     finally:
         finder.reset()
-    lrs, losses = list(finder.history["lr"]), list(finder.history["loss"])
+        lrs, losses = list(finder.history["lr"]), list(finder.history["loss"])
+        del finder  # its state cache, loss and AMP scaler: on the GPU until collected
+        free_gpu_memory()
     n = len(lrs)
     skip_start, skip_end = min(10, n // 10), min(5, n // 20)  # torch-lr-finder's defaults, shrunk for short tests
     smoothed, steepest, max_lr = read_curve(lrs, losses, skip_start=skip_start, skip_end=skip_end)

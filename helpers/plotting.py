@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .config import VOC_CLASSES, AccuracyTargets
 from .metrics import ACCURACY_NAMES
+from .storage import write_figure
 
 GOLDEN = 0.618033988749895
 
@@ -182,8 +183,7 @@ def show(fig: Figure, name: str | None = None, folder: str | os.PathLike | None 
     committed notebook must stay small) and as a PNG otherwise (sharp lines and text). Returns None,
     so a cell ending in `show(...)` does not show the figure a second time."""
     if folder is not None and name:
-        os.makedirs(folder, exist_ok=True)
-        fig.savefig(os.path.join(folder, f"{name}.png"), dpi=dpi)
+        write_figure(fig, Path(folder) / f"{name}.png", dpi=dpi)  # atomically; a full disk is StorageFull
     try:
         from IPython import get_ipython
         from IPython.display import Image as IPythonImage

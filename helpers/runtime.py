@@ -27,6 +27,8 @@ from pathlib import Path
 from .config import Config
 from .data_source import KAGGLE_INPUT
 from .schedule import Schedule
+from .storage import atomic_write_text
+from .utils import free_gpu_memory
 
 RUN_NAME = "yolov3-voc"  # the run folder's name on Drive and in /kaggle/working
 
@@ -135,7 +137,7 @@ def train_command(cfg: Config, resume: str = "latest") -> list[str]:
     """Write `cfg` to `<run_dir>/config.json` and return the command that trains it (any devices)."""
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
+    atomic_write_text(run_dir / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=1))
     return [sys.executable, "-m", "helpers.train", "--config", str(run_dir / CONFIG_FILE), "--resume", resume]
 
 
@@ -143,6 +145,7 @@ def train_in_subprocess(cfg: Config, resume: str = "latest") -> dict:
     """Train `cfg` in a child process (`train_command`), its output shown here line by line; the
     run's summary (`metrics.json`) when it succeeds, else TrainingFailed with its exit status."""
     command = train_command(cfg, resume)
+    free_gpu_memory()  # what this process holds on cuda:0 and no longer uses (the LR range test's) goes to the child
     print("$", " ".join(command), flush=True)
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as child:
         for line in child.stdout:

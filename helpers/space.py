@@ -4,6 +4,10 @@
     python -m helpers.space push OUT --space USER/NAME       # create the Gradio Space, upload OUT
     python -m helpers.space samples OUT --samples DATASET [--count 6]
 
+`build` needs no Gradio (the notebook installs only requirements.txt): the Space's Gradio is the
+`sdk_version` of app/README.md, the version the app's tests run with (tests/test_app.py checks it).
+`push` refuses, before any network call, when no Hugging Face token is found (`hf auth login`, HF_TOKEN).
+
 `build` writes
     OUT/app.py                 the app (app/app.py)
     OUT/helpers/...            the helpers modules the app imports (SPACE_MODULES, checked by the tests)
@@ -13,7 +17,9 @@
     OUT/space_settings.json    where the app finds its model
     OUT/examples/              sample photos from the dataset's test split, unchanged, with ATTRIBUTION.md
     OUT/.gitattributes         large files through Git LFS (the Hub's rule for files over 10 MB)
-Nothing existing is overwritten: OUT must be new or empty.
+Nothing existing is overwritten: OUT must be new or empty. OUT is assembled under a temporary name
+beside it and renamed into place (`storage.atomic_new_folder`): a full disk is one line, and what a
+killed build left is removed at the next one.
 
 Samples: only photos whose licence is known to allow sharing (CC BY, CC BY-SA, no known restrictions;
 the table in app/examples/coco_licences.json) where the dataset has any; then the most classes for
@@ -33,11 +39,13 @@ from xml.etree import ElementTree as ET
 
 from .annotations import DatasetError, Record, load_records
 from .config import VOC_CLASSES
-from .storage import refuse_existing
+from .storage import atomic_new_folder, refuse_existing, removed_temporaries
+from .utils import network_failure
 from .weights import CONFIG, WEIGHTS, read_bundle_config
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app" / "app.py"
+APP_README = ROOT / "app" / "README.md"  # its front matter's sdk_version: the Gradio the Space runs
 KNOWN_LICENCES = ROOT / "app" / "examples" / "coco_licences.json"
 SHAREABLE = ("Attribution License", "Attribution-ShareAlike License", "No known copyright restrictions",
              "United States Government Work")
@@ -47,8 +55,10 @@ PROVIDED = {"gradio", "gradio_client"}
 # The helpers modules a Space carries: what app/app.py imports, directly or through them. A list, not
 # derived at build time, so that moving an import into or out of a function never changes what a Space
 # holds; tests/test_app.py checks it covers the imports (`imported_modules`) and the built Space runs.
-SPACE_MODULES = ("__init__", "boxes", "cam", "config", "imageio", "model", "plotting", "postprocess", "targets",
-                 "transforms", "weights")
+SPACE_MODULES = ("__init__", "boxes", "cam", "config", "imageio", "model", "plotting", "postprocess", "storage",
+                 "targets", "transforms", "weights")
+NO_TOKEN = ("no Hugging Face token found (HF_TOKEN is not set and `hf auth login` has saved none): run `hf auth login` "
+            "with a token that can write (huggingface.co/settings/tokens), or set HF_TOKEN, then push again")
 
 
 # --- what the app needs ---------------------------------------------------------------------------
@@ -211,7 +221,8 @@ def choose_samples(records: list[Record], count: int, known: dict | None = None)
 
 def write_samples(dataset: str | Path, out: str | Path, split: str = "test", count: int = 6,
                   classes=VOC_CLASSES) -> list[Path]:
-    """Copy chosen test-split photos (bytes unchanged) into `out` with ATTRIBUTION.md."""
+    """Copy chosen test-split photos (bytes unchanged) into the new folder `out` with ATTRIBUTION.md
+    (written atomically: `storage.atomic_new_folder`)."""
     out = Path(out)
     refuse_existing(out)
     records = load_records(dataset, split, classes)
@@ -227,26 +238,27 @@ def write_samples(dataset: str | Path, out: str | Path, split: str = "test", cou
     chosen = choose_samples(usable, count)
     if not chosen:
         raise DatasetError(f"{dataset}: no usable image with objects in split {split!r}")
-    out.mkdir(parents=True, exist_ok=True)
     lines = ["# Sample images", "",
              f"{len(chosen)} photos from the `{split}` split of the dataset `{_dataset_name(dataset)}`, copied unchanged "
              "(the app shows them as examples). Where licences are known, only photos whose licence allows "
              "sharing were taken.", "",
              "| file | objects | licence | source and credit |", "|---|---|---|---|"]
-    written = []
     for s in chosen:
-        target = out / s.record.image_path.name
-        shutil.copyfile(s.record.image_path, target)
-        written.append(target)
         names = sorted({classes[c] for c in s.record.labels.tolist()})
-        lines.append(f"| {target.name} | {', '.join(names)} | {s.licence or 'not recorded'} | {s.credit} |")
+        lines.append(f"| {s.record.image_path.name} | {', '.join(names)} | {s.licence or 'not recorded'} | {s.credit} |")
     known = _known_licences()
     if any(s.record.image_path.stem in known for s in chosen):
         lines += ["", "Boxes drawn on these photos by the app are the model's, not COCO's. The COCO "
                   "annotations behind the dataset are CC BY 4.0, (c) COCO Consortium. The images remain "
                   "under the licences above, as the Flickr terms of use and the COCO terms of use say."]
-    (out / "ATTRIBUTION.md").write_text("\n".join(lines) + "\n")
-    return written
+
+    def fill(folder: Path) -> None:
+        for s in chosen:
+            shutil.copyfile(s.record.image_path, folder / s.record.image_path.name)
+        (folder / "ATTRIBUTION.md").write_text("\n".join(lines) + "\n")
+
+    atomic_new_folder(out, fill)
+    return [out / s.record.image_path.name for s in chosen]
 
 
 def _dataset_name(dataset: str | Path) -> str:
@@ -255,6 +267,17 @@ def _dataset_name(dataset: str | Path) -> str:
 
 
 # --- the Space ------------------------------------------------------------------------------------
+def sdk_version(app_readme: Path = APP_README) -> str:
+    """The Gradio version the Space runs: app/README.md's `sdk_version` (read, so that writing a Space
+    needs no Gradio installed)."""
+    front = app_readme.read_text().split("---")[1]
+    for line in front.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "sdk_version" and value.strip():
+            return value.strip()
+    raise ValueError(f"{app_readme}: no sdk_version in its front matter")
+
+
 def readme(title: str, info: dict | None, hub_repo: str | None, licence: str, gradio_version: str) -> str:
     front = ["---", f"title: {title}", "emoji: 🔎", "colorFrom: indigo", "colorTo: green", "sdk: gradio",
              f"sdk_version: {gradio_version}", "app_file: app.py", "pinned: false", f"license: {licence}",
@@ -286,28 +309,29 @@ def build(out: str | Path, bundle: str | Path | None, samples: str | Path | None
     if info is not None and not (Path(bundle) / WEIGHTS).is_file():
         raise ValueError(f"{bundle}: {WEIGHTS} missing")
     hub_repo = hub_repo or (info or {}).get("hub_repo")
-    import gradio
+    gradio_version = sdk_version()
 
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(APP, out / "app.py")
-    files, external = app_modules()
-    (out / "helpers").mkdir()
-    for f in files:
-        shutil.copyfile(f, out / "helpers" / f.name)
-    (out / "requirements.txt").write_text(requirements(external))
-    settings = {"bundle": None, "hub_repo": hub_repo}
-    if bundle is not None:
-        (out / "bundle").mkdir()
-        for name in (WEIGHTS, CONFIG):
-            shutil.copyfile(Path(bundle) / name, out / "bundle" / name)
-        settings["bundle"] = "bundle"
-    (out / "space_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
-    if samples is not None:
-        write_samples(samples, out / "examples", split=split, count=count)
-    (out / "README.md").write_text(readme(title, info, hub_repo, licence, gradio.__version__))
-    (out / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
-                                        "*.jpg filter=lfs diff=lfs merge=lfs -text\n")
-    return out
+    def fill(folder: Path) -> None:
+        shutil.copyfile(APP, folder / "app.py")
+        files, external = app_modules()
+        (folder / "helpers").mkdir()
+        for f in files:
+            shutil.copyfile(f, folder / "helpers" / f.name)
+        (folder / "requirements.txt").write_text(requirements(external))
+        settings = {"bundle": None, "hub_repo": hub_repo}
+        if bundle is not None:
+            (folder / "bundle").mkdir()
+            for name in (WEIGHTS, CONFIG):
+                shutil.copyfile(Path(bundle) / name, folder / "bundle" / name)
+            settings["bundle"] = "bundle"
+        (folder / "space_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+        if samples is not None:
+            write_samples(samples, folder / "examples", split=split, count=count)
+        (folder / "README.md").write_text(readme(title, info, hub_repo, licence, gradio_version))
+        (folder / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+                                               "*.jpg filter=lfs diff=lfs merge=lfs -text\n")
+
+    return atomic_new_folder(out, fill)
 
 
 def upload_command(out: str | Path, space: str = "<user>/<space>") -> str:
@@ -318,24 +342,39 @@ def upload_command(out: str | Path, space: str = "<user>/<space>") -> str:
 
 def push(out: str | Path, space: str, private: bool = False, token: str | None = None) -> str:
     """Create the Gradio Space `space` (user/name) if needed and upload the built folder `out` to it;
-    returns the Space's URL. The token comes from `token`, else HF_TOKEN, else `hf auth login`'s."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+    returns the Space's URL. The token comes from `token`, else huggingface_hub's `get_token` (HF_TOKEN,
+    `hf auth login`'s file, a Colab secret); with none, PermissionError before any network call
+    (huggingface_hub would send the request and fail on the Hub's answer, or offline on the connection)."""
+    try:
+        from huggingface_hub import HfApi, get_token
+        from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+    except ImportError:
+        raise PermissionError("pushing needs huggingface_hub: pip install huggingface_hub, then push again") from None
 
     out = Path(out)
     if not (out / "app.py").is_file() or not (out / "README.md").is_file():
         raise ValueError(f"{out}: not a built Space folder (no app.py/README.md): run `python -m helpers.space build` first")
+    token = token or get_token()
+    if not token:
+        raise PermissionError(NO_TOKEN)
     api = HfApi(token=token)
     try:
         url = api.create_repo(space, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
         api.upload_folder(repo_id=space, folder_path=out, repo_type="space",
                           commit_message="Upload the YOLOv3 app (python -m helpers.space push)")
     except LocalTokenNotFoundError:
-        raise PermissionError("no Hugging Face token: run `hf auth login` (or set HF_TOKEN) with a token that "
-                              "can write, then push again") from None
+        raise PermissionError(NO_TOKEN) from None
     except HfHubHTTPError as e:
         raise PermissionError(f"the Hub refused {space}: {str(e).splitlines()[0]} (a write token for that "
                               "user or organisation is needed: `hf auth login`)") from None
+    except Exception as e:
+        if not network_failure(e):
+            raise
+        from huggingface_hub import constants
+
+        raise ConnectionError(f"could not reach the Hugging Face Hub at {constants.ENDPOINT} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no answer'}): check the internet connection "
+                              "(on Kaggle: Settings > Internet on), then push again") from None
     return str(url)
 
 
@@ -361,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--split", default="test")
     s.add_argument("--count", type=int, default=6)
     args = p.parse_args(argv)
+    if args.command != "push" and (removed := removed_temporaries(Path(args.out).absolute().parent, recursive=False)):
+        print(removed, file=sys.stderr)  # what a killed build left beside its folder
     try:
         if args.command == "build":
             out = build(args.out, args.bundle, args.samples, args.hub_repo, args.split, args.count, args.title,
@@ -372,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for path in write_samples(args.samples, args.out, args.split, args.count):
                 print(path)
-    except (FileExistsError, ValueError, OSError) as e:  # PermissionError (the Hub's refusal) is an OSError
+    except (FileExistsError, ValueError, OSError) as e:  # PermissionError (the Hub's refusal), StorageFull: OSErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -36,24 +36,36 @@ from .checkpoints import (
     NoOverwriteCheckpointIO,
     PeriodicCheckpoint,
     check_resumable,
-    remove_temporaries,
     set_aside,
     storage_plan,
 )
 from .config import (COURSE_LOSS, AccuracyTargets, Config, DataConfig, ModelConfig, TrainConfig, field_types,
                      type_name)
+from .csv_log import AtomicCSVLogger, mend_logs
 from .datamodule import YOLODataModule
 from .metrics import ACCURACY_NAMES, judge_accuracies, verdict_sentence
 from .module import YOLOModule, build_optimizer
 from .progress import TargetsProgressBar
 from .schedule import OneCycleSpec, Schedule, ScheduleMismatch, limited_steps
-from .storage import StorageFull, free_bytes, human
+from .storage import (
+    EMPTY_TRASH,
+    StorageFull,
+    atomic_write_text,
+    free_bytes,
+    full_disk,
+    human,
+    removed_temporaries,
+    write_figure,
+)
 from .weights import CheckpointError, find_latest
 
 SCHEDULE_FILE = "schedule.txt"
 # CSV rows are appended to metrics.csv every LOG_FLUSH_STEPS steps: a kill loses at most the rows since
 # (and a resume redoes the steps after its checkpoint, so curves keep no gap). An append a step is cheap.
 LOG_FLUSH_STEPS = 1
+# What a full disk says once the training itself is done (plots, metrics.json).
+RESULTS_ADVICE = (f"Training is complete and its checkpoints are intact. Free some space ({EMPTY_TRASH}) and rerun "
+                  "the same command with --resume latest: it writes the results without training again")
 
 
 def embedded_default() -> Config:
@@ -249,7 +261,7 @@ def run_lr_finder(cfg: Config, datamodule, run_dir: Path) -> float:
     from .lr_finder import describe_choice
 
     result = lr_range_test(cfg, datamodule)
-    result.figure.savefig(run_dir / "lr_finder.png", dpi=100)
+    write_figure(result.figure, run_dir / "lr_finder.png", dpi=100)
     if result.max_lr is None:
         print(f"LR finder: no suggestion (too few points, or the loss never fell); keeping max LR "
               f"{cfg.train.max_lr:.3g}")
@@ -288,6 +300,15 @@ def finished_summary(run_dir: Path, ckpt_path: Path | None) -> dict | None:
     return summary if step >= total and summary.get("global_step") == step else None
 
 
+def _mend_after_kill(run_dir: Path, ckpt_dir: Path) -> None:
+    """Remove what writes killed mid-way left in the run (temporaries, a cut log row), and say so."""
+    inside = ckpt_dir.resolve().is_relative_to(run_dir.resolve())
+    if (removed := removed_temporaries(run_dir, *([] if inside else [ckpt_dir]))):
+        print(removed)
+    if (cut := mend_logs(run_dir / "logs")):
+        print(f"logs: removed a row cut short by an interruption ({cut} bytes) in {run_dir / 'logs'}")
+
+
 def storage_report(plan, folder: Path, free: int) -> str:
     """What the run's checkpoints will take, and a warning when `free` bytes fall short."""
     text = plan.describe(folder)
@@ -314,10 +335,7 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = Path(t.checkpoint_dir or run_dir / "checkpoints")
     if rank_zero_only.rank == 0:
-        count, freed = remove_temporaries(ckpt_dir)
-        if count:
-            print(f"checkpoints: removed {count} temporary file(s) left by an interrupted save in {ckpt_dir}, "
-                  f"{human(freed)} freed")
+        _mend_after_kill(run_dir, ckpt_dir)
         if start_fresh and (moved := set_aside(ckpt_dir)):
             print(f"start fresh: moved the earlier checkpoints to {moved} (nothing deleted)")
     ckpt_path = resolve_resume(resume, ckpt_dir, cfg)
@@ -345,7 +363,7 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
     plan = storage_plan(module.model, t.epochs, t.keep_last_k, t.optimizer)
     rank_zero_only(print)(storage_report(plan, ckpt_dir, free_bytes(ckpt_dir)))
 
-    loggers = [pl.loggers.CSVLogger(run_dir, name="logs", flush_logs_every_n_steps=LOG_FLUSH_STEPS)]
+    loggers = [AtomicCSVLogger(run_dir, name="logs", flush_logs_every_n_steps=LOG_FLUSH_STEPS)]
     try:
         loggers.append(pl.loggers.TensorBoardLogger(run_dir, name="tensorboard"))
     except ModuleNotFoundError:
@@ -372,7 +390,12 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
     kwargs.update(trainer_kwargs or {})
     trainer = pl.Trainer(**kwargs)
     started = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except OSError as e:  # a full disk in a writer not ours (TensorBoard's): the one line too
+        if isinstance(e, StorageFull) or (full := full_disk(e, e.filename or run_dir)) is None:
+            raise
+        raise full from None
 
     summary = {
         "run_dir": str(run_dir), "schedule": str(schedule_path), "checkpoints": str(ckpt_dir),
@@ -387,7 +410,7 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
                                          for row in module.last_map["per_class"]}
     if trainer.is_global_zero:
         _save_plots(summary, run_dir, cfg.model.accuracy_targets)
-        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2), advice=RESULTS_ADVICE)
     return summary
 
 
@@ -421,7 +444,7 @@ def _save_plots(summary: dict, run_dir: Path, targets: AccuracyTargets) -> None:
     except ImportError:
         return
     fig = plot_training_curves(summary["logs"], targets=targets)
-    fig.savefig(run_dir / "training_curves.png", dpi=100)
+    write_figure(fig, run_dir / "training_curves.png", dpi=100, advice=RESULTS_ADVICE)
     summary["plots"] = [str(run_dir / "training_curves.png")]
 
 
@@ -431,6 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.data.root:  # the dataset folder itself, said once (--data may be a folder above it)
             cfg.data.root = str(find_dataset(cfg.data.root))
             print(f"data: {cfg.data.root}")
+        else:
+            print("data: no --data given: training on generated shapes with VOC class names (helpers.synthetic), "
+                  "a demonstration, not PASCAL VOC photos")
         summary = train(cfg, resume=args.resume, lr_find=args.lr_find,
                         checkpoint_every_steps=args.checkpoint_every_steps, start_fresh=args.start_fresh)
     except (ScheduleMismatch, DatasetError, CheckpointError, StorageFull) as e:  # one line, no traceback

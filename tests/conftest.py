@@ -2,7 +2,11 @@
 the real photos of ../shared/realdet (tests that need them skip where they are absent)."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import resource
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,48 @@ from PIL import Image
 from helpers.synthetic import make_course_dataset, make_voc_dataset
 
 REALDET = Path(os.environ.get("REALDET_ROOT", Path(__file__).resolve().parents[1].parent / "shared" / "realdet"))
+
+
+class FillsUp:
+    """A file that takes `room` bytes and then fails as a full disk does."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if self.room < len(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.fixture
+def file_size_limit():
+    """file_size_limit(n): a context in which this process cannot write past byte n of any file: the
+    kernel fails the write (EFBIG) as a full disk does (ENOSPC), in whatever library writes, Python's
+    or compiled code's. (SIGXFSZ, which would kill the process, is ignored meanwhile.)"""
+
+    @contextlib.contextmanager
+    def limit(n: int):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, handler)
+
+    return limit
 
 
 @pytest.fixture

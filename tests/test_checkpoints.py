@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import FillsUp
 
 import helpers.checkpoints as checkpoints
 from helpers.checkpoints import (
@@ -92,28 +93,6 @@ def test_an_io_error_is_refused_even_where_an_older_checkpoint_loads(tmp_path, m
     monkeypatch.setattr(checkpoints.torch, "load", flaky)
     with pytest.raises(CheckpointError, match=r"step=0000020.*unreadable \(I/O error: Input/output error\).*mounted"):
         find_latest(tmp_path)
-
-
-class FillsUp:
-    """A file that takes `room` bytes and then fails as a full disk does."""
-
-    def __init__(self, f, room):
-        self.f, self.room = f, room
-
-    def write(self, data):
-        if self.room < len(data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.room -= len(data)
-        return self.f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
 
 
 def test_a_full_disk_is_one_clear_line_and_leaves_earlier_checkpoints_and_no_temporary_file(tmp_path, monkeypatch):

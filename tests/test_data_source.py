@@ -70,3 +70,34 @@ def test_a_failed_download_explains_the_kaggle_token(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "kagglehub", types.SimpleNamespace(dataset_download=refuse))
     with pytest.raises(DataNotFound, match="401 Unauthorized.*KAGGLE_API_TOKEN"):
         get_data(None, tmp_path / "data", download=True, kaggle_input=tmp_path / "none")
+
+
+def test_kaggles_input_folder_counts_only_inside_a_kaggle_notebook(course, tmp_path, monkeypatch):
+    """A machine with a `/kaggle/input` (a Kaggle image, a runner set up like Kaggle) is not a Kaggle
+    notebook: its datasets are not this run's, and nothing (the notebook's no-data test) finds them."""
+    from helpers import data_source
+
+    monkeypatch.setattr(data_source, "KAGGLE_INPUT", course.parent)  # holds a dataset
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    with pytest.raises(DataNotFound, match="no dataset found"):
+        get_data(None, tmp_path / "downloads", download=False)
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    assert get_data(None, tmp_path / "downloads", download=False) == course
+
+
+def test_a_download_without_network_says_it_is_the_network_not_the_token(tmp_path, monkeypatch):
+    """The real kagglehub with name resolution failing, as on a machine offline (Kaggle's Internet off)."""
+    import socket
+
+    def offline(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    for name in ("KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DataNotFound) as e:
+        get_data(None, tmp_path / "data", download=True, kaggle_input=tmp_path / "none")
+    message = str(e.value)
+    assert "could not be reached" in message and "Internet on" in message and "\n" not in message
+    assert "token" not in message.lower()

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ from helpers.config import VOC_CLASSES, Config
 from helpers.export import export_checkpoint, main, write_bundle
 from helpers.model import YOLOv3
 from helpers.weights import CONFIG, WEIGHTS, BundleError, load_bundle, load_model, read_bundle_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config() -> Config:
@@ -115,20 +120,31 @@ def test_existing_bundle_is_never_overwritten(tmp_path, model_and_config):
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary folder left behind
 
 
-def test_a_full_disk_while_writing_a_bundle_is_one_line_and_leaves_no_folder(tmp_path, model_and_config, monkeypatch):
-    import errno
-
-    from helpers import export
+def test_a_full_disk_while_writing_a_bundle_is_one_line_and_leaves_no_folder(tmp_path, model_and_config,
+                                                                             file_size_limit):
     from helpers.storage import StorageFull
 
-    def full(state, filename, metadata=None):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(export, "save_file", full)
-    with pytest.raises(StorageFull) as e:
+    with file_size_limit(100_000), pytest.raises(StorageFull) as e:  # the weights take ~1 MB
         write_bundle(*model_and_config, tmp_path / "b")
     assert "\n" not in str(e.value) and f"could not write {tmp_path / 'b'}" in str(e.value) and "free in" in str(e.value)
     assert list(tmp_path.iterdir()) == []  # neither the bundle nor its temporary folder
+
+
+def test_a_killed_exports_temporary_folder_is_removed_by_the_next_export(tmp_path, model_and_config, capsys):
+    model, cfg = model_and_config
+    ckpt = fake_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", model, cfg)
+    code = ("import os, sys, torch\nfrom helpers import storage\nfrom helpers.export import export_checkpoint\n"
+            "def fill_then_die(out, fill, **kw):\n"
+            "    tmp = storage._temporary_beside(out, folder=True); fill(tmp); os._exit(9)\n"
+            "import helpers.export as e; e.atomic_new_folder = fill_then_die\n"
+            f"export_checkpoint({str(ckpt)!r}, {str(tmp_path / 'b1')!r}, display_conf=0.3)\n")
+    killed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".b1.")]
+    assert len(left) == 1 and (left[0] / WEIGHTS).stat().st_size > 100_000  # what the kill leaves behind
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "b2"), "--display-conf", "0.3"]) == 0
+    assert "removed 1 temporary" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b2", "run"]
 
 
 def test_empty_target_folder_is_used(tmp_path, model_and_config):

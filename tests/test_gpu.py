@@ -1,5 +1,5 @@
 """On a CUDA GPU only (skipped elsewhere): Lightning's 16-mixed trains with a finite loss, and its
-checkpoints load back on the CPU."""
+checkpoints load back on the CPU; the LR range test hands its GPU memory back."""
 from __future__ import annotations
 
 import pytest
@@ -43,3 +43,26 @@ def test_the_loss_is_fp32_and_finite_under_cuda_fp16_autocast():
         outputs = model(torch.rand(2, 3, 128, 128, device="cuda"))
         loss = YoloLoss()(outputs, build_targets(boxes, 2, 128))
     assert outputs[0].dtype == torch.float16 and loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_the_lr_range_test_hands_back_the_gpu_memory_it_took(tmp_path):
+    """The notebook runs the range test on cuda:0, then a 2-GPU child trains there: whatever the test
+    held (the finder's caches, the AMP scaler, the allocator's cached blocks) must be free by then."""
+    from helpers.datamodule import YOLODataModule
+    from helpers.lr_finder import find_lr
+    from helpers.module import YOLOModule, build_optimizer
+
+    root = make_voc_dataset(tmp_path / "voc", n_trainval=16, n_test=4, seed=0)
+    cfg = Config(model=ModelConfig(width=0.25), data=DataConfig(root=str(root), image_size=128, train_sizes=(128,),
+                                                                batch_size=8, num_workers=0))
+    dm = YOLODataModule(cfg.data, seed=0)
+    dm.setup("fit")
+    module = YOLOModule(cfg.to_dict())
+    optimizer = build_optimizer(module.model.parameters(), cfg.train, 1e-3)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_reserved()
+    find_lr(module.model, optimizer, dm.train_dataloader(), num_iter=6, device="cuda", amp=True)
+    torch.cuda.synchronize()
+    assert {p.device.type for p in module.model.parameters()} == {"cpu"}  # back where it came from
+    assert torch.cuda.memory_allocated() == 0
+    assert torch.cuda.memory_reserved() <= before, (torch.cuda.memory_reserved(), before)

@@ -102,6 +102,35 @@ def test_the_lr_finder_leaves_model_and_optimizer_exactly_as_they_were(voc):
     assert result.max_lr is None or min(result.lrs) <= result.max_lr <= result.steepest
 
 
+def test_the_range_test_prints_nothing_of_its_own(voc, capsys):
+    """torch-lr-finder prints "See the graph with {finder_name}.plot()" (a literal placeholder)."""
+    from helpers.datamodule import YOLODataModule
+    from helpers.lr_finder import find_lr
+    from helpers.module import YOLOModule, build_optimizer
+
+    cfg = tiny_config(voc, "unused")
+    module = YOLOModule(cfg.to_dict())
+    dm = YOLODataModule(cfg.data, seed=0)
+    dm.setup("fit")
+    capsys.readouterr()
+    find_lr(module.model, build_optimizer(module.model.parameters(), cfg.train, 1e-3), dm.train_dataloader(),
+            num_iter=3)
+    assert capsys.readouterr().out == ""
+
+
+def test_the_command_without_data_says_first_that_it_trains_on_generated_shapes(monkeypatch, capsys):
+    import helpers.train as train_module
+    from helpers.annotations import DatasetError
+
+    def stop(cfg, **kwargs):
+        raise DatasetError("stopped here by the test")
+
+    monkeypatch.setattr(train_module, "train", stop)
+    assert train_module.main([]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "generated shapes" in out[0] and "not PASCAL VOC" in out[0], out
+
+
 @pytest.mark.slow
 def test_lr_find_writes_its_plot_and_the_schedule_peaks_at_the_lr_it_chose(voc, tmp_path, monkeypatch):
     import helpers.lr_finder as lr_finder
@@ -318,7 +347,7 @@ def test_a_run_killed_at_random_moments_resumes_exactly_as_an_uninterrupted_run(
         killed = run_driver(tmp_path, cfg, kill_at=kill, resume="latest", env=env)
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
         if n == 0:
-            assert "removed 1 temporary file(s) left by an interrupted save" in killed.stdout
+            assert "removed 1 temporary file(s) or folder(s) left by an interrupted write" in killed.stdout
     before = {p.name: p.read_bytes() for p in ckpts.glob("*.ckpt")}
     resumed = run_driver(tmp_path, cfg, resume="latest", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
