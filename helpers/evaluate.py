@@ -35,8 +35,15 @@ from tqdm.auto import tqdm
 from .annotations import DatasetError
 from .batch import Batch, collate
 from .config import ANCHORS, AccuracyTargets, Config
-from .metrics import (ACCURACY_NAMES, DetectionsAndTruths, YoloAccuracy, coco_map, judge_accuracies, verdict_sentence,
-                      voc_map)
+from .metrics import (
+    ACCURACY_NAMES,
+    DetectionsAndTruths,
+    YoloAccuracy,
+    coco_map,
+    judge_accuracies,
+    verdict_sentence,
+    voc_map,
+)
 from .postprocess import detect
 from .storage import StorageFull, atomic_write_text, remove_temporaries, write_figure
 from .targets import build_targets

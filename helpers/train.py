@@ -39,8 +39,16 @@ from .checkpoints import (
     set_aside,
     storage_plan,
 )
-from .config import (COURSE_LOSS, AccuracyTargets, Config, DataConfig, ModelConfig, TrainConfig, field_types,
-                     type_name)
+from .config import (
+    COURSE_LOSS,
+    AccuracyTargets,
+    Config,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    field_types,
+    type_name,
+)
 from .csv_log import AtomicCSVLogger, mend_logs
 from .datamodule import YOLODataModule
 from .metrics import ACCURACY_NAMES, judge_accuracies, verdict_sentence

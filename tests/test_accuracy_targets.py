@@ -1,10 +1,8 @@
 """The course's graded accuracies are judged against their targets wherever a result is shown: one
 place holds the targets (the config), one function the verdict, and the progress bar, the per-epoch
 line, the curves, metrics.json and the evaluate report all use them."""
-import math
 
 import numpy as np
-import pytest
 import torch
 
 from helpers.config import FULL_MODEL_TARGETS, REDUCED_MODEL_TARGETS, Config, ModelConfig
