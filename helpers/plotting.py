@@ -33,7 +33,6 @@ from matplotlib.patches import Rectangle
 from PIL import Image, ImageDraw, ImageFont
 
 from .config import VOC_CLASSES, AccuracyTargets
-from .metrics import ACCURACY_NAMES
 from .storage import write_figure
 
 GOLDEN = 0.618033988749895
@@ -464,7 +463,7 @@ def plot_training_curves(metrics, targets: AccuracyTargets | None = None) -> Fig
         for label, (x, y), style in lines:
             line, = ax.plot(x, y, label=label, **style)
             key = label.removeprefix("val/")
-            if targets is not None and label.startswith("val/") and key in ACCURACY_NAMES:
+            if targets is not None and label.startswith("val/") and hasattr(targets, key):
                 ax.axhline(getattr(targets, key), color=line.get_color(), linestyle="--", linewidth=1,
                            label=f"target {getattr(targets, key):g}")
         ax.set_title(name, fontsize=10)
