@@ -16,6 +16,7 @@ from .config import Config, TrainConfig
 from .evaluate import build_evaluator
 from .loss import YoloLoss
 from .model import build_model
+from .resume import load_skipped, migrate_checkpoint, save_skipped, skip_step
 from .schedule import Schedule, ScheduleFileLR
 from .targets import build_targets
 
@@ -56,12 +57,7 @@ class YOLOModule(pl.LightningModule):
         b = len(batch)
         self.train_skipped = batch.skipped + self.train_skipped  # onto the batch's device at the first step
         if b == 0:  # no image of this batch could be read (the dataset warned, naming the files)
-            # Still one optimizer step, so the step count stays on the schedule file and every DDP rank
-            # steps together; at LR 0 and zero gradients the weights do not move (the scheduler sets
-            # the next step's LR from the file again).
-            for group in self.trainer.optimizers[0].param_groups:
-                group["lr"] = 0.0
-            return sum(p.sum() for p in self.model.parameters()) * 0.0
+            return skip_step(self.trainer.optimizers[0], self.model.parameters())  # still a step of the schedule
         targets = build_targets(batch.boxes, b, batch.image_hw)
         parts = self.loss_fn.parts(self.model(batch.images), targets)
         self.log("train/loss", parts.total, on_step=True, on_epoch=True, batch_size=b, prog_bar=True)
@@ -88,24 +84,12 @@ class YOLOModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Every rank saves together (Lightning gathers the state; rank 0 writes), so the partial
         # epoch's count can be summed over ranks here.
-        this_epoch = self._train_skipped_over_ranks()
-        checkpoint["skipped_images"] = {**self.skipped_images, "train_this_epoch": this_epoch}
+        save_skipped(checkpoint, self.skipped_images, self._train_skipped_over_ranks())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("skipped_images", {})
-        self.skipped_images = {"train": int(saved.get("train", 0)), "val": int(saved.get("val", 0))}
-        # The saved partial count is the sum over ranks: one rank carries it on.
-        on_this_rank = int(saved.get("train_this_epoch", 0)) if self.global_rank == 0 else 0
+        self.skipped_images, on_this_rank = load_skipped(checkpoint, self.global_rank)
         self.train_skipped = torch.tensor(on_this_rank, dtype=torch.int64)
-        if not checkpoint.get("lr_schedulers") and self.schedule is not None and "optimizer_states" in checkpoint:
-            # Written before the schedule was a scheduler: its position is the step count, and the
-            # next step's LR is the file's (the saved optimizer holds the previous step's).
-            step = int(checkpoint["global_step"])
-            lr = self.schedule.lr_at(step)
-            checkpoint["lr_schedulers"] = [{"last_epoch": step, "_step_count": step + 1, "_last_lr": [lr]}]
-            for state in checkpoint["optimizer_states"]:
-                for group in state["param_groups"]:
-                    group["lr"] = lr
+        migrate_checkpoint(checkpoint, self.schedule)
 
     # --- validation -------------------------------------------------------------------------
     def _is_last_epoch(self) -> bool:

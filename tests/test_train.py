@@ -170,34 +170,32 @@ def test_a_range_test_that_never_falls_or_turns_nan_gives_no_lr_below_or_beyond_
 # A driver run in a fresh process: it trains with the given config and, if asked, SIGKILLs itself
 # as a Colab disconnect would: right after a given step, or in the middle of writing the checkpoint
 # of a given step. It records, for every step it trains, the epoch, the image size, the LR, the
-# indices of the batch's images (the dataset is read in-process, then collated: the indices read
-# since the last collate are the batch's) and a digest of the batch's tensors (images and boxes
-# as collated, so augmentations must match too).
+# indices of the batch's images (the training batch sampler runs in the main process, in order,
+# whatever the number of workers: the batches it yields are trained first in, first out) and a
+# digest of the batch's tensors as the step receives them (images and boxes, so augmentations must
+# match too).
 DRIVER = textwrap.dedent("""
-    import hashlib, json, os, signal, sys
+    import collections, hashlib, json, os, signal, sys
     import pytorch_lightning as pl
     import helpers.checkpoints
     import helpers.datamodule as dm
     from helpers.config import Config
     from helpers.train import train
 
-    keys, batch_ids = [], {}
-    getitems, collate = dm.TrainingDataset.__getitems__, dm.collate
-    def recording_getitems(self, batch_keys):
-        keys.extend(int(key[0]) for key in batch_keys)
-        return getitems(self, batch_keys)
-    def recording_collate(batch):
-        out = collate(batch)
-        digest = hashlib.sha1(out.images.numpy().tobytes() + out.boxes.numpy().tobytes()).hexdigest()
-        batch_ids[out.images.data_ptr()] = [list(keys), digest]
-        keys.clear()
-        return out
-    dm.TrainingDataset.__getitems__, dm.collate = recording_getitems, recording_collate
+    yielded = collections.deque()  # the indices of the training batches the sampler gave, in order
+    keys = dm.MultiScaleBatchSampler.keys
+    def recording_keys(self, batch, *args):
+        if isinstance(self.sampler, dm.DistributedSampler):  # training, not evaluation
+            yielded.append(list(batch))
+        return keys(self, batch, *args)
+    dm.MultiScaleBatchSampler.keys = recording_keys
 
     class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.digest = hashlib.sha1(batch.images.numpy().tobytes() + batch.boxes.numpy().tobytes()).hexdigest()
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             row = [trainer.global_step - 1, trainer.current_epoch, batch.images.shape[-1],
-                   trainer.optimizers[0].param_groups[0]["lr"], *batch_ids.pop(batch.images.data_ptr(), [None, None])]
+                   trainer.optimizers[0].param_groups[0]["lr"], yielded.popleft(), self.digest]
             with open(os.environ["RECORD"] + f".rank{trainer.global_rank}", "a") as f:
                 f.write(json.dumps(row) + "\\n")
         def on_validation_epoch_end(self, trainer, module):
@@ -334,13 +332,38 @@ def test_a_run_killed_at_random_moments_resumes_exactly_as_an_uninterrupted_run(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_from_an_epoch_end_state_then_a_mid_epoch_one_with_workers_every_step_is_the_uninterrupted_runs(
+        small_voc, uninterrupted, tmp_path, workers):
+    """With 2 data workers (both presets' setting) as with none: killed after the state saved at the
+    end of epoch 0 (a loop Lightning does not restart, whose loader state it does not load), then
+    after a mid-epoch state, each time resumed with --resume latest: every step has the uninterrupted
+    run's epoch, image size, LR and batch, and the run ends on its step."""
+    expected, _ = uninterrupted
+    run = tmp_path / "run"
+    cfg = fast_config(small_voc, run)
+    cfg.data.num_workers = workers
+    env = {"RECORD": str(tmp_path / "killed.jsonl"), "EVERY": "3"}  # states at steps 3, 4 (epoch end), 6, 8, ...
+    for kill, latest, resume in ((5, "epoch=000-step=0000004", None), (7, "epoch=001-step=0000006", "latest")):
+        killed = run_driver(tmp_path, cfg, kill_at=kill, resume=resume, env=env)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        assert find_latest_name(run) == latest
+    resumed = run_driver(tmp_path, cfg, resume="latest", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_steps(tmp_path / "killed.jsonl.rank0", expected)
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
 def test_a_kill_during_validation_after_a_save_on_the_epochs_last_batch_resumes_exactly(small_voc, uninterrupted,
-                                                                                         tmp_path):
+                                                                                         tmp_path, workers):
     """Every 2 steps, a state is saved at the end of the epoch's last batch (step 4), before its
     validation; killed there, the run resumes from it without an extra step or a repeated batch."""
     expected, _ = uninterrupted
     run = tmp_path / "run"
     cfg = fast_config(small_voc, run)
+    cfg.data.num_workers = workers
     env = {"RECORD": str(tmp_path / "killed.jsonl"), "EVERY": "2"}
     killed = run_driver(tmp_path, cfg, env={**env, "KILL_IN_VALIDATION": "0"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
