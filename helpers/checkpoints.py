@@ -118,6 +118,11 @@ def full_states(folder: str | os.PathLike) -> list[Path]:
     return [p for p in folder.glob("*.ckpt") if NAME.search(p.name)] if folder.is_dir() else []
 
 
+def step_of_state(path: Path) -> int:
+    """The global step a full state was saved at (from its contents: any name)."""
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
+
+
 def run_id_of(path: Path) -> str | None:
     """The id of the run that saved the full state `path` (None: saved before runs had ids); "?" for
     a file that does not load (never taken for a run's own)."""
@@ -285,7 +290,8 @@ def check_resumable(path: str | os.PathLike, config: Config) -> None:
         here, there = getattr(config.model, key), getattr(saved.model, key)
         if here != there:
             raise CheckpointError(f"cannot resume from {path}: its model has {key} {there}, this run's {here} "
-                                  f"(pass --{key.replace('_', '-')} {there}, or use another --run-dir)")
+                                  f"(pass --{key.replace('_', '-')} {there} to resume, or --start-fresh to set that "
+                                  "run aside and start over, or use another --run-dir)")
     for key in SETTINGS_ADDED["train"]:  # the loss: a checkpoint from before it was a setting used the course's
         here, there = getattr(config.train, key), getattr(saved.train, key)
         if here != there:

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from helpers.config import Config, DataConfig, ModelConfig, TrainConfig
@@ -589,3 +590,76 @@ def test_under_two_process_ddp_unreadable_images_count_on_whichever_rank_reads_t
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["skipped_images"] == {"train": 2, "val": 3}
+
+
+class Crash(Exception):
+    """A session that ends mid-run (in-process stand-in for a disconnect)."""
+
+
+class CrashAt(pl.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise Crash(f"disconnected before step {self.step}")
+
+
+def states(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.glob("*.ckpt")}
+
+
+def steps_of(folder: Path) -> list[int]:
+    from helpers.weights import step_of
+
+    return sorted(step_of(p)[0] for p in folder.glob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_the_same_command_rerun_goes_on_and_a_fresh_start_or_an_older_resume_mixes_nothing(small_voc, tmp_path,
+                                                                                           capsys):
+    """A run stopped mid-way: the same command without --resume continues it, saying so in one line
+    naming --resume latest and --start-fresh. --start-fresh then trains from step 0 with the earlier
+    run's states and logs set aside, unchanged, and nothing of them in the new run's logs or weights.
+    A resume from an older state sets the newer ones aside: --resume latest follows it."""
+    from helpers.checkpoints import run_id_of
+    from helpers.train import main, train
+    from helpers.weights import find_latest
+
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    cfg = fast_config(small_voc, run, epochs=2)
+    cfg.train.keep_last_k = 2
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(cfg.to_dict()))
+    with pytest.raises(Crash):
+        train(cfg, checkpoint_every_steps=3, extra_callbacks=[CrashAt(6)])
+    assert steps_of(ckpts) == [4, 6]  # every 3 steps and at epoch ends, the last 2 kept
+    capsys.readouterr()
+
+    assert main(["--config", str(config), "--checkpoint-every-steps", "3"]) == 0  # --resume forgotten
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume:")]
+    assert len(said) == 1 and "--resume latest" in said[0] and "--start-fresh" in said[0], said
+    assert "step=0000006" in said[0]
+    assert lr_by_step(run).keys() == set(range(8))  # each step once: none trained again from step 0
+    first = states(ckpts)
+    assert steps_of(ckpts) == [6, 8] and len({run_id_of(ckpts / name) for name in first}) == 1
+    first_logs = sorted(p.name for p in (run / "logs").iterdir())
+
+    assert main(["--config", str(config), "--checkpoint-every-steps", "3", "--start-fresh"]) == 0
+    out = capsys.readouterr().out
+    assert "start fresh: moved the earlier checkpoints" in out and "moved the logs and results" in out
+    [aside] = ckpts.glob("set-aside-*")
+    assert states(aside) == first  # the earlier run's states, moved whole
+    [logs_aside] = run.glob("set-aside-*")
+    assert sorted(p.name for p in (logs_aside / "logs").iterdir()) == first_logs
+    assert [p.name for p in (run / "logs").iterdir()] == ["version_0"]  # only the new run's rows
+    assert lr_by_step(run).keys() == set(range(8))
+    assert steps_of(ckpts) == [6, 8] and run_id_of(find_latest(ckpts)) != run_id_of(find_latest(aside))
+    weights = sorted(p.name for p in (ckpts / "weights").glob("*.ckpt"))
+    assert len(weights) == 2 and not any("-v" in name for name in weights), weights
+
+    older = min(ckpts.glob("*.ckpt"), key=lambda p: p.name)  # step 6: resumed from, then stopped at step 7
+    with pytest.raises(Crash):
+        train(cfg, resume=str(older), checkpoint_every_steps=3, extra_callbacks=[CrashAt(7)])
+    assert "newer checkpoint(s) of the continuation abandoned here" in capsys.readouterr().out
+    assert find_latest(ckpts) == older and steps_of(ckpts) == [6]
