@@ -33,6 +33,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from .config import Config
+from .divergence import TrainingDiverged, all_finite
 from .storage import EMPTY_TRASH, TEMPORARY, atomic_write_new, free_bytes, human
 from .weights import NAME, SETTINGS_ADDED, CheckpointError, problem_with, saved_config, step_of
 
@@ -223,10 +224,23 @@ class PeriodicCheckpoint(pl.Callback):
             warnings.warn(f"only {human(free_bytes(self.dirpath))} free in {self.dirpath}; the next checkpoint needs "
                           f"~{human(need)} ({EMPTY_TRASH})", stacklevel=2)
 
+    def _refuse_diverged(self, trainer) -> None:
+        """Stop (TrainingDiverged) rather than write weights after a non-finite loss, or non-finite
+        weights (one sync per save; every rank calls it, as it saves)."""
+        module = trainer.lightning_module
+        if hasattr(module, "check_divergence"):
+            module.check_divergence()
+        if isinstance(module, torch.nn.Module) and not all_finite(module.state_dict().values()):
+            raise TrainingDiverged(f"training stopped: the weights after step {trainer.global_step - 1} are not finite; "
+                                   f"not saving them, the earlier checkpoints in {self.dirpath} stay. Rerun with "
+                                   "--resume latest to go on from the newest, or lower --max-lr and train in a new "
+                                   "--run-dir")
+
     def save(self, trainer) -> Path | None:
         step = trainer.global_step
         if step == self._last_step:
             return None
+        self._refuse_diverged(trainer)
         self._warn_if_short(trainer, self.plan and self.plan.full_state)
         path = free_name(self.dirpath, checkpoint_name(trainer.current_epoch, step, self._lr(trainer)))
         # Lightning gathers the state from every rank; rank 0 writes (through NoOverwriteCheckpointIO).
@@ -249,6 +263,7 @@ class PeriodicCheckpoint(pl.Callback):
 
     def save_weights(self, trainer) -> Path | None:
         """The model's weights alone (fp16) with the run's config: what `load_model` and the app read."""
+        self._refuse_diverged(trainer)  # before the rank check: under DDP it is a collective
         if not trainer.is_global_zero:
             return None
         module = trainer.lightning_module

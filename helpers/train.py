@@ -40,6 +40,7 @@ from .checkpoints import (
 )
 from .config import Config, DataConfig, ModelConfig, TrainConfig
 from .datamodule import YOLODataModule
+from .divergence import TrainingDiverged
 from .module import YOLOModule, build_optimizer
 from .schedule import OneCycleSpec, Schedule, ScheduleMismatch, limited_steps
 from .storage import StorageFull, free_bytes, human
@@ -457,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"data: {cfg.data.root}")
         summary = train(cfg, resume=args.resume, lr_find=args.lr_find,
                         checkpoint_every_steps=args.checkpoint_every_steps, start_fresh=args.start_fresh)
-    except (ScheduleMismatch, DatasetError, CheckpointError, StorageFull) as e:  # one line, no traceback
+    except (ScheduleMismatch, DatasetError, CheckpointError, StorageFull, TrainingDiverged) as e:  # one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_written(summary)

@@ -3,6 +3,7 @@ line for line without rewriting a checkpoint, and 2-process DDP on CPU agrees on
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -663,3 +664,63 @@ def test_the_same_command_rerun_goes_on_and_a_fresh_start_or_an_older_resume_mix
         train(cfg, resume=str(older), checkpoint_every_steps=3, extra_callbacks=[CrashAt(7)])
     assert "newer checkpoint(s) of the continuation abandoned here" in capsys.readouterr().out
     assert find_latest(ckpts) == older and steps_of(ckpts) == [6]
+
+
+def test_the_loss_watch_records_the_first_non_finite_loss_and_the_first_explosion_on_the_device():
+    from helpers.divergence import LossWatch
+
+    watch = LossWatch(window=4, factor=1e3)
+    for step, loss in enumerate([5.0, 4.0, 4.5, 4e4, 3.9, 5e3, 2e21, float("nan"), float("inf"), 4.0]):
+        watch.update(torch.tensor(loss), step)
+    found = watch.read()
+    # 4e4 is 1e4 x the median 4.5 but 5e3 is not (the exploded loss never entered the median)
+    assert (found.explosion_step, found.explosion_loss, found.explosion_median) == (3, 4e4, 4.5)
+    assert found.nonfinite_step == 7 and found.nonfinite_loss != found.nonfinite_loss  # NaN
+    assert LossWatch().read().nonfinite_step is None
+
+
+class Poison(pl.Callback):
+    """Step `explode`'s loss times 1e6 (a divergence); a NaN in step `nan`'s batch."""
+
+    def __init__(self, explode: int, nan: int):
+        self.explode, self.nan = explode, nan
+
+    def on_train_start(self, trainer, module):
+        parts = module.loss_fn.parts
+
+        def scaled(*args):
+            out = parts(*args)
+            return dataclasses.replace(out, total=out.total * 1e6) if trainer.global_step == self.explode else out
+        module.loss_fn.parts = scaled
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.nan:
+            batch.images[0, 0, 0, 0] = float("nan")
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_the_run_naming_step_and_lr_no_bad_checkpoint_is_written_and_resume_works(small_voc,
+                                                                                                   tmp_path, capsys):
+    """An explosion at step 2 is named in one warning line with its LR and the advice; a NaN in step 5's
+    batch stops the run with one line naming step 5 and its LR before the state due after it is
+    written; the states before it load with finite weights, and --resume latest finishes the run."""
+    from helpers.divergence import TrainingDiverged, all_finite
+    from helpers.train import train
+
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    cfg = fast_config(small_voc, run)
+    with pytest.raises(TrainingDiverged) as stopped:
+        train(cfg, checkpoint_every_steps=3, extra_callbacks=[Poison(explode=2, nan=5)])
+    schedule_lr = Schedule.read(run / "schedule.txt").lr_at
+    message = str(stopped.value)
+    assert "\n" not in message and "step 5 " in message and f"LR {schedule_lr(5):.3g}" in message, message
+    assert "--resume latest" in message
+    warned = [line for line in capsys.readouterr().err.splitlines() if "diverging" in line]
+    assert len(warned) == 1 and "step 2 " in warned[0] and f"LR {schedule_lr(2):.3g}" in warned[0], warned
+    assert "lower --max-lr" in warned[0]
+    assert steps_of(ckpts) == [3, 4] and steps_of(ckpts / "weights") == [4]  # none after the NaN
+    for path in [*ckpts.glob("*.ckpt"), *(ckpts / "weights").glob("*.ckpt")]:
+        assert all_finite(torch.load(path, weights_only=True)["state_dict"].values()), path
+
+    summary = train(cfg, resume="latest", checkpoint_every_steps=3)
+    assert summary["global_step"] == 12
