@@ -7,9 +7,11 @@ never overwritten, rotated safely; a resume refused in one line when it would no
   by `remove_temporaries`) and every earlier checkpoint intact; a full disk raises `StorageFull`,
   one line, with the temporary file removed. Loading always uses `torch.load(..., weights_only=True)`.
 - `PeriodicCheckpoint`: a Callback saving the full training state (weights, optimizer, loops, the
-  data loader's position) every N minutes (or N steps) and at every epoch end, keeping the newest
-  `keep_last_k`, plus each epoch's model weights alone (fp16) in `weights/`; names carry epoch,
-  global step and the schedule's LR.
+  data loader's position, the run's id) every N minutes (or N steps) and at every epoch end,
+  keeping this run's newest `keep_last_k`, plus each epoch's model weights alone (fp16) in
+  `weights/`; names carry epoch, global step and the schedule's LR. Nothing is written after a
+  non-finite loss or of non-finite weights (`helpers.divergence.TrainingDiverged` instead).
+- `set_aside(folder)`: an earlier run moved out of the way, nothing deleted.
 - `check_resumable(path, config)`: one line refusing a checkpoint of another model or schedule.
 - `storage_plan(...)`: the bytes a run's checkpoints take, from the parameter count.
 
