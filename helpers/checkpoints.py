@@ -7,9 +7,11 @@ never overwritten, rotated safely; a resume refused in one line when it would no
   by `storage.remove_temporaries`) and every earlier checkpoint intact; a full disk raises `StorageFull`,
   one line, with the temporary file removed. Loading always uses `torch.load(..., weights_only=True)`.
 - `PeriodicCheckpoint`: a Callback saving the full training state (weights, optimizer, loops, the
-  data loader's position) every N minutes (or N steps) and at every epoch end, keeping the newest
-  `keep_last_k`, plus each epoch's model weights alone (fp16) in `weights/`; names carry epoch,
-  global step and the schedule's LR.
+  data loader's position, the run's id) every N minutes (or N steps) and at every epoch end,
+  keeping this run's newest `keep_last_k`, plus each epoch's model weights alone (fp16) in
+  `weights/`; names carry epoch, global step and the schedule's LR. Nothing is written after a
+  non-finite loss or of non-finite weights (`helpers.divergence.TrainingDiverged` instead).
+- `set_aside(folder)`: an earlier run moved out of the way, nothing deleted.
 - `check_resumable(path, config)`: one line refusing a checkpoint of another model or schedule.
 - `storage_plan(...)`: the bytes a run's checkpoints take, from the parameter count.
 
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +35,12 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from .config import Config
+from .divergence import TrainingDiverged, all_finite
 from .storage import EMPTY_TRASH, atomic_write_new, free_bytes, human, remove_temporaries  # noqa: F401 - remove_temporaries: re-exported
 from .weights import NAME, SETTINGS_ADDED, CheckpointError, problem_with, saved_config, step_of
 
 WEIGHTS_DIR = "weights"
+RUN_ID = "run_id"  # the key of a full state's run id
 # What a full disk while writing a checkpoint says to do.
 FULL_DISK_ADVICE = (f"Earlier checkpoints are intact. Free some space ({EMPTY_TRASH}; or delete old weight files) "
                     "and rerun with --resume latest")
@@ -62,20 +68,52 @@ def free_name(folder: Path, name: str) -> Path:
     return path
 
 
-def set_aside(folder: str | os.PathLike) -> Path | None:
-    """Move the folder's checkpoints (and weights folder) into `folder/set-aside-<time>/`, deleting
-    nothing: a deliberate fresh start. Returns where they went, or None if there was nothing."""
+def _is_checkpoint(path: Path) -> bool:
+    return path.suffix == ".ckpt" or path.name == WEIGHTS_DIR
+
+
+def set_aside(folder: str | os.PathLike, select: Callable[[Path], bool] = _is_checkpoint) -> Path | None:
+    """Move what `select` picks in the folder (default: its checkpoints and weights folder) into a new
+    `folder/set-aside-<time>/`, deleting nothing: an earlier run kept out of this one's way.
+    Returns where they went, or None if there was nothing."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    items = [p for p in folder.iterdir() if p.suffix == ".ckpt" or p.name == WEIGHTS_DIR]
+    items = [p for p in folder.iterdir() if select(p)]
     if not items:
         return None
-    target = folder / time.strftime("set-aside-%Y%m%d-%H%M%S")
-    target.mkdir()
+    stamp, n = time.strftime("set-aside-%Y%m%d-%H%M%S"), 1
+    while True:
+        target = folder / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            target.mkdir()
+            break
+        except FileExistsError:
+            n += 1
     for item in items:
         os.rename(item, target / item.name)
     return target
+
+
+def full_states(folder: str | os.PathLike) -> list[Path]:
+    """The full training states named as `checkpoint_name` names them in `folder` (loadable or not)."""
+    folder = Path(folder)
+    return [p for p in folder.glob("*.ckpt") if NAME.search(p.name)] if folder.is_dir() else []
+
+
+def step_of_state(path: Path) -> int:
+    """The global step a full state was saved at (from its contents: any name)."""
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
+
+
+def run_id_of(path: Path) -> str | None:
+    """The id of the run that saved the full state `path` (None: saved before runs had ids); "?" for
+    a file that does not load (never taken for a run's own)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - truncated or not ours: not this run's
+        return "?"
+    return ckpt.get(RUN_ID) if isinstance(ckpt, dict) else "?"
 
 
 @dataclass(frozen=True)
@@ -113,9 +151,10 @@ class PeriodicCheckpoint(pl.Callback):
     end, the newest `keep_last_k` kept (0 = all); and each epoch's model weights alone (fp16, under
     `weights/`, all kept: the course's one file per epoch).
 
-    A state saved at a batch end resumes at the next batch (Lightning's loop records the batch as
-    processed, and the training DataLoader is resumable: `datamodule.ResumableDataLoader`). The
-    oldest state is deleted only after the new one is written, fsynced and linked into place, so a
+    A state saved at a batch end resumes at the next batch (`helpers.resume`). Each state carries
+    its run's id (`RUN_ID`: new for a run from step 0, kept by every resume), and rotation deletes
+    only states of this run: an earlier run's states in the folder are never touched. The oldest
+    state is deleted only after the new one is written, fsynced and linked into place, so a
     loadable state always remains. Ranks agree on time-based saves (rank 0's clock decides).
     """
 
@@ -128,8 +167,15 @@ class PeriodicCheckpoint(pl.Callback):
         self.epoch_weights = epoch_weights
         self.plan = plan
         self.saved: list[Path] = []
+        self.run_id: str | None = uuid.uuid4().hex  # a run from step 0; a resumed one takes its state's
         self._last_time = time.monotonic()
         self._last_step = -1
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[RUN_ID] = self.run_id
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self.run_id = checkpoint.get(RUN_ID)  # None: a state from before runs had ids; its run goes on
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_time = time.monotonic()
@@ -160,10 +206,23 @@ class PeriodicCheckpoint(pl.Callback):
             warnings.warn(f"only {human(free_bytes(self.dirpath))} free in {self.dirpath}; the next checkpoint needs "
                           f"~{human(need)} ({EMPTY_TRASH})", stacklevel=2)
 
+    def _refuse_diverged(self, trainer) -> None:
+        """Stop (TrainingDiverged) rather than write weights after a non-finite loss, or non-finite
+        weights (one sync per save; every rank calls it, as it saves)."""
+        module = trainer.lightning_module
+        if hasattr(module, "check_divergence"):
+            module.check_divergence()
+        if isinstance(module, torch.nn.Module) and not all_finite(module.state_dict().values()):
+            raise TrainingDiverged(f"training stopped: the weights after step {trainer.global_step - 1} are not finite; "
+                                   f"not saving them, the earlier checkpoints in {self.dirpath} stay. Rerun with "
+                                   "--resume latest to go on from the newest, or lower --max-lr and train in a new "
+                                   "--run-dir")
+
     def save(self, trainer) -> Path | None:
         step = trainer.global_step
         if step == self._last_step:
             return None
+        self._refuse_diverged(trainer)
         self._warn_if_short(trainer, self.plan and self.plan.full_state)
         path = free_name(self.dirpath, checkpoint_name(trainer.current_epoch, step, self._lr(trainer)))
         # Lightning gathers the state from every rank; rank 0 writes (through NoOverwriteCheckpointIO).
@@ -175,9 +234,10 @@ class PeriodicCheckpoint(pl.Callback):
         return path
 
     def rotate(self) -> list[Path]:
-        """Delete all but the newest `keep_last_k` full states in the folder (the folder, not this
-        session's list: states of earlier sessions count too). Called only after a save succeeded."""
-        states = sorted((p for p in self.dirpath.glob("*.ckpt") if NAME.search(p.name)), key=step_of)
+        """Delete all but the newest `keep_last_k` full states of this run in the folder (earlier
+        sessions of this run count too; another run's states are never deleted). Called only after a
+        save succeeded."""
+        states = sorted((p for p in full_states(self.dirpath) if run_id_of(p) == self.run_id), key=step_of)
         doomed = states[:-self.keep_last_k] if len(states) > self.keep_last_k else []
         for old in doomed:
             old.unlink(missing_ok=True)
@@ -185,6 +245,7 @@ class PeriodicCheckpoint(pl.Callback):
 
     def save_weights(self, trainer) -> Path | None:
         """The model's weights alone (fp16) with the run's config: what `load_model` and the app read."""
+        self._refuse_diverged(trainer)  # before the rank check: under DDP it is a collective
         if not trainer.is_global_zero:
             return None
         module = trainer.lightning_module
@@ -226,7 +287,8 @@ def check_resumable(path: str | os.PathLike, config: Config) -> None:
         here, there = getattr(config.model, key), getattr(saved.model, key)
         if here != there:
             raise CheckpointError(f"cannot resume from {path}: its model has {key} {there}, this run's {here} "
-                                  f"(pass --{key.replace('_', '-')} {there}, or use another --run-dir)")
+                                  f"(pass --{key.replace('_', '-')} {there} to resume, or --start-fresh to set that "
+                                  "run aside and start over, or use another --run-dir)")
     for key in SETTINGS_ADDED["train"]:  # the loss: a checkpoint from before it was a setting used the course's
         here, there = getattr(config.train, key), getattr(saved.train, key)
         if here != there:

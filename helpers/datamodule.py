@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from .batch import collate
 from .config import STRIDES, DataConfig
 from .dataset import TrainingDataset
 from .dataset_org import PlainDataset, SampleKey
+from .resume import Position, ResumableDataLoader, loader_position
 from .synthetic import make_voc_dataset
 
 SYNTHETIC_VERSION = "v2"  # bump when helpers.synthetic draws differently
@@ -54,14 +56,19 @@ class MultiScaleBatchSampler(Sampler):
 
     `resume_at(epoch, done)` makes the next iteration skip the first `done` batches of that epoch
     (indices only, no image is read), keeping their numbers, so the sizes, images and augmentations
-    that follow are those an uninterrupted run would see.
+    that follow are those an uninterrupted run would see. With `position` (a callable giving
+    (epoch, batches done), `resume.loader_position` for training) every iteration starts there:
+    the epoch and the order are fixed when the iteration starts, whatever `set_epoch` says later
+    (see `helpers.resume` for why).
     """
 
-    def __init__(self, sampler, batch_size: int, sizes, drop_last: bool = True, seed: int = 0):
+    def __init__(self, sampler, batch_size: int, sizes, drop_last: bool = True, seed: int = 0,
+                 position: Callable[[], Position] | None = None):
         self.sizes = tuple(int(s) for s in sizes)
         if not self.sizes or any(s <= 0 or s % STRIDES[0] for s in self.sizes):
             raise ValueError(f"image sizes must be positive multiples of 32 (the model's stride), got {sizes}")
         self.sampler, self.batch_size, self.drop_last, self.seed = sampler, batch_size, drop_last, seed
+        self.position = position
         self._epoch, self._skip = 0, 0
 
     @property
@@ -78,54 +85,47 @@ class MultiScaleBatchSampler(Sampler):
         self.set_epoch(epoch)
         self._skip = done
 
-    def size_of(self, batch_number: int) -> int:
+    def size_of(self, batch_number: int, epoch: int | None = None) -> int:
         if len(self.sizes) == 1:
             return self.sizes[0]
-        rng = np.random.default_rng([self.seed, self.epoch, batch_number])
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, batch_number])
         return self.sizes[int(rng.integers(len(self.sizes)))]
 
-    def keys(self, batch: list[int], number: int) -> list[SampleKey]:
-        size, epoch, rank = self.size_of(number), self.epoch, int(getattr(self.sampler, "rank", 0))
+    def keys(self, batch: list[int], number: int, epoch: int | None = None) -> list[SampleKey]:
+        epoch = self.epoch if epoch is None else epoch
+        size, rank = self.size_of(number, epoch), int(getattr(self.sampler, "rank", 0))
         return [SampleKey(i, size, (self.seed, epoch, number, rank, position)) for position, i in enumerate(batch)]
 
     def __iter__(self):
+        if self.position is None:
+            return self._resumed_once()
+        # From the position: the epoch and the inner order are fixed now, when the DataLoader
+        # starts an iteration, not when its first batch is asked for (and reading the position
+        # twice, as a DataLoader with workers does, gives the same iteration).
+        epoch, done = self.position()
+        self.set_epoch(epoch)
+        return self._batches(epoch, done, iter(self.sampler))
+
+    def _resumed_once(self):
+        # A generator: `resume_at`'s skip is taken by the iteration that runs, not by one that a
+        # DataLoader creates and drops (its worker iterator calls iter() twice).
         skip, self._skip = self._skip, 0
+        yield from self._batches(self.epoch, skip, iter(self.sampler))
+
+    def _batches(self, epoch: int, skip: int, indices):
         batch, number = [], 0
-        for index in self.sampler:
+        for index in indices:
             batch.append(int(index))
             if len(batch) == self.batch_size:
                 if number >= skip:
-                    yield self.keys(batch, number)
+                    yield self.keys(batch, number, epoch)
                 batch, number = [], number + 1
         if batch and not self.drop_last and number >= skip:
-            yield self.keys(batch, number)
+            yield self.keys(batch, number, epoch)
 
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning checkpoints with the training loop (it has `state_dict` and
-    `load_state_dict`, Lightning's `_Stateful`), so a run resumed mid-epoch continues with the next
-    batch of the same epoch instead of restarting the epoch's data.
-
-    The state is (epoch, batches done), read from `position()` when Lightning saves: the training
-    loop's own count of processed batches. Counting in the loader would be wrong by Lightning's
-    one-batch prefetch and by the worker processes' read-ahead. A finished epoch is stored as batch 0
-    of the next one.
-    """
-
-    def __init__(self, *args, position=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.position = position
-
-    def state_dict(self) -> dict[str, int]:
-        epoch, done = self.position() if self.position else (self.batch_sampler.epoch, 0)
-        return {"epoch": int(epoch), "batches_done": int(done)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.resume_at(int(state["epoch"]), int(state["batches_done"]))
 
 
 class ShardSampler(Sampler):
@@ -213,16 +213,6 @@ class YOLODataModule(pl.LightningDataModule):
                     pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
                     persistent_workers=workers > 0, **extra)
 
-    def training_position(self) -> tuple[int, int]:
-        """(epoch, training batches done in it) of the attached Trainer's fit loop; an epoch whose
-        batches are all done counts as (next epoch, 0)."""
-        trainer = self.trainer
-        epoch = trainer.current_epoch
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if done >= trainer.num_training_batches:
-            epoch, done = epoch + 1, 0
-        return epoch, done
-
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         world, rank = self.world()
@@ -232,9 +222,9 @@ class YOLODataModule(pl.LightningDataModule):
         sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=self.seed)
         drop_last = len(sampler) >= self.cfg.batch_size
         batches = MultiScaleBatchSampler(sampler, self.cfg.batch_size, self.cfg.train_sizes, drop_last, self.seed)
-        attached = getattr(self, "trainer", None) is not None
-        return self._loader(ds, batches, collate, ResumableDataLoader,
-                            position=self.training_position if attached else None)
+        if getattr(self, "trainer", None) is not None:  # every iteration starts where the fit loop is
+            batches.position = loader_position(self.trainer, batches)
+        return self._loader(ds, batches, collate, ResumableDataLoader)
 
     def _eval_loader(self) -> DataLoader:
         self.setup("validate")

@@ -7,15 +7,19 @@ checkpoints in `checkpoints` (a Callback), the loop, AMP and DDP in Lightning's 
 """
 from __future__ import annotations
 
+import sys
+
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 
 from .batch import Batch
 from .config import Config, TrainConfig
+from .divergence import CHECK_EVERY, LossWatch, TrainingDiverged, explosion_message, stop_message
 from .evaluate import build_evaluator
 from .loss import YoloLoss
 from .model import build_model
+from .resume import load_skipped, migrate_checkpoint, save_skipped, skip_step
 from .schedule import Schedule, ScheduleFileLR
 from .targets import build_targets
 
@@ -47,6 +51,8 @@ class YOLOModule(pl.LightningModule):
         self.train_skipped = torch.zeros((), dtype=torch.int64)
         self.skipped_images = {"train": 0, "val": 0}
         self.last_map: dict | None = None  # the last validation's Evaluator result that scored mAP
+        self.loss_watch = LossWatch()  # divergence, recorded on the device (`check_divergence` reads it)
+        self._explosion_named = False
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.model(images)
@@ -56,14 +62,10 @@ class YOLOModule(pl.LightningModule):
         b = len(batch)
         self.train_skipped = batch.skipped + self.train_skipped  # onto the batch's device at the first step
         if b == 0:  # no image of this batch could be read (the dataset warned, naming the files)
-            # Still one optimizer step, so the step count stays on the schedule file and every DDP rank
-            # steps together; at LR 0 and zero gradients the weights do not move (the scheduler sets
-            # the next step's LR from the file again).
-            for group in self.trainer.optimizers[0].param_groups:
-                group["lr"] = 0.0
-            return sum(p.sum() for p in self.model.parameters()) * 0.0
+            return skip_step(self.trainer.optimizers[0], self.model.parameters())  # still a step of the schedule
         targets = build_targets(batch.boxes, b, batch.image_hw)
         parts = self.loss_fn.parts(self.model(batch.images), targets)
+        self.loss_watch.update(parts.total, self.global_step)
         self.log("train/loss", parts.total, on_step=True, on_epoch=True, batch_size=b, prog_bar=True)
         self.log_dict({"train/box": parts.box, "train/obj": parts.obj, "train/noobj": parts.noobj,
                        "train/class": parts.cls}, on_step=True, on_epoch=True, batch_size=b)
@@ -71,6 +73,28 @@ class YOLOModule(pl.LightningModule):
                  batch_size=b, prog_bar=True)
         self.log("train/image_size", float(batch.image_hw[1]), on_step=True, on_epoch=False, batch_size=b)
         return parts.total
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.global_step % CHECK_EVERY == 0:
+            self.check_divergence()
+
+    def _lr_of(self, step: int) -> float:
+        if self.schedule is not None:
+            return self.schedule.lr_at(step)
+        return self.trainer.optimizers[0].param_groups[0]["lr"]
+
+    def check_divergence(self) -> None:
+        """Read the loss records (one sync; a collective under DDP: every rank calls it at the same
+        step): `TrainingDiverged` at a non-finite loss, one warning line at the first explosion."""
+        gather = self.trainer.strategy.all_gather if self.trainer.world_size > 1 else None
+        found = self.loss_watch.read(gather)
+        if found.nonfinite_step is not None:
+            raise TrainingDiverged(stop_message(found.nonfinite_step, found.nonfinite_loss,
+                                                self._lr_of(found.nonfinite_step)))
+        if found.explosion_step is not None and not self._explosion_named:
+            self._explosion_named = True
+            rank_zero_only(print)(explosion_message(found.explosion_step, found.explosion_loss, found.explosion_median,
+                                                    self._lr_of(found.explosion_step)), file=sys.stderr)
 
     def on_train_epoch_end(self) -> None:
         skipped = self._train_skipped_over_ranks()
@@ -88,24 +112,12 @@ class YOLOModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Every rank saves together (Lightning gathers the state; rank 0 writes), so the partial
         # epoch's count can be summed over ranks here.
-        this_epoch = self._train_skipped_over_ranks()
-        checkpoint["skipped_images"] = {**self.skipped_images, "train_this_epoch": this_epoch}
+        save_skipped(checkpoint, self.skipped_images, self._train_skipped_over_ranks())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("skipped_images", {})
-        self.skipped_images = {"train": int(saved.get("train", 0)), "val": int(saved.get("val", 0))}
-        # The saved partial count is the sum over ranks: one rank carries it on.
-        on_this_rank = int(saved.get("train_this_epoch", 0)) if self.global_rank == 0 else 0
+        self.skipped_images, on_this_rank = load_skipped(checkpoint, self.global_rank)
         self.train_skipped = torch.tensor(on_this_rank, dtype=torch.int64)
-        if not checkpoint.get("lr_schedulers") and self.schedule is not None and "optimizer_states" in checkpoint:
-            # Written before the schedule was a scheduler: its position is the step count, and the
-            # next step's LR is the file's (the saved optimizer holds the previous step's).
-            step = int(checkpoint["global_step"])
-            lr = self.schedule.lr_at(step)
-            checkpoint["lr_schedulers"] = [{"last_epoch": step, "_step_count": step + 1, "_last_lr": [lr]}]
-            for state in checkpoint["optimizer_states"]:
-                for group in state["param_groups"]:
-                    group["lr"] = lr
+        migrate_checkpoint(checkpoint, self.schedule)
 
     # --- validation -------------------------------------------------------------------------
     def _is_last_epoch(self) -> bool:
@@ -115,6 +127,8 @@ class YOLOModule(pl.LightningModule):
         return self._is_last_epoch() or (every > 0 and (self.current_epoch + 1) % every == 0)
 
     def on_validation_epoch_start(self) -> None:
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.check_divergence()  # not a validation of non-finite weights
         t = self.cfg.train
         self.evaluator.reset(accuracy=self._due(t.accuracy_every), detections=self._due(t.map_every),
                              rank=self.global_rank, world_size=self.trainer.world_size)

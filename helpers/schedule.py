@@ -170,6 +170,12 @@ class ScheduleFileLR(torch.optim.lr_scheduler.LRScheduler):
         # The position only: the values stay in the file (and a checkpoint holds plain types).
         return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "schedule")}
 
+    @staticmethod
+    def position_state(schedule: Schedule, step: int, groups: int = 1) -> dict:
+        """What `state_dict` holds once `step` steps were taken (the next one runs at line `step`):
+        for a state saved without the scheduler (`resume.migrate_checkpoint`)."""
+        return {"last_epoch": step, "_step_count": step + 1, "_last_lr": [schedule.lr_at(step)] * groups}
+
 
 def limited_steps(batches: int, limit: float | int | None) -> int:
     """Optimizer steps per epoch once Lightning's `limit_train_batches` is applied (its own rule: an

@@ -36,7 +36,9 @@ from .checkpoints import (
     NoOverwriteCheckpointIO,
     PeriodicCheckpoint,
     check_resumable,
+    full_states,
     set_aside,
+    step_of_state,
     storage_plan,
 )
 from .config import (
@@ -51,6 +53,7 @@ from .config import (
 )
 from .csv_log import AtomicCSVLogger, mend_logs
 from .datamodule import YOLODataModule
+from .divergence import TrainingDiverged
 from .metrics import ACCURACY_NAMES, judge_accuracies, verdict_sentence
 from .module import YOLOModule, build_optimizer
 from .progress import TargetsProgressBar
@@ -65,7 +68,7 @@ from .storage import (
     removed_temporaries,
     write_figure,
 )
-from .weights import CheckpointError, find_latest
+from .weights import CheckpointError, find_latest, step_of
 
 SCHEDULE_FILE = "schedule.txt"
 # CSV rows are appended to metrics.csv every LOG_FLUSH_STEPS steps: a kill loses at most the rows since
@@ -163,7 +166,9 @@ def build_parser(start: Config | None = None, origin: str = "--preset default") 
                    help="JSON file with any of {model: {...}, data: {...}, train: {...}}: what it sets overrides "
                         "the preset, and flags override it")
     p.add_argument("--resume", type=OPTION_TYPES["resume"], default=None, metavar="latest|PATH",
-                   help="'latest' (newest checkpoint that loads in the checkpoint folder) or a path")
+                   help="'latest' (newest checkpoint that loads in the checkpoint folder) or a path; without it, "
+                        "a run folder holding this run's checkpoints resumes from the latest too (--start-fresh "
+                        "to start over)")
     p.add_argument("--start-fresh", action="store_true",
                    help="start over on purpose: move the checkpoint folder's files into a set-aside-* subfolder first")
     p.add_argument("--lr-find", action="store_true",
@@ -281,16 +286,39 @@ def run_lr_finder(cfg: Config, datamodule, run_dir: Path) -> float:
 def resolve_resume(resume: str | None, ckpt_dir: Path, cfg: Config) -> Path | None:
     """The checkpoint to resume from, checked against this run (CheckpointError, one line, if it
     cannot be used): 'latest' = the newest full state in `ckpt_dir` that loads (None: there is
-    none, a fresh start), else a path."""
+    none, a fresh start), else a path. None (no --resume): 'latest' when the folder holds full
+    states, said in one line (the same command rerun after a disconnect goes on; `--start-fresh`
+    sets them aside first), else a fresh start.
+
+    A path older than states in `ckpt_dir` continues the run from there: the newer states are moved
+    into a `set-aside-*` subfolder (nothing deleted), so that a later `--resume latest` follows this
+    continuation, not the abandoned one."""
     if not resume:
-        return None
+        if not full_states(ckpt_dir):
+            return None
+        path = find_latest(ckpt_dir)  # CheckpointError naming --start-fresh if none of them loads
+        rank_zero_only(print)(f"resume: {ckpt_dir} holds this run's checkpoints; resuming from {path.name} as "
+                              "--resume latest does (pass --start-fresh to set them aside and start over)")
+        check_resumable(path, cfg)
+        return path
     path = find_latest(ckpt_dir) if resume == "latest" else Path(resume)
     if path is None:
         rank_zero_only(print)(f"resume: no checkpoint in {ckpt_dir}; starting fresh")
         return None
     check_resumable(path, cfg)
     rank_zero_only(print)(f"resume: {path}")
+    if resume != "latest" and rank_zero_only.rank == 0:
+        step = step_of_state(path)
+        newer = {p for p in full_states(ckpt_dir) if step_of(p)[0] > step and p.resolve() != path.resolve()}
+        if newer and (moved := set_aside(ckpt_dir, lambda p: p in newer)):
+            print(f"resume: moved {len(newer)} newer checkpoint(s) of the continuation abandoned here to {moved} "
+                  "(nothing deleted), so that --resume latest continues from this one")
     return path
+
+
+# What a run writes in its folder besides the schedule file (kept: a rerun computes the same one)
+# and the checkpoints: a run from step 0 moves an earlier run's aside, so that curves never mix runs.
+RUN_OUTPUTS = ("logs", "tensorboard", "metrics.json", "training_curves.png")
 
 
 def finished_summary(run_dir: Path, ckpt_path: Path | None) -> dict | None:
@@ -333,11 +361,13 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
           start_fresh: bool = False) -> dict:
     """Fit with `cfg`; returns a summary (paths and final metrics) that is also written as JSON.
 
-    resume: None (a new run), 'latest' or a checkpoint path. A checkpoint that cannot be used stops
-    the run with `CheckpointError` (one line; `start_fresh=True` sets the folder's checkpoints aside
-    into a `set-aside-*` subfolder and starts over); a changed schedule setting with
-    `ScheduleMismatch`; a full disk with `StorageFull`. Rerun on a finished run, it returns that
-    run's summary (metrics.json) without training."""
+    resume: 'latest', a checkpoint path, or None: 'latest' if the checkpoint folder holds states
+    (the same command rerun after a disconnect goes on, saying so), else a new run. A checkpoint that
+    cannot be used stops the run with `CheckpointError` (one line; `start_fresh=True` sets the
+    folder's checkpoints aside into a `set-aside-*` subfolder and starts over); a changed schedule
+    setting with `ScheduleMismatch`; a full disk with `StorageFull`. A run from step 0 first moves
+    an earlier run's logs and results (`RUN_OUTPUTS`) aside. Rerun on a finished run, it returns
+    that run's summary (metrics.json) without training."""
     t = cfg.train
     run_dir = Path(t.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -347,6 +377,9 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
         if start_fresh and (moved := set_aside(ckpt_dir)):
             print(f"start fresh: moved the earlier checkpoints to {moved} (nothing deleted)")
     ckpt_path = resolve_resume(resume, ckpt_dir, cfg)
+    if ckpt_path is None and rank_zero_only.rank == 0:
+        if moved := set_aside(run_dir, lambda p: p.name in RUN_OUTPUTS):
+            print(f"fresh start: moved the logs and results of an earlier run in {run_dir} to {moved} (nothing deleted)")
     if (done := finished_summary(run_dir, ckpt_path)) is not None:
         rank_zero_only(print)(f"run already complete (step {done['global_step']}): returning its summary from "
                               f"{run_dir / 'metrics.json'}")
@@ -467,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "a demonstration, not PASCAL VOC photos")
         summary = train(cfg, resume=args.resume, lr_find=args.lr_find,
                         checkpoint_every_steps=args.checkpoint_every_steps, start_fresh=args.start_fresh)
-    except (ScheduleMismatch, DatasetError, CheckpointError, StorageFull) as e:  # one line, no traceback
+    except (ScheduleMismatch, DatasetError, CheckpointError, StorageFull, TrainingDiverged) as e:  # one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_written(summary)

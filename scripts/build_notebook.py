@@ -199,7 +199,8 @@ these sizes on a T4, and public relative throughputs for the others:
 | A100 | 45 min-1.5 h | one session |
 | H100 | 30 min-1 h | one session; the data loaders may be the limit |
 """),
-    ("code", """from helpers.storage import StorageFull
+    ("code", """from helpers.divergence import TrainingDiverged
+from helpers.storage import StorageFull
 from helpers.weights import CheckpointError
 from helpers.runtime import TrainingFailed, train_in_subprocess
 from helpers.schedule import ScheduleMismatch
@@ -210,7 +211,7 @@ try:
         summary = train_in_subprocess(cfg)  # python -m helpers.train --config <run>/config.json --resume latest
     else:
         summary = train(cfg, resume="latest")  # start_fresh=True sets unreadable checkpoints aside
-except (CheckpointError, StorageFull, ScheduleMismatch, TrainingFailed) as e:  # one line saying what to do
+except (CheckpointError, StorageFull, ScheduleMismatch, TrainingDiverged, TrainingFailed) as e:  # one line saying what to do
     raise SystemExit(str(e)) from None
 print(json.dumps({k: v for k, v in summary.items() if k not in ("metrics", "ap_per_class_voc07")}, indent=1))"""),
     ("md", "## 8. Results\nLoss and accuracy curves per epoch; then the newest checkpoint on the test split: the course's accuracies, mAP@0.5 (VOC07 11-point and all-point) per class, and the PR curves."),

@@ -27,8 +27,9 @@ from helpers.storage import StorageFull, atomic_write_new
 from helpers.weights import CheckpointError, find_latest, load_model
 
 
-def save(path, step):
-    NoOverwriteCheckpointIO().save_checkpoint({"global_step": step, "w": torch.full((10,), float(step))}, path)
+def save(path, step, **extra):
+    state = {"global_step": step, "w": torch.full((10,), float(step)), **extra}
+    NoOverwriteCheckpointIO().save_checkpoint(state, path)
 
 
 def test_an_existing_file_is_never_overwritten(tmp_path):
@@ -122,12 +123,16 @@ def test_temporary_files_of_killed_writes_are_removed_and_counted_and_nothing_el
     assert remove_temporaries(tmp_path / "missing") == (0, 0)
 
 
-def fake_trainer(tmp_path, fail: bool = False):
-    """What PeriodicCheckpoint uses of a Trainer, saving through NoOverwriteCheckpointIO."""
+def fake_trainer(tmp_path, fail: bool = False, callbacks=()):
+    """What PeriodicCheckpoint uses of a Trainer, saving through NoOverwriteCheckpointIO with what the
+    callbacks add to a checkpoint."""
     def save_checkpoint(path, weights_only=False):
         if trainer.fail:
             raise StorageFull(errno.ENOSPC, f"could not write {path}")
-        save(path, trainer.global_step)
+        extra = {}
+        for callback in callbacks:
+            callback.on_save_checkpoint(trainer, module, extra)
+        save(path, trainer.global_step, **extra)
 
     module = SimpleNamespace(schedule=None)
     trainer = SimpleNamespace(global_step=0, current_epoch=0, is_global_zero=True, world_size=1, fail=fail,
@@ -137,9 +142,9 @@ def fake_trainer(tmp_path, fail: bool = False):
 
 
 def test_keeping_the_last_two_deletes_an_old_state_only_after_the_new_one_is_written(tmp_path):
-    save(tmp_path / checkpoint_name(0, 1, 1e-3), 1)  # an earlier session's state counts too
     callback = PeriodicCheckpoint(tmp_path, keep_last_k=2, epoch_weights=False)
-    trainer = fake_trainer(tmp_path)
+    save(tmp_path / checkpoint_name(0, 1, 1e-3), 1, run_id=callback.run_id)  # an earlier session's state counts too
+    trainer = fake_trainer(tmp_path, callbacks=[callback])
     for step in (2, 3, 4):
         trainer.global_step = step
         callback.save(trainer)
@@ -150,6 +155,26 @@ def test_keeping_the_last_two_deletes_an_old_state_only_after_the_new_one_is_wri
         callback.save(trainer)
     assert names() == [checkpoint_name(0, 3, 1e-3), checkpoint_name(0, 4, 1e-3)]  # both loadable states stay
     assert find_latest(tmp_path) == tmp_path / checkpoint_name(0, 4, 1e-3)
+
+
+def test_rotation_never_deletes_the_states_of_another_run_in_the_folder(tmp_path):
+    """A new run in a folder that holds an earlier run's states (and, older still, states saved before
+    runs had ids) keeps its own newest two and deletes nothing of theirs, whatever their steps."""
+    theirs = [checkpoint_name(0, step, 1e-3) for step in (1, 5, 9)]
+    for name, step in zip(theirs, (1, 5, 9)):
+        save(tmp_path / name, step, run_id="an-earlier-run")
+    save(tmp_path / checkpoint_name(0, 7, 1e-3), 7)  # no id: saved before runs had one
+    callback = PeriodicCheckpoint(tmp_path, keep_last_k=2, epoch_weights=False)
+    trainer = fake_trainer(tmp_path, callbacks=[callback])
+    for step in (2, 3, 4):
+        trainer.global_step = step
+        callback.save(trainer)
+    names = sorted(p.name for p in tmp_path.glob("*.ckpt"))
+    ours = [checkpoint_name(0, 3, 1e-3), checkpoint_name(0, 4, 1e-3)]
+    assert names == sorted(theirs + ours + [checkpoint_name(0, 7, 1e-3)])
+    resumed = PeriodicCheckpoint(tmp_path, keep_last_k=2, epoch_weights=False)
+    resumed.on_load_checkpoint(trainer, None, torch.load(tmp_path / ours[-1], weights_only=True))
+    assert resumed.run_id == callback.run_id  # a resume goes on as the same run
 
 
 def test_a_deliberate_fresh_start_moves_the_checkpoints_aside_and_deletes_nothing(tmp_path):

@@ -3,6 +3,7 @@ line for line without rewriting a checkpoint, and 2-process DDP on CPU agrees on
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from helpers.config import Config, DataConfig, ModelConfig, TrainConfig
@@ -206,34 +208,32 @@ def test_a_range_test_that_never_falls_or_turns_nan_gives_no_lr_below_or_beyond_
 # A driver run in a fresh process: it trains with the given config and, if asked, SIGKILLs itself
 # as a Colab disconnect would: right after a given step, or in the middle of writing the checkpoint
 # of a given step. It records, for every step it trains, the epoch, the image size, the LR, the
-# indices of the batch's images (the dataset is read in-process, then collated: the indices read
-# since the last collate are the batch's) and a digest of the batch's tensors (images and boxes
-# as collated, so augmentations must match too).
+# indices of the batch's images (the training batch sampler runs in the main process, in order,
+# whatever the number of workers: the batches it yields are trained first in, first out) and a
+# digest of the batch's tensors as the step receives them (images and boxes, so augmentations must
+# match too).
 DRIVER = textwrap.dedent("""
-    import hashlib, json, os, signal, sys
+    import collections, hashlib, json, os, signal, sys
     import pytorch_lightning as pl
     import helpers.checkpoints
     import helpers.datamodule as dm
     from helpers.config import Config
     from helpers.train import train
 
-    keys, batch_ids = [], {}
-    getitems, collate = dm.TrainingDataset.__getitems__, dm.collate
-    def recording_getitems(self, batch_keys):
-        keys.extend(int(key[0]) for key in batch_keys)
-        return getitems(self, batch_keys)
-    def recording_collate(batch):
-        out = collate(batch)
-        digest = hashlib.sha1(out.images.numpy().tobytes() + out.boxes.numpy().tobytes()).hexdigest()
-        batch_ids[out.images.data_ptr()] = [list(keys), digest]
-        keys.clear()
-        return out
-    dm.TrainingDataset.__getitems__, dm.collate = recording_getitems, recording_collate
+    yielded = collections.deque()  # the indices of the training batches the sampler gave, in order
+    keys = dm.MultiScaleBatchSampler.keys
+    def recording_keys(self, batch, *args):
+        if isinstance(self.sampler, dm.DistributedSampler):  # training, not evaluation
+            yielded.append(list(batch))
+        return keys(self, batch, *args)
+    dm.MultiScaleBatchSampler.keys = recording_keys
 
     class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.digest = hashlib.sha1(batch.images.numpy().tobytes() + batch.boxes.numpy().tobytes()).hexdigest()
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             row = [trainer.global_step - 1, trainer.current_epoch, batch.images.shape[-1],
-                   trainer.optimizers[0].param_groups[0]["lr"], *batch_ids.pop(batch.images.data_ptr(), [None, None])]
+                   trainer.optimizers[0].param_groups[0]["lr"], yielded.popleft(), self.digest]
             with open(os.environ["RECORD"] + f".rank{trainer.global_rank}", "a") as f:
                 f.write(json.dumps(row) + "\\n")
         def on_validation_epoch_end(self, trainer, module):
@@ -370,13 +370,38 @@ def test_a_run_killed_at_random_moments_resumes_exactly_as_an_uninterrupted_run(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_from_an_epoch_end_state_then_a_mid_epoch_one_with_workers_every_step_is_the_uninterrupted_runs(
+        small_voc, uninterrupted, tmp_path, workers):
+    """With 2 data workers (both presets' setting) as with none: killed after the state saved at the
+    end of epoch 0 (a loop Lightning does not restart, whose loader state it does not load), then
+    after a mid-epoch state, each time resumed with --resume latest: every step has the uninterrupted
+    run's epoch, image size, LR and batch, and the run ends on its step."""
+    expected, _ = uninterrupted
+    run = tmp_path / "run"
+    cfg = fast_config(small_voc, run)
+    cfg.data.num_workers = workers
+    env = {"RECORD": str(tmp_path / "killed.jsonl"), "EVERY": "3"}  # states at steps 3, 4 (epoch end), 6, 8, ...
+    for kill, latest, resume in ((5, "epoch=000-step=0000004", None), (7, "epoch=001-step=0000006", "latest")):
+        killed = run_driver(tmp_path, cfg, kill_at=kill, resume=resume, env=env)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        assert find_latest_name(run) == latest
+    resumed = run_driver(tmp_path, cfg, resume="latest", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_steps(tmp_path / "killed.jsonl.rank0", expected)
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
 def test_a_kill_during_validation_after_a_save_on_the_epochs_last_batch_resumes_exactly(small_voc, uninterrupted,
-                                                                                         tmp_path):
+                                                                                         tmp_path, workers):
     """Every 2 steps, a state is saved at the end of the epoch's last batch (step 4), before its
     validation; killed there, the run resumes from it without an extra step or a repeated batch."""
     expected, _ = uninterrupted
     run = tmp_path / "run"
     cfg = fast_config(small_voc, run)
+    cfg.data.num_workers = workers
     env = {"RECORD": str(tmp_path / "killed.jsonl"), "EVERY": "2"}
     killed = run_driver(tmp_path, cfg, env={**env, "KILL_IN_VALIDATION": "0"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -633,3 +658,136 @@ def test_under_two_process_ddp_unreadable_images_count_on_whichever_rank_reads_t
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["skipped_images"] == {"train": 2, "val": 3}
+
+
+class Crash(Exception):
+    """A session that ends mid-run (in-process stand-in for a disconnect)."""
+
+
+class CrashAt(pl.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise Crash(f"disconnected before step {self.step}")
+
+
+def states(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.glob("*.ckpt")}
+
+
+def steps_of(folder: Path) -> list[int]:
+    from helpers.weights import step_of
+
+    return sorted(step_of(p)[0] for p in folder.glob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_the_same_command_rerun_goes_on_and_a_fresh_start_or_an_older_resume_mixes_nothing(small_voc, tmp_path,
+                                                                                           capsys):
+    """A run stopped mid-way: the same command without --resume continues it, saying so in one line
+    naming --resume latest and --start-fresh. --start-fresh then trains from step 0 with the earlier
+    run's states and logs set aside, unchanged, and nothing of them in the new run's logs or weights.
+    A resume from an older state sets the newer ones aside: --resume latest follows it."""
+    from helpers.checkpoints import run_id_of
+    from helpers.train import main, train
+    from helpers.weights import find_latest
+
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    cfg = fast_config(small_voc, run, epochs=2)
+    cfg.train.keep_last_k = 2
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(cfg.to_dict()))
+    with pytest.raises(Crash):
+        train(cfg, checkpoint_every_steps=3, extra_callbacks=[CrashAt(6)])
+    assert steps_of(ckpts) == [4, 6]  # every 3 steps and at epoch ends, the last 2 kept
+    capsys.readouterr()
+
+    assert main(["--config", str(config), "--checkpoint-every-steps", "3"]) == 0  # --resume forgotten
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume:")]
+    assert len(said) == 1 and "--resume latest" in said[0] and "--start-fresh" in said[0], said
+    assert "step=0000006" in said[0]
+    assert lr_by_step(run).keys() == set(range(8))  # each step once: none trained again from step 0
+    first = states(ckpts)
+    assert steps_of(ckpts) == [6, 8] and len({run_id_of(ckpts / name) for name in first}) == 1
+    first_logs = sorted(p.name for p in (run / "logs").iterdir())
+
+    assert main(["--config", str(config), "--checkpoint-every-steps", "3", "--start-fresh"]) == 0
+    out = capsys.readouterr().out
+    assert "start fresh: moved the earlier checkpoints" in out and "moved the logs and results" in out
+    [aside] = ckpts.glob("set-aside-*")
+    assert states(aside) == first  # the earlier run's states, moved whole
+    [logs_aside] = run.glob("set-aside-*")
+    assert sorted(p.name for p in (logs_aside / "logs").iterdir()) == first_logs
+    assert [p.name for p in (run / "logs").iterdir()] == ["version_0"]  # only the new run's rows
+    assert lr_by_step(run).keys() == set(range(8))
+    assert steps_of(ckpts) == [6, 8] and run_id_of(find_latest(ckpts)) != run_id_of(find_latest(aside))
+    weights = sorted(p.name for p in (ckpts / "weights").glob("*.ckpt"))
+    assert len(weights) == 2 and not any("-v" in name for name in weights), weights
+
+    older = min(ckpts.glob("*.ckpt"), key=lambda p: p.name)  # step 6: resumed from, then stopped at step 7
+    with pytest.raises(Crash):
+        train(cfg, resume=str(older), checkpoint_every_steps=3, extra_callbacks=[CrashAt(7)])
+    assert "newer checkpoint(s) of the continuation abandoned here" in capsys.readouterr().out
+    assert find_latest(ckpts) == older and steps_of(ckpts) == [6]
+
+
+def test_the_loss_watch_records_the_first_non_finite_loss_and_the_first_explosion_on_the_device():
+    from helpers.divergence import LossWatch
+
+    watch = LossWatch(window=4, factor=1e3)
+    for step, loss in enumerate([5.0, 4.0, 4.5, 4e4, 3.9, 5e3, 2e21, float("nan"), float("inf"), 4.0]):
+        watch.update(torch.tensor(loss), step)
+    found = watch.read()
+    # 4e4 is 1e4 x the median 4.5 but 5e3 is not (the exploded loss never entered the median)
+    assert (found.explosion_step, found.explosion_loss, found.explosion_median) == (3, 4e4, 4.5)
+    assert found.nonfinite_step == 7 and found.nonfinite_loss != found.nonfinite_loss  # NaN
+    assert LossWatch().read().nonfinite_step is None
+
+
+class Poison(pl.Callback):
+    """Step `explode`'s loss times 1e6 (a divergence); a NaN in step `nan`'s batch."""
+
+    def __init__(self, explode: int, nan: int):
+        self.explode, self.nan = explode, nan
+
+    def on_train_start(self, trainer, module):
+        parts = module.loss_fn.parts
+
+        def scaled(*args):
+            out = parts(*args)
+            return dataclasses.replace(out, total=out.total * 1e6) if trainer.global_step == self.explode else out
+        module.loss_fn.parts = scaled
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.nan:
+            batch.images[0, 0, 0, 0] = float("nan")
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_the_run_naming_step_and_lr_no_bad_checkpoint_is_written_and_resume_works(small_voc,
+                                                                                                   tmp_path, capsys):
+    """An explosion at step 2 is named in one warning line with its LR and the advice; a NaN in step 5's
+    batch stops the run with one line naming step 5 and its LR before the state due after it is
+    written; the states before it load with finite weights, and --resume latest finishes the run."""
+    from helpers.divergence import TrainingDiverged, all_finite
+    from helpers.train import train
+
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    cfg = fast_config(small_voc, run)
+    with pytest.raises(TrainingDiverged) as stopped:
+        train(cfg, checkpoint_every_steps=3, extra_callbacks=[Poison(explode=2, nan=5)])
+    schedule_lr = Schedule.read(run / "schedule.txt").lr_at
+    message = str(stopped.value)
+    assert "\n" not in message and "step 5 " in message and f"LR {schedule_lr(5):.3g}" in message, message
+    assert "--resume latest" in message
+    warned = [line for line in capsys.readouterr().err.splitlines() if "diverging" in line]
+    assert len(warned) == 1 and "step 2 " in warned[0] and f"LR {schedule_lr(2):.3g}" in warned[0], warned
+    assert "lower --max-lr" in warned[0]
+    assert steps_of(ckpts) == [3, 4] and steps_of(ckpts / "weights") == [4]  # none after the NaN
+    for path in [*ckpts.glob("*.ckpt"), *(ckpts / "weights").glob("*.ckpt")]:
+        assert all_finite(torch.load(path, weights_only=True)["state_dict"].values()), path
+
+    summary = train(cfg, resume="latest", checkpoint_every_steps=3)
+    assert summary["global_step"] == 12
