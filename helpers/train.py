@@ -244,9 +244,11 @@ def lr_range_test(cfg: Config, datamodule):
 
 def run_lr_finder(cfg: Config, datamodule, run_dir: Path) -> float:
     from .lr_finder import describe_choice
+    from .plotting import plot_lr_finder
 
     result = lr_range_test(cfg, datamodule)
-    result.figure.savefig(run_dir / "lr_finder.png", dpi=100)
+    plot_lr_finder(result.lrs, result.smoothed, result.max_lr, raw=result.losses, steepest=result.steepest
+                   ).savefig(run_dir / "lr_finder.png", dpi=100)
     if result.max_lr is None:
         print(f"LR finder: no suggestion (too few points, or the loss never fell); keeping max LR "
               f"{cfg.train.max_lr:.3g}")

@@ -159,6 +159,7 @@ for out, stride in zip(outputs, STRIDES):
     print(f"stride {stride:2d}: {tuple(out.shape)}  [batch, anchor, row, column, obj+box+{cfg.model.num_classes} classes]")"""),
     ("md", "## 5. LR range test\ntorch-lr-finder on the real training loader; the model and optimizer are restored afterwards. The max LR used is the steepest descent of the (lag-free) smoothed loss, capped a decade below its minimum."),
     ("code", """from helpers.lr_finder import describe_choice
+from helpers.plotting import plot_lr_finder
 from helpers.train import SCHEDULE_FILE, lr_range_test
 from helpers.utils import seed_everything
 
@@ -170,7 +171,8 @@ else:
     seed_everything(cfg.train.seed)  # the same initial weights and batches on every execution
     result = lr_range_test(cfg, datamodule)
     max_lr = result.max_lr or cfg.train.max_lr
-    show(result.figure, "lr_finder", FIGURES)
+    show(plot_lr_finder(result.lrs, result.smoothed, result.max_lr, raw=result.losses, steepest=result.steepest),
+         "lr_finder", FIGURES)
     print(f"max LR used: {max_lr:.3g} ({describe_choice(result)}; see helpers/lr_finder.py)")"""),
     ("md", "## 6. The OneCycle schedule, precomputed and saved\nOne LR per optimizer step, in a text file next to the checkpoints; training and every resume read it by step."),
     ("code", """from helpers.plotting import plot_schedule
