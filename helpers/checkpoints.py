@@ -31,6 +31,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from .config import Config
+from .schedule import first_change, one_cycle_settings
 from .storage import EMPTY_TRASH, TEMPORARY, atomic_write_new, free_bytes, human
 from .weights import NAME, SETTINGS_ADDED, CheckpointError, problem_with, saved_config, step_of
 
@@ -219,11 +220,16 @@ class PeriodicCheckpoint(pl.Callback):
 
 
 # Settings a resume must share with the checkpoint's run: the model's shape, then everything the
-# schedule file was computed from (the flag to pass back is named in the refusal).
+# schedule file was computed from (schedule.ONE_CYCLE_FIELDS, and what sets its steps) and the
+# optimizer (the flag to pass back is named in the refusal).
 MODEL_KEYS = ("num_classes", "width")
-SCHEDULE_KEYS = (("train", "epochs"), ("train", "max_lr"), ("train", "pct_start"), ("train", "div_factor"),
-                 ("train", "final_div_factor"), ("train", "anneal_strategy"), ("train", "three_phase"),
-                 ("train", "optimizer"), ("train", "limit_train_batches"), ("data", "batch_size"))
+
+
+def _schedule_settings(config: Config) -> dict:
+    return {**one_cycle_settings(config.train), "optimizer": config.train.optimizer,
+            "limit_train_batches": config.train.limit_train_batches, "batch_size": config.data.batch_size}
+
+
 def check_resumable(path: str | os.PathLike, config: Config) -> None:
     """Refuse (CheckpointError, one line naming the file and the mismatch) a checkpoint that is not a
     complete training state of this run's model and schedule."""
@@ -253,10 +259,9 @@ def check_resumable(path: str | os.PathLike, config: Config) -> None:
             raise CheckpointError(
                 f"cannot resume from {path}: it was trained with {key} {there} and this run asks {here} "
                 f"(rerun with --{key.replace('_', '-')} {there} to resume, or use a new --run-dir)")
-    for section, key in SCHEDULE_KEYS:
-        here, there = getattr(getattr(config, section), key), getattr(getattr(saved, section), key)
-        if here != there:
-            raise CheckpointError(
-                f"cannot resume from {path}: it was trained with {key} {there} and this run asks {here}; its "
-                f"schedule file was computed for {there}. Rerun with --{key.replace('_', '-')} {there} to "
-                "resume, or use a new --run-dir to train with the new setting from the start")
+    if change := first_change(_schedule_settings(saved), _schedule_settings(config)):
+        key, there, here = change
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained with {key} {there} and this run asks {here}; its "
+            f"schedule file was computed for {there}. Rerun with --{key.replace('_', '-')} {there} to "
+            "resume, or use a new --run-dir to train with the new setting from the start")

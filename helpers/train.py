@@ -39,7 +39,7 @@ from .checkpoints import (
 from .config import Config, DataConfig, ModelConfig, TrainConfig
 from .datamodule import YOLODataModule
 from .module import YOLOModule, build_optimizer
-from .schedule import OneCycleSpec, Schedule, ScheduleMismatch, limited_steps
+from .schedule import OneCycleSpec, Schedule, ScheduleMismatch, limited_steps, one_cycle_settings
 from .storage import StorageFull, free_bytes, human
 from .weights import CheckpointError, find_latest
 
@@ -213,9 +213,7 @@ def prepare_schedule(cfg: Config, run_dir: Path, steps_per_epoch: int, dataset_l
     if max_lr is None:
         max_lr = t.max_lr
     source = max_lr_source or ("config" if max_lr == t.max_lr else "given")
-    settings = dict(epochs=t.epochs, max_lr=max_lr, pct_start=t.pct_start, div_factor=t.div_factor,
-                    final_div_factor=t.final_div_factor, anneal_strategy=t.anneal_strategy,
-                    three_phase=t.three_phase)
+    settings = {**one_cycle_settings(t), "max_lr": max_lr}
     if path.exists():
         schedule = Schedule.read(path)
         schedule.check_matches(cfg.data.batch_size, steps, path, **settings)
