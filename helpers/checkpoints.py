@@ -119,7 +119,8 @@ class StoragePlan:
 def storage_plan(model: torch.nn.Module, epochs: int, keep_last_k: int, optimizer: str = "adam") -> StoragePlan:
     """Bytes the checkpoints of a run take, from the model's parameter count: a full state holds the
     fp32 weights, Adam's two moments (SGD's one) and the buffers; a weights file fp16 weights and
-    buffers. A few hundred KB of names and settings come on top of each (measured: within 1%)."""
+    buffers. A few hundred KB of names and settings come on top of each (measured against real files
+    in benchmarks/RESULTS.md, "Checkpoint storage")."""
     params = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     moments = 1 if optimizer == "sgd" else 2

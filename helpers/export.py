@@ -273,7 +273,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         raise BundleError(f"{checkpoint}: checkpoint file not found")
     refuse_existing(out, NEVER_OVERWRITTEN)  # before the (slow) load
     model, config = load_model(checkpoint)
-    # Lightning's own counters; mmap so a 700 MB checkpoint is not read a second time.
+    # Lightning's own counters; mmap so a full training state is not read a second time.
     raw = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     training = {"checkpoint": checkpoint.name, "epoch": raw.get("epoch"), "global_step": raw.get("global_step"),
                 "lightning_version": raw.get("pytorch-lightning_version"),

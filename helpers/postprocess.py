@@ -143,8 +143,8 @@ def detect(
     cand = torch.stack((cand[:, 0].clamp(0, width), cand[:, 1].clamp(0, height),
                         cand[:, 2].clamp(0, width), cand[:, 3].clamp(0, height)), dim=1)
     # Candidates come grouped by image (nonzero's row-major order). One class-aware NMS per image:
-    # on a 2-core CPU that is 2x faster than one batch-wide call, whose per-(image, class) loop
-    # masks the whole batch each time.
+    # faster than one batch-wide call, whose per-(image, class) loop masks the whole batch each time
+    # (benchmarks/RESULTS.md, "Three design choices").
     counts = torch.bincount(img, minlength=batch).tolist()
     keep, start = [], 0
     for n in counts:

@@ -63,11 +63,12 @@ def embedded_default() -> Config:
 def course_preset() -> Config:
     """The course's run: full Darknet-53, 40 epochs, batch 16, 16-bit, 320-608 training sizes.
 
-    Storage: a full training state every 20 minutes and at each epoch end, the last two kept (~0.74 GB
-    each), plus each epoch's weights alone (~0.12 GB, fp16): ~7.2 GB for 40 epochs, within a free
-    Google Drive (15 GB, shared with Gmail and Photos). Its loss is TrainConfig's default, BCE
-    objectness, not the course's MSE one, which learns no objectness on real photos
-    (benchmarks/RESULTS.md, issue 16); `--obj-loss mse` restores it."""
+    Storage: a full training state every 20 minutes and at each epoch end, the last two kept, plus
+    each epoch's weights alone (fp16): within a free Google Drive (15 GB, shared with Gmail and
+    Photos); the sizes are in benchmarks/RESULTS.md ("Checkpoint storage") and `storage_plan` prints
+    them before a run. Its loss is TrainConfig's default, BCE objectness, not the course's MSE one,
+    which learns no objectness on real photos (benchmarks/RESULTS.md, "Learning real photos");
+    `--obj-loss mse` restores it."""
     return Config(train=TrainConfig(run_dir="runs/course", checkpoint_every_minutes=20.0, keep_last_k=2))
 
 
