@@ -393,7 +393,7 @@ def _final_metrics(logs: Path, trainer) -> dict[str, float]:
     then this session's in-memory values on top."""
     metrics = {}
     try:
-        from .plotting import read_run_metrics
+        from .run_logs import read_run_metrics
 
         for name, values in read_run_metrics(logs).items():
             finite = values[~np.isnan(values)]

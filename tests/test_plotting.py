@@ -38,10 +38,10 @@ from helpers.plotting import (  # noqa: E402
     plot_schedule,
     plot_training_curves,
     plot_worst_mistakes,
-    read_metrics_csv,
     show,
     to_image,
 )
+from helpers.run_logs import read_metrics_csv  # noqa: E402
 from helpers.schedule import OneCycleSpec, Schedule, compute_schedule  # noqa: E402
 
 DOG, CAT, CAR = VOC_CLASSES.index("dog"), VOC_CLASSES.index("cat"), VOC_CLASSES.index("car")
