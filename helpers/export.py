@@ -11,6 +11,9 @@ only plain values. `config.json` says what the app needs to run and to describe 
      "display_conf": 0.23, "display_conf_source": "F1-best on ...", "display_conf_measured": {...} (if measured),
      "weights_dtype": "float32" | "float16", "weights_sha256": "...", "created": "...Z"}
 
+`anchors` and `strides` are those the weights were trained with: `weights.read_bundle_config`
+refuses a bundle whose differ from the code's (its boxes would be decoded wrong, silently).
+
 `training.trained_on` and `training.evaluated_on` say in words what data the weights were trained
 and measured on (the app's About section shows them with the metrics); they are written at export
 time from the checkpoint's config, never typed by hand. `--fp16` stores the floating-point weights
