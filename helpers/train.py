@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 
-from .annotations import DatasetError, find_dataset
+from .annotations import find_dataset
 from .checkpoints import (
     NoOverwriteCheckpointIO,
     PeriodicCheckpoint,
@@ -38,10 +38,11 @@ from .checkpoints import (
 )
 from .config import Config, DataConfig, ModelConfig, TrainConfig
 from .datamodule import YOLODataModule
+from .errors import USER_ERRORS
 from .module import YOLOModule, build_optimizer
-from .schedule import OneCycleSpec, Schedule, ScheduleMismatch, limited_steps, one_cycle_settings
-from .storage import StorageFull, free_bytes, human
-from .weights import CheckpointError, find_latest
+from .schedule import OneCycleSpec, Schedule, limited_steps, one_cycle_settings
+from .storage import free_bytes, human
+from .weights import find_latest
 
 SCHEDULE_FILE = "schedule.txt"
 # CSV rows are appended to metrics.csv every LOG_FLUSH_STEPS steps: a kill loses at most the rows since
@@ -428,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"data: {cfg.data.root}")
         summary = train(cfg, resume=args.resume, lr_find=args.lr_find,
                         checkpoint_every_steps=args.checkpoint_every_steps, start_fresh=args.start_fresh)
-    except (ScheduleMismatch, DatasetError, CheckpointError, StorageFull) as e:  # one line, no traceback
+    except USER_ERRORS as e:  # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_written(summary)
