@@ -183,18 +183,32 @@ def show(fig: Figure, name: str | None = None, folder: str | os.PathLike | None 
     if folder is not None and name:
         os.makedirs(folder, exist_ok=True)
         fig.savefig(os.path.join(folder, f"{name}.png"), dpi=dpi)
+    photos = any(ax.images for ax in fig.axes)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="jpeg" if photos else "png", dpi=dpi, pil_kwargs={"quality": 85} if photos else None)
+    _display(buffer.getvalue(), "jpeg" if photos else "png")
+
+
+def show_saved(path: str | os.PathLike, name: str | None = None, folder: str | os.PathLike | None = None) -> None:
+    """Display a PNG written earlier (e.g. the run's `lr_finder.png`, saved by `helpers.train`) in a
+    notebook and, given a folder and a name, copy it there as folder/name.png, as `show` does."""
+    data = Path(path).read_bytes()
+    if folder is not None and name:
+        os.makedirs(folder, exist_ok=True)
+        Path(folder, f"{name}.png").write_bytes(data)
+    _display(data, "png")
+
+
+def _display(data: bytes, fmt: str) -> None:
+    """Show encoded image bytes as a notebook output; nothing outside a notebook."""
     try:
         from IPython import get_ipython
         from IPython.display import Image as IPythonImage
         from IPython.display import display
     except ImportError:  # no IPython: saving was the point
         return
-    if get_ipython() is None:  # IPython installed, but this is a script, not a notebook
-        return
-    photos = any(ax.images for ax in fig.axes)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="jpeg" if photos else "png", dpi=dpi, pil_kwargs={"quality": 85} if photos else None)
-    display(IPythonImage(data=buffer.getvalue(), format="jpeg" if photos else "png"))
+    if get_ipython() is not None:  # None: IPython installed, but this is a script, not a notebook
+        display(IPythonImage(data=data, format=fmt))
 
 
 # --- detections on examples ------------------------------------------------------------------
