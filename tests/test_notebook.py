@@ -62,6 +62,11 @@ def test_the_notebook_runs_top_to_bottom_in_smoke_mode(tmp_path, monkeypatch):
     bundles = list(run.glob("bundle-*/model.safetensors"))
     assert len(bundles) == 1
     assert os.environ["YOLO_SMOKE"] == "1"
+    # the range test ran as python -m helpers.train --lr-find runs it, and the notebook showed its curve
+    shown = next(c for c in nb.cells if c.cell_type == "code" and "show_saved(" in c.source)
+    assert (run / "lr_finder.png").is_file()
+    assert sum("image/png" in o.get("data", {}) for o in shown.outputs) == 2  # the curve and the schedule
+    written = {name: (run / name).stat().st_mtime_ns for name in ("schedule.txt", "lr_finder.png")}
 
     # A student disconnected after training reruns the notebook top to bottom: it completes, the
     # training cell only reports the finished run, and nothing is written twice.
@@ -70,7 +75,8 @@ def test_the_notebook_runs_top_to_bottom_in_smoke_mode(tmp_path, monkeypatch):
     NotebookClient(nb, timeout=900, kernel_name="python3",
                    resources={"metadata": {"path": str(REPO)}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "run already complete" in text and "reusing" in text  # the schedule file too
+    assert "run already complete" in text and "LR finder" not in text
+    assert {name: (run / name).stat().st_mtime_ns for name in written} == written  # no range test, same schedule
     assert list(run.glob("bundle-*/model.safetensors")) == bundles
     assert len(list((run / "logs").glob("version_*"))) == 1
 
