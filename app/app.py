@@ -194,7 +194,7 @@ def read_upload(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Upload:
     path = Path(path)
     try:
         info = read_info(path, max_file_bytes=MAX_UPLOAD)
-        # a big JPEG is decoded reduced in the DCT (2-8x faster than in full), others shrunk by an
+        # a big JPEG is decoded reduced in the DCT (faster than in full), others shrunk by an
         # integer factor, to no less than half of max_side; the cap below then applies
         image = read_image(path, max_side=max_side // 2, max_file_bytes=MAX_UPLOAD)
     except ImageError as e:

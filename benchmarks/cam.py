@@ -2,7 +2,7 @@
 
     python -m benchmarks.cam [--repeats 5] [--size 416]
 
-Goal (issue 7): Grad-CAM for 5 detections <= 3x one forward pass. `helpers.cam` runs the network
+Goal: Grad-CAM for 5 detections <= 3x one forward pass. `helpers.cam` runs the network
 once without gradients (`capture`, which is also the forward pass that finds the detections), then
 pytorch-grad-cam on each scale's prediction head only, one batch row per detection. For comparison
 the script also times the plain library path: the whole flattened model (`FlatOutputs`) with the

@@ -2,8 +2,8 @@
 
     python -m benchmarks.core
 
-Goals (issue 3): forward at 416 no slower than the course model (~490 ms on the 2-core dev box),
-loss f+b <= 18 ms at batch 8. Issue 17: `build_targets` >= 5x faster per sample than the course's
+Goals: forward at 416 no slower than the course model (its figure in benchmarks/RESULTS.md),
+loss f+b <= 18 ms at batch 8, `build_targets` >= 5x faster per sample than the course's
 per-sample target loop at batch 16 (`course_targets` below, the reference it is timed against).
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ from helpers.targets import IGNORE_IOU, build_targets
 
 
 def course_targets(boxes: list[list[float]], image_size: int = 416, anchors=ANCHORS) -> list[torch.Tensor]:
-    """The course's per-sample target loop, written from its description (COURSE_FACTS.md, "Anchors
-    and targets"), as its `Dataset.__getitem__` runs it for one image: a Python loop over the boxes
+    """The course's per-sample target loop, as its `Dataset.__getitem__` runs it for one image (the
+    rule is spelled out below; the code is ours): a Python loop over the boxes
     [cx, cy, w, h, class] (normalised), small torch tensors per box.
 
     Per box: rank all 9 anchors by shape IoU; walk them best first; on each scale the first anchor

@@ -7,7 +7,7 @@ test samples (letterbox), each read exactly as a DataLoader worker reads them: b
 from `MultiScaleBatchSampler` over shuffled indices, fetched by the dataset's `__getitems__`
 (one call per batch) when it has one, else one `dataset[key]` per key. `--batch 1` measures
 single samples (`dataset[key]`, as plots and the app read them). Real photos from ../shared/realdet when present (REALDET_ROOT overrides), otherwise
-generated 500x375 JPEGs. Goal (issue 4): >= 150 samples/s per core for mosaic p=0.75 at 416
+generated 500x375 JPEGs. Goal: >= 150 samples/s per core for mosaic p=0.75 at 416
 (the course's code: ~63 on the same machine; its plain pipeline ~104, its test pipeline ~206).
 
 Two figures per pipeline, best of `--repeats`: per wall-clock second and per CPU second of this

@@ -15,7 +15,7 @@ from torchvision.ops import box_convert, box_iou
 
 from .config import STRIDES
 
-__all__ = ["as_hw", "grid_shapes", "cxcywh_to_xyxy", "labels_to_pixels", "xyxy_to_cxcywh", "box_iou", "paired_iou", "wh_iou",
+__all__ = ["as_hw", "grid_shapes", "cxcywh_to_xyxy", "labels_to_pixels", "box_iou", "paired_iou", "wh_iou",
            "Letterbox", "letterboxes_to_original"]
 
 
@@ -44,11 +44,6 @@ def labels_to_pixels(boxes, height: int, width: int) -> torch.Tensor:
     b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 5)
     xyxy = cxcywh_to_xyxy(b[:, 1:] * b.new_tensor([width, height, width, height]))
     return torch.cat((xyxy, b[:, :1]), dim=1)
-
-
-def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
-    """[..., 4] x1, y1, x2, y2 -> [..., 4] cx, cy, w, h."""
-    return box_convert(boxes.reshape(-1, 4), "xyxy", "cxcywh").reshape(boxes.shape)
 
 
 def paired_iou(a: torch.Tensor, b: torch.Tensor, fmt: str = "cxcywh", eps: float = 1e-7) -> torch.Tensor:

@@ -262,7 +262,8 @@ class SignedEigenCAM(EigenCAM):
       wrong way is zeroed by the ReLU; the sign chosen makes the map correlate positively with the
       mean activation (where the features fire);
     - a thin SVD (`full_matrices=False`): the library's full one builds an (h*w)^2 matrix it never
-      uses, 3 s for a 52x52 map on a 2-core CPU instead of a few milliseconds. Same component.
+      uses, seconds for a 52x52 map on a CPU where the thin one takes tens of milliseconds
+      (benchmarks/RESULTS.md). Same component.
     """
 
     def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth):

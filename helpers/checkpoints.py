@@ -36,6 +36,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from .config import Config
 from .divergence import TrainingDiverged, all_finite
+from .schedule import first_change, one_cycle_settings
 from .storage import EMPTY_TRASH, atomic_write_new, free_bytes, human, remove_temporaries  # noqa: F401 - remove_temporaries: re-exported
 from .weights import NAME, SETTINGS_ADDED, CheckpointError, problem_with, saved_config, step_of
 
@@ -136,7 +137,8 @@ class StoragePlan:
 def storage_plan(model: torch.nn.Module, epochs: int, keep_last_k: int, optimizer: str = "adam") -> StoragePlan:
     """Bytes the checkpoints of a run take, from the model's parameter count: a full state holds the
     fp32 weights, Adam's two moments (SGD's one) and the buffers; a weights file fp16 weights and
-    buffers. A few hundred KB of names and settings come on top of each (measured: within 1%)."""
+    buffers. A few hundred KB of names and settings come on top of each (measured against real files
+    in benchmarks/RESULTS.md, "Checkpoint storage")."""
     params = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     moments = 1 if optimizer == "sgd" else 2
@@ -260,11 +262,16 @@ class PeriodicCheckpoint(pl.Callback):
 
 
 # Settings a resume must share with the checkpoint's run: the model's shape, then everything the
-# schedule file was computed from (the flag to pass back is named in the refusal).
+# schedule file was computed from (schedule.ONE_CYCLE_FIELDS, and what sets its steps) and the
+# optimizer (the flag to pass back is named in the refusal).
 MODEL_KEYS = ("num_classes", "width")
-SCHEDULE_KEYS = (("train", "epochs"), ("train", "max_lr"), ("train", "pct_start"), ("train", "div_factor"),
-                 ("train", "final_div_factor"), ("train", "anneal_strategy"), ("train", "three_phase"),
-                 ("train", "optimizer"), ("train", "limit_train_batches"), ("data", "batch_size"))
+
+
+def _schedule_settings(config: Config) -> dict:
+    return {**one_cycle_settings(config.train), "optimizer": config.train.optimizer,
+            "limit_train_batches": config.train.limit_train_batches, "batch_size": config.data.batch_size}
+
+
 def check_resumable(path: str | os.PathLike, config: Config) -> None:
     """Refuse (CheckpointError, one line naming the file and the mismatch) a checkpoint that is not a
     complete training state of this run's model and schedule."""
@@ -295,10 +302,9 @@ def check_resumable(path: str | os.PathLike, config: Config) -> None:
             raise CheckpointError(
                 f"cannot resume from {path}: it was trained with {key} {there} and this run asks {here} "
                 f"(rerun with --{key.replace('_', '-')} {there} to resume, or use a new --run-dir)")
-    for section, key in SCHEDULE_KEYS:
-        here, there = getattr(getattr(config, section), key), getattr(getattr(saved, section), key)
-        if here != there:
-            raise CheckpointError(
-                f"cannot resume from {path}: it was trained with {key} {there} and this run asks {here}; its "
-                f"schedule file was computed for {there}. Rerun with --{key.replace('_', '-')} {there} to "
-                "resume, or use a new --run-dir to train with the new setting from the start")
+    if change := first_change(_schedule_settings(saved), _schedule_settings(config)):
+        key, there, here = change
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained with {key} {there} and this run asks {here}; its "
+            f"schedule file was computed for {there}. Rerun with --{key.replace('_', '-')} {there} to "
+            "resume, or use a new --run-dir to train with the new setting from the start")

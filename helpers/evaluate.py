@@ -5,7 +5,7 @@ all-point, difficult objects ignored, in original image pixels) and COCO mAP.
   from Lightning's loop (synced across DDP ranks); `evaluate` feeds it from its own loop.
 - `evaluate(model, dataloader, cfg)`: the loop, for code (notebook) and the command line:
 
-    python -m helpers.evaluate --checkpoint runs/default/checkpoints/last.ckpt --data VOCdevkit --split test
+    python -m helpers.evaluate --checkpoint latest --run-dir runs/default --data VOCdevkit --split test
 
 writes metrics.json and pr_curves.png into a new folder (never over an earlier evaluation), then
 prints the course's accuracies against their targets (the model's: `ModelConfig.accuracy_targets`),

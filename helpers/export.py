@@ -11,6 +11,9 @@ only plain values. `config.json` says what the app needs to run and to describe 
      "display_conf": 0.23, "display_conf_source": "F1-best on ...", "display_conf_measured": {...} (if measured),
      "weights_dtype": "float32" | "float16", "weights_sha256": "...", "created": "...Z"}
 
+`anchors` and `strides` are those the weights were trained with: `weights.read_bundle_config`
+refuses a bundle whose differ from the code's (its boxes would be decoded wrong, silently).
+
 `training.trained_on` and `training.evaluated_on` say in words what data the weights were trained
 and measured on (the app's About section shows them with the metrics); they are written at export
 time from the checkpoint's config, never typed by hand. `--fp16` stores the floating-point weights
@@ -275,7 +278,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         raise BundleError(f"{checkpoint}: checkpoint file not found")
     refuse_existing(out, NEVER_OVERWRITTEN)  # before the (slow) load
     model, config = load_model(checkpoint)
-    # Lightning's own counters; mmap so a 700 MB checkpoint is not read a second time.
+    # Lightning's own counters; mmap so a full training state is not read a second time.
     raw = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     training = {"checkpoint": checkpoint.name, "epoch": raw.get("epoch"), "global_step": raw.get("global_step"),
                 "lightning_version": raw.get("pytorch-lightning_version"),

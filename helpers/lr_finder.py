@@ -18,13 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from torch_lr_finder import LRFinder, TrainDataLoaderIter
 
 from .batch import Batch
 from .config import STRIDES
 from .loss import YoloLoss
-from .plotting import plot_lr_finder
 from .targets import build_targets
 from .utils import free_gpu_memory
 
@@ -56,7 +54,6 @@ class LRFinderResult:
     smoothed: list[float]  # centred moving average of losses (`read_curve`)
     steepest: float | None  # LR of the steepest descent of the smoothed curve, before its minimum
     max_lr: float | None  # the LR to train with: steepest, capped at (LR of the minimum) / 10
-    figure: Figure
 
 
 def read_curve(lrs, losses, window: int | None = None, skip_start: int = 0, skip_end: int = 0):
@@ -105,7 +102,8 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_load
             device: str | torch.device = "cpu", amp: bool = False) -> LRFinderResult:
     """Run the range test; the model's and optimizer's states are restored afterwards, and on a GPU the
     memory the test took is handed back (`free_gpu_memory`): the model returns to the device it came
-    from, and a 2-GPU run started next in a child process finds cuda:0 as free as before."""
+    from, and a 2-GPU run started next in a child process finds cuda:0 as free as before. The curve
+    is returned, not drawn: `plotting.plot_lr_finder` draws it (the caller decides where it goes)."""
     amp_kwargs = {}
     if amp and torch.device(device).type == "cuda":
         amp_kwargs = {"amp_backend": "torch", "amp_config": {"device_type": "cuda", "dtype": torch.float16}}
@@ -126,5 +124,4 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_load
     n = len(lrs)
     skip_start, skip_end = min(10, n // 10), min(5, n // 20)  # torch-lr-finder's defaults, shrunk for short tests
     smoothed, steepest, max_lr = read_curve(lrs, losses, skip_start=skip_start, skip_end=skip_end)
-    figure = plot_lr_finder(lrs, smoothed, max_lr, raw=losses, steepest=steepest)
-    return LRFinderResult(lrs, losses, smoothed, steepest, max_lr, figure)
+    return LRFinderResult(lrs, losses, smoothed, steepest, max_lr)

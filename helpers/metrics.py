@@ -55,6 +55,13 @@ from .config import AccuracyTargets
 METHODS = ("voc07", "all")
 
 
+def check_method(method: str) -> str:
+    """`method` if it is a VOC AP method (METHODS), else ValueError naming the choices."""
+    if method not in METHODS:
+        raise ValueError(f"VOC AP method must be one of {METHODS}, got {method!r}")
+    return method
+
+
 # --------------------------------------------------------------------------- collecting over ranks
 class DetectionsAndTruths(Metric):
     """Collects detections and ground truths over the validation set, gathered across ranks.
@@ -263,7 +270,7 @@ def match_detections(detections, ground_truths, iou_threshold: float = 0.5, num_
     of difficult objects; `cls`, `score` [D] theirs; `tp`, `fp` [D] bool (exactly one is true);
     `npos` [num_classes] non-difficult GT counts.
     NumPy rather than torch: these are 1-D passes over ~1e5 elements, where torch's intra-op threads
-    cost more than they give (7x slower on a busy 2-core machine).
+    cost more than they give (measured in benchmarks/RESULTS.md).
     """
     d_img, d_box, d_score, d_cls, g_img, g_box, g_cls, g_dif = _gather(detections, ground_truths, num_classes)
     n_det = len(d_score)
@@ -320,9 +327,7 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, method: str = "
 
     "voc07": 11-point interpolated (VOC2007); "all": area under the monotone envelope (VOC2010+).
     """
-    if method not in METHODS:
-        raise ValueError(f"average_precision: method must be one of {METHODS}, got {method!r}")
-    if method == "voc07":
+    if check_method(method) == "voc07":
         if len(recall) == 0:
             return 0.0
         envelope = np.maximum.accumulate(precision[::-1])[::-1]  # max precision at index >= i
@@ -379,8 +384,7 @@ def voc_ap(curves: Mapping, method: str = "voc07") -> dict:
     Returns the curves' dict plus "map" (mean AP over the classes with at least one non-difficult
     ground truth, NaN if none), "ap" (np.ndarray [C], NaN for classes without) and "method".
     """
-    if method not in METHODS:
-        raise ValueError(f"voc_map: method must be one of {METHODS}, got {method!r}")
+    check_method(method)  # here too: with no ground truth, average_precision is never called
     npos = curves["num_gt"]
     ap = np.full(len(npos), np.nan)
     for c in np.flatnonzero(npos > 0):
@@ -411,10 +415,7 @@ def voc_map(
       "num_gt": [C] non-difficult GT counts; "num_tp", "num_fp": [C] counts over all detections;
       "method", "iou_threshold".
     """
-    methods = (method,) if isinstance(method, str) else tuple(method)
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"voc_map: method must be one of {METHODS}, got {m!r}")
+    methods = [check_method(m) for m in ((method,) if isinstance(method, str) else method)]  # before matching
     curves = voc_curves(detections, ground_truths, iou_threshold, num_classes)
     results = {m: voc_ap(curves, m) for m in methods}
     return results[method] if isinstance(method, str) else results

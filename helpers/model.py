@@ -231,8 +231,8 @@ def load_course_state_dict(model: YOLOv3, state_dict: Mapping[str, torch.Tensor]
 def fuse_for_inference(model: YOLOv3) -> YOLOv3:
     """An eval-only copy with each BatchNorm folded into its conv, in channels-last memory layout.
 
-    Same outputs (to float rounding), about a third less CPU time per forward. Not for training:
-    the folded copy has no BatchNorm statistics left to update.
+    Same outputs (to float rounding), less CPU time per forward (benchmarks/RESULTS.md, "Core").
+    Not for training: the folded copy has no BatchNorm statistics left to update.
     """
     fused = copy.deepcopy(model).eval()
     for module in fused.modules():

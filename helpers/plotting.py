@@ -1,6 +1,7 @@
 """Figures: boxes on images, example grids, CAM overlays, LR-finder, schedule, PR and training curves,
 and a gallery of the worst mistakes. Drawing only: what a figure shows is computed before (the model
-on examples, the mistakes and their CAMs in `helpers.analysis`, curves in `helpers.evaluate`).
+on examples, the mistakes and their CAMs in `helpers.analysis`, curves in `helpers.evaluate`, a run's
+logged metrics read by `helpers.run_logs`).
 
 Every figure is a `matplotlib.figure.Figure` built directly (never through pyplot), so nothing is
 registered in pyplot's figure list: calling these in a loop never grows memory (the course's
@@ -18,7 +19,6 @@ bare boxes.
 """
 from __future__ import annotations
 
-import csv
 import io
 import math
 import os
@@ -33,7 +33,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image, ImageDraw, ImageFont
 
 from .config import VOC_CLASSES, AccuracyTargets
-from .storage import write_figure
+from .storage import atomic_write, write_figure
 
 GOLDEN = 0.618033988749895
 
@@ -183,18 +183,32 @@ def show(fig: Figure, name: str | None = None, folder: str | os.PathLike | None 
     so a cell ending in `show(...)` does not show the figure a second time."""
     if folder is not None and name:
         write_figure(fig, Path(folder) / f"{name}.png", dpi=dpi)  # atomically; a full disk is StorageFull
+    photos = any(ax.images for ax in fig.axes)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="jpeg" if photos else "png", dpi=dpi, pil_kwargs={"quality": 85} if photos else None)
+    _display(buffer.getvalue(), "jpeg" if photos else "png")
+
+
+def show_saved(path: str | os.PathLike, name: str | None = None, folder: str | os.PathLike | None = None) -> None:
+    """Display a PNG written earlier (e.g. the run's `lr_finder.png`, saved by `helpers.train`) in a
+    notebook and, given a folder and a name, copy it there as folder/name.png, as `show` does."""
+    data = Path(path).read_bytes()
+    if folder is not None and name:
+        os.makedirs(folder, exist_ok=True)
+        atomic_write(Path(folder) / f"{name}.png", lambda f: f.write(data), replace=True)
+    _display(data, "png")
+
+
+def _display(data: bytes, fmt: str) -> None:
+    """Show encoded image bytes as a notebook output; nothing outside a notebook."""
     try:
         from IPython import get_ipython
         from IPython.display import Image as IPythonImage
         from IPython.display import display
     except ImportError:  # no IPython: saving was the point
         return
-    if get_ipython() is None:  # IPython installed, but this is a script, not a notebook
-        return
-    photos = any(ax.images for ax in fig.axes)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="jpeg" if photos else "png", dpi=dpi, pil_kwargs={"quality": 85} if photos else None)
-    display(IPythonImage(data=buffer.getvalue(), format="jpeg" if photos else "png"))
+    if get_ipython() is not None:  # None: IPython installed, but this is a script, not a notebook
+        display(IPythonImage(data=data, format=fmt))
 
 
 # --- detections on examples ------------------------------------------------------------------
@@ -379,44 +393,6 @@ def plot_pr_curves(result, class_names: Sequence[str] = VOC_CLASSES, ncols: int 
     return fig
 
 
-def read_metrics_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Lightning CSVLogger's metrics.csv as column -> float array (NaN where a row has no value)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{path}: no rows (has training logged anything yet?)")
-    cols = {}
-    for key in rows[0]:
-        cols[key] = np.array([float(r[key]) if r.get(key) not in ("", None) else np.nan for r in rows])
-    return cols
-
-
-def read_run_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every session of a run as one table (column -> float array): `path` is the CSVLogger's folder
-    (`<run_dir>/logs`, holding a `version_N/metrics.csv` per session), or the run folder holding it.
-
-    A resumed session restarts at its checkpoint's step, so the rows an earlier session logged from
-    that step on (steps redone after a kill) are replaced by the later session's."""
-    folder = Path(path)
-    if (folder / "logs").is_dir():
-        folder = folder / "logs"
-    files = sorted(folder.glob("version_*/metrics.csv"), key=lambda f: int(f.parent.name.split("_")[-1]))
-    if not files:
-        raise ValueError(f"{folder}: no version_*/metrics.csv (has training logged anything yet?)")
-    rows: list[dict] = []
-    for file in files:
-        with open(file, newline="") as f:
-            session = [r for r in csv.DictReader(f) if r.get("step") not in ("", None)]
-        if not session:
-            continue
-        first = min(float(r["step"]) for r in session)
-        rows = [r for r in rows if float(r["step"]) < first] + session
-    if not rows:
-        raise ValueError(f"{folder}: no rows (has training logged anything yet?)")
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    return {k: np.array([float(r[k]) if r.get(k) not in ("", None) else np.nan for r in rows]) for k in keys}
-
-
 def plot_training_curves(metrics, targets: AccuracyTargets | None = None) -> Figure:
     """Losses, accuracies, mAP and learning rate against the optimizer step, from a run's log folder
     (`<run_dir>/logs` or `<run_dir>`: every session merged, see `read_run_metrics`), a Lightning
@@ -427,6 +403,11 @@ def plot_training_curves(metrics, targets: AccuracyTargets | None = None) -> Fig
     `targets` (`ModelConfig.accuracy_targets`) as a dashed line of its colour; val mAP; the learning rate.
     """
     if isinstance(metrics, (str, os.PathLike)):
+        from .run_logs import (  # here: the app's Space carries no log reader
+            read_metrics_csv,
+            read_run_metrics,
+        )
+
         cols = read_run_metrics(metrics) if Path(metrics).is_dir() else read_metrics_csv(metrics)
     else:
         cols = {k: np.asarray(v, float) for k, v in metrics.items()}
@@ -446,8 +427,7 @@ def plot_training_curves(metrics, targets: AccuracyTargets | None = None) -> Fig
                                                    ("train/loss_epoch", dict(marker="o", linewidth=1.5)),
                                                    ("val/loss", dict(marker="s", linewidth=1.5)))]
     panels.append(("loss", [x for x in loss if x[1] is not None], False))
-    acc = [(n, series(n), dict(marker="o")) for n in ("val/class_acc", "val/noobj_acc", "val/obj_acc",
-                                                      "train/class_acc", "train/noobj_acc", "train/obj_acc")]
+    acc = [(n, series(n), dict(marker="o")) for n in ("val/class_acc", "val/noobj_acc", "val/obj_acc")]
     panels.append(("accuracy (%)", [x for x in acc if x[1] is not None], False))
     maps = [(n, series(n), dict(marker="o")) for n in sorted(cols) if n.startswith("val/map")]
     panels.append(("mAP", [x for x in maps if x[1] is not None], False))

@@ -84,7 +84,6 @@ def detect(
     score: str = "obj*cls",
     letterbox: Sequence[Letterbox] | None = None,
     anchors=ANCHORS,
-    multi_label: bool = False,
     return_indices: bool = False,
 ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Detections per image after class-aware NMS.
@@ -100,8 +99,6 @@ def detect(
     letterbox: None (boxes in input pixels, clipped to the input) or one `boxes.Letterbox` per image
         (or the plain dataset's metas, which carry one): boxes mapped back to the original image
         (`Letterbox.to_original`) and clipped to it.
-    multi_label: one candidate per (box, class) above the threshold rather than per box with its
-        best class (more candidates, often a little more mAP at low thresholds).
     return_indices: also return, per image, the long tensor [K] of each detection's row among the
         decoded anchors (`decode`'s axis A: scale, anchor, row, column), which says which cell, anchor
         and scale of the raw output it came from (what a per-detection Grad-CAM differentiates).
@@ -120,13 +117,8 @@ def detect(
 
     # Candidates: (image, anchor, class, score) above the threshold, at most nms_pre per image
     # (a batched top-k: no sort of the whole set).
-    n_classes = cls_prob.shape[-1]
-    if multi_label:
-        flat = (obj.unsqueeze(-1) * cls_prob if score == "obj*cls" else obj.unsqueeze(-1).expand_as(cls_prob))
-        flat = flat.reshape(batch, -1)  # [B, A*C]
-    else:
-        best_prob, best_cls = cls_prob.max(dim=-1)
-        flat = obj * best_prob if score == "obj*cls" else obj  # [B, A]
+    best_prob, best_cls = cls_prob.max(dim=-1)  # one candidate per box, with its best class
+    flat = obj * best_prob if score == "obj*cls" else obj  # [B, A]
     if nms_pre is not None and nms_pre < flat.shape[1]:
         top_scores, top_idx = flat.topk(nms_pre, dim=1)
         img, pos = torch.nonzero(top_scores > conf_threshold, as_tuple=True)
@@ -134,17 +126,14 @@ def detect(
     else:
         img, idx = torch.nonzero(flat > conf_threshold, as_tuple=True)
         scores = flat[img, idx]
-    if multi_label:
-        anchor, cls = idx // n_classes, idx % n_classes
-    else:
-        anchor, cls = idx, best_cls[img, idx]
+    anchor, cls = idx, best_cls[img, idx]
 
     cand = boxes[img, anchor]
     cand = torch.stack((cand[:, 0].clamp(0, width), cand[:, 1].clamp(0, height),
                         cand[:, 2].clamp(0, width), cand[:, 3].clamp(0, height)), dim=1)
     # Candidates come grouped by image (nonzero's row-major order). One class-aware NMS per image:
-    # on a 2-core CPU that is 2x faster than one batch-wide call, whose per-(image, class) loop
-    # masks the whole batch each time.
+    # faster than one batch-wide call, whose per-(image, class) loop masks the whole batch each time
+    # (benchmarks/RESULTS.md, "Three design choices").
     counts = torch.bincount(img, minlength=batch).tolist()
     keep, start = [], 0
     for n in counts:

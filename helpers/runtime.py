@@ -52,6 +52,14 @@ def detect(env: dict | None = None, modules: dict | None = None) -> Runtime:
     return Runtime("local", Path("runs/notebook"), Path("runs/notebook/data"), download)
 
 
+def mode_run_dir(run_dir: str | os.PathLike, smoke: bool) -> Path:
+    """The run folder of a notebook mode: a smoke run (the small embedded config on generated data) in
+    `<run_dir>-smoke`, beside the course run's folder, so neither ever meets the other's schedule or
+    checkpoints (a smoke run first would otherwise stop the course run with a schedule mismatch)."""
+    run_dir = Path(run_dir)
+    return run_dir.with_name(f"{run_dir.name}-smoke") if smoke else run_dir
+
+
 # --- the GPU -------------------------------------------------------------------------------------
 def runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
     """Whether a torch built for `arch_list` (`torch.cuda.get_arch_list()`, e.g. ['sm_75', 'compute_90'])
@@ -133,19 +141,22 @@ class TrainingFailed(RuntimeError):
     """The training process ended with an error (its own output, shown above, says which)."""
 
 
-def train_command(cfg: Config, resume: str = "latest") -> list[str]:
-    """Write `cfg` to `<run_dir>/config.json` and return the command that trains it (any devices)."""
+def train_command(cfg: Config, resume: str = "latest", lr_find: bool = False) -> list[str]:
+    """Write `cfg` to `<run_dir>/config.json` and return the command that trains it (any devices),
+    as `train(cfg, resume=resume, lr_find=lr_find)` would in this process."""
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=1))
-    return [sys.executable, "-m", "helpers.train", "--config", str(run_dir / CONFIG_FILE), "--resume", resume]
+    return [sys.executable, "-m", "helpers.train", "--config", str(run_dir / CONFIG_FILE), "--resume", resume,
+            *(["--lr-find"] if lr_find else [])]
 
 
-def train_in_subprocess(cfg: Config, resume: str = "latest") -> dict:
+def train_in_subprocess(cfg: Config, resume: str = "latest", lr_find: bool = False) -> dict:
     """Train `cfg` in a child process (`train_command`), its output shown here line by line; the
-    run's summary (`metrics.json`) when it succeeds, else TrainingFailed with its exit status."""
-    command = train_command(cfg, resume)
-    free_gpu_memory()  # what this process holds on cuda:0 and no longer uses (the LR range test's) goes to the child
+    run's summary (`metrics.json`) when it succeeds, else TrainingFailed with its exit status. The LR
+    range test (`lr_find`) runs in the child too, so this process holds no GPU memory for it."""
+    command = train_command(cfg, resume, lr_find)
+    free_gpu_memory()  # anything this process still holds on cuda:0 goes to the child
     print("$", " ".join(command), flush=True)
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as child:
         for line in child.stdout:

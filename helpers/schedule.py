@@ -12,12 +12,20 @@ The values come from torch's own OneCycleLR, stepped on a dummy optimizer, so th
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .config import TrainConfig
 from .storage import atomic_write_new
+
+# The TrainConfig fields a schedule is computed from (OneCycleSpec's fields of the same names).
+ONE_CYCLE_FIELDS = ("epochs", "max_lr", "pct_start", "div_factor", "final_div_factor", "anneal_strategy",
+                    "three_phase")
+_DEFAULTS = TrainConfig()  # OneCycleSpec's defaults are the config's: one place for the course's OneCycle
 
 
 class ScheduleMismatch(ValueError):
@@ -31,11 +39,11 @@ class OneCycleSpec:
     steps_per_epoch: int
     batch_size: int
     dataset_length: int
-    pct_start: float = 0.3
-    div_factor: float = 25.0
-    final_div_factor: float = 1e4
-    anneal_strategy: str = "cos"
-    three_phase: bool = False
+    pct_start: float = _DEFAULTS.pct_start
+    div_factor: float = _DEFAULTS.div_factor
+    final_div_factor: float = _DEFAULTS.final_div_factor
+    anneal_strategy: str = _DEFAULTS.anneal_strategy
+    three_phase: bool = _DEFAULTS.three_phase
     # "config": max_lr is the run's --max-lr, checked on resume; "given": chosen at the start (the
     # LR range test) and kept by every resume
     max_lr_source: str = "config"
@@ -43,6 +51,24 @@ class OneCycleSpec:
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
+
+
+def one_cycle_settings(train: TrainConfig) -> dict[str, Any]:
+    """The settings of `train` a schedule is computed from (ONE_CYCLE_FIELDS), by name."""
+    return {key: getattr(train, key) for key in ONE_CYCLE_FIELDS}
+
+
+def first_change(saved: Mapping[str, Any], asked: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
+    """(name, saved value, asked value) of the first setting in `asked` that differs from `saved`'s
+    (floats within 1e-9 relative count as equal: a value read back from text), or None. The one
+    comparison behind every schedule refusal (`Schedule.check_matches`, `checkpoints.check_resumable`)."""
+    for key, value in asked.items():
+        there = saved[key]
+        numbers = isinstance(there, float) and isinstance(value, (int, float))
+        same = abs(value - there) <= 1e-9 * abs(there) if numbers else value == there
+        if not same:
+            return key, there, value
+    return None
 
 
 def compute_schedule(spec: OneCycleSpec) -> list[float]:
@@ -99,14 +125,12 @@ class Schedule:
                 "or use a new --run-dir")
         if self.spec.max_lr_source != "config":
             settings.pop("max_lr", None)
-        for key, value in settings.items():
-            saved = getattr(self.spec, key)
-            same = abs(value - saved) <= 1e-9 * abs(saved) if isinstance(saved, float) else value == saved
-            if not same:
-                raise ScheduleMismatch(
-                    f"schedule file{where} was computed for {key} {saved}, this run asks {value}: rerun with "
-                    f"--{key.replace('_', '-')} {saved} to resume, or use a new --run-dir to train with "
-                    f"{key} {value} from the start (a resume continues the saved schedule line by line)")
+        if change := first_change(asdict(self.spec), settings):
+            key, saved, value = change
+            raise ScheduleMismatch(
+                f"schedule file{where} was computed for {key} {saved}, this run asks {value}: rerun with "
+                f"--{key.replace('_', '-')} {saved} to resume, or use a new --run-dir to train with "
+                f"{key} {value} from the start (a resume continues the saved schedule line by line)")
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write atomically (`storage.atomic_write_new`); the same schedule already there is kept, a
@@ -138,8 +162,7 @@ class Schedule:
                     lrs.append(float(line))
             except ValueError as e:
                 raise ValueError(f"{path}, line {n}: cannot read {line!r} ({e})") from None
-        missing = set(types) - set(header) - {"pct_start", "div_factor", "final_div_factor",
-                                              "anneal_strategy", "three_phase", "max_lr_source"}
+        missing = set(types) - set(header) - {"max_lr_source"}  # a file from before max_lr_source: "config"
         if missing:
             raise ValueError(f"{path}: header lacks {sorted(missing)}")
         spec = OneCycleSpec(**header)

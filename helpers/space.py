@@ -75,7 +75,7 @@ def _is_helpers_import(node: ast.AST) -> bool:
     return isinstance(node, ast.Import) and any(a.name.split(".")[0] == "helpers" for a in node.names)
 
 
-def _imports(path: Path, lazy_helpers: bool) -> tuple[set[str], set[str]]:
+def read_imports(path: Path, lazy_helpers: bool) -> tuple[set[str], set[str]]:
     """(helpers modules, third-party top-level modules) that `path` imports.
 
     Third-party imports count wherever they are (a superset is harmless in requirements.txt), except
@@ -123,7 +123,7 @@ def imported_modules(app: Path = APP, lazy: bool = False) -> set[str]:
         if path in seen:
             continue
         seen.add(path)
-        mods, _ = _imports(path, lazy_helpers=lazy or path == app)
+        mods, _ = read_imports(path, lazy_helpers=lazy or path == app)
         todo += [package / f"{m}.py" for m in mods if (package / f"{m}.py").is_file()]
     return {p.stem for p in seen if p != app} | {"__init__"}
 
@@ -131,7 +131,7 @@ def imported_modules(app: Path = APP, lazy: bool = False) -> set[str]:
 def app_modules(app: Path = APP, modules: tuple[str, ...] = SPACE_MODULES) -> tuple[list[Path], set[str]]:
     """The helpers files a Space carries (`modules`) and the third-party modules they and the app import."""
     files = sorted(ROOT / "helpers" / f"{m}.py" for m in modules)
-    external = set().union(*(_imports(path, lazy_helpers=False)[1] for path in [app, *files]))
+    external = set().union(*(read_imports(path, lazy_helpers=False)[1] for path in [app, *files]))
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
     return files, {m for m in external if m not in stdlib}
 

@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 
-from .annotations import DatasetError, find_dataset
+from .annotations import find_dataset
 from .checkpoints import (
     NoOverwriteCheckpointIO,
     PeriodicCheckpoint,
@@ -53,11 +53,11 @@ from .config import (
 )
 from .csv_log import AtomicCSVLogger, mend_logs
 from .datamodule import YOLODataModule
-from .divergence import TrainingDiverged
+from .errors import USER_ERRORS
 from .metrics import ACCURACY_NAMES, judge_accuracies, verdict_sentence
 from .module import YOLOModule, build_optimizer
 from .progress import TargetsProgressBar
-from .schedule import OneCycleSpec, Schedule, ScheduleMismatch, limited_steps
+from .schedule import OneCycleSpec, Schedule, limited_steps, one_cycle_settings
 from .storage import (
     EMPTY_TRASH,
     StorageFull,
@@ -68,7 +68,7 @@ from .storage import (
     removed_temporaries,
     write_figure,
 )
-from .weights import CheckpointError, find_latest, step_of
+from .weights import find_latest, step_of
 
 SCHEDULE_FILE = "schedule.txt"
 # CSV rows are appended to metrics.csv every LOG_FLUSH_STEPS steps: a kill loses at most the rows since
@@ -93,11 +93,12 @@ def embedded_default() -> Config:
 def course_preset() -> Config:
     """The course's run: full Darknet-53, 40 epochs, batch 16, 16-bit, 320-608 training sizes.
 
-    Storage: a full training state every 20 minutes and at each epoch end, the last two kept (~0.74 GB
-    each), plus each epoch's weights alone (~0.12 GB, fp16): ~7.2 GB for 40 epochs, within a free
-    Google Drive (15 GB, shared with Gmail and Photos). Its loss is TrainConfig's default, BCE
-    objectness, not the course's MSE one, which learns no objectness on real photos
-    (benchmarks/RESULTS.md, issue 16); `--obj-loss mse` restores it."""
+    Storage: a full training state every 20 minutes and at each epoch end, the last two kept, plus
+    each epoch's weights alone (fp16): within a free Google Drive (15 GB, shared with Gmail and
+    Photos); the sizes are in benchmarks/RESULTS.md ("Checkpoint storage") and `storage_plan` prints
+    them before a run. Its loss is TrainConfig's default, BCE objectness, not the course's MSE one,
+    which learns no objectness on real photos (benchmarks/RESULTS.md, "Learning real photos");
+    `--obj-loss mse` restores it."""
     return Config(train=TrainConfig(run_dir="runs/course", checkpoint_every_minutes=20.0, keep_last_k=2))
 
 
@@ -241,9 +242,7 @@ def prepare_schedule(cfg: Config, run_dir: Path, steps_per_epoch: int, dataset_l
     if max_lr is None:
         max_lr = t.max_lr
     source = max_lr_source or ("config" if max_lr == t.max_lr else "given")
-    settings = dict(epochs=t.epochs, max_lr=max_lr, pct_start=t.pct_start, div_factor=t.div_factor,
-                    final_div_factor=t.final_div_factor, anneal_strategy=t.anneal_strategy,
-                    three_phase=t.three_phase)
+    settings = {**one_cycle_settings(t), "max_lr": max_lr}
     if path.exists():
         schedule = Schedule.read(path)
         schedule.check_matches(cfg.data.batch_size, steps, path, **settings)
@@ -272,9 +271,11 @@ def lr_range_test(cfg: Config, datamodule):
 
 def run_lr_finder(cfg: Config, datamodule, run_dir: Path) -> float:
     from .lr_finder import describe_choice
+    from .plotting import plot_lr_finder
 
     result = lr_range_test(cfg, datamodule)
-    write_figure(result.figure, run_dir / "lr_finder.png", dpi=100)
+    write_figure(plot_lr_finder(result.lrs, result.smoothed, result.max_lr, raw=result.losses,
+                                steepest=result.steepest), run_dir / "lr_finder.png", dpi=100)
     if result.max_lr is None:
         print(f"LR finder: no suggestion (too few points, or the loss never fell); keeping max LR "
               f"{cfg.train.max_lr:.3g}")
@@ -460,7 +461,7 @@ def _final_metrics(logs: Path, trainer) -> dict[str, float]:
     then this session's in-memory values on top."""
     metrics = {}
     try:
-        from .plotting import read_run_metrics
+        from .run_logs import read_run_metrics
 
         for name, values in read_run_metrics(logs).items():
             finite = values[~np.isnan(values)]
@@ -500,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "a demonstration, not PASCAL VOC photos")
         summary = train(cfg, resume=args.resume, lr_find=args.lr_find,
                         checkpoint_every_steps=args.checkpoint_every_steps, start_fresh=args.start_fresh)
-    except (ScheduleMismatch, DatasetError, CheckpointError, StorageFull, TrainingDiverged) as e:  # one line
+    except USER_ERRORS as e:  # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_written(summary)

@@ -5,7 +5,7 @@
 - train, plain sample: `random_affine` draws one matrix (letterbox scale x scale jitter, a shift
   that letterboxes or crops, a mild rotation and shear, a horizontal flip) and `warp` applies it
   with a single cv2.warpAffine from the decoded pixels straight to the S x S canvas. One resampling
-  instead of albumentations' resize, pad and affine (three passes, each a blur) and 2-3x cheaper.
+  instead of albumentations' resize, pad and affine (three passes, each a blur), and cheaper.
 - train, both kinds: `photometric()`, an albumentations pipeline on the finished canvas (hue,
   saturation, value, contrast and a rare grayscale, as one colour matrix).
 - `box_candidates`: boxes that keep less than 10% of their area, or end thinner than 2 px, are
@@ -128,8 +128,8 @@ def colour_matrix(hue_deg: float, saturation: float, value: float, contrast: flo
 
 class ColourJitter(A.ImageOnlyTransform):
     """Hue, saturation, value and contrast jitter, and a rare grayscale, as ONE 3x4 colour matrix
-    applied by cv2.transform: ~0.1 ms on a 416 image, where an HSV round trip (YOLOv5's, or
-    A.HueSaturationValue) costs ~1 ms, a sixth of a training sample's whole budget. The ranges are
+    applied by cv2.transform, a fraction of what an HSV round trip (YOLOv5's, or A.HueSaturationValue)
+    costs (benchmarks/RESULTS.md, "Data pipeline, reworked"). The ranges are
     YOLOv5's HSV ones: hue about +-5 degrees (the matrix's rotation of +-9 degrees moves HSV hue
     about 0.6 as far), saturation and value gains 1 +- 0.5 and 1 +- 0.35."""
 

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .config import Config
+from .config import ANCHORS, STRIDES, Config
 from .model import YOLOv3, build_model
 
 # A full training state's file name: epoch, global step, the schedule's LR, a version on a clash.
@@ -190,7 +190,21 @@ def read_bundle_config(path: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in ("classes", "num_classes", "image_size", "width", "config") if k not in info]
     if missing:
         raise BundleError(f"{path / CONFIG}: missing {', '.join(missing)}")
+    # The weights predict offsets from the anchors they were trained with; this code decodes with
+    # config.ANCHORS at config.STRIDES, so a bundle made for others would give wrong boxes silently.
+    if not _same_numbers(info.get("anchors", ANCHORS), ANCHORS) or not _same_numbers(info.get("strides", STRIDES),
+                                                                                      STRIDES):
+        raise BundleError(f"{path / CONFIG}: its model was trained with anchors {info.get('anchors')} at strides "
+                          f"{info.get('strides')}, and this code decodes with {[list(map(list, s)) for s in ANCHORS]} "
+                          f"at {list(STRIDES)}; export it again with the code it was trained with")
     return info
+
+
+def _same_numbers(a, b, tol: float = 1e-6) -> bool:
+    """Whether nested lists/tuples `a` and `b` have the same shape and numbers (to `tol`)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_numbers(x, y, tol) for x, y in zip(a, b))
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= tol
 
 
 def saved_config(d: dict[str, Any]) -> Config:

@@ -496,14 +496,14 @@ def test_what_a_space_carries_does_not_change_when_an_import_moves_into_a_functi
 
 
 def test_optional_imports_do_not_become_space_requirements(tmp_path):
-    from helpers.space import _imports
+    from helpers.space import read_imports
 
     module = tmp_path / "m.py"
     module.write_text("import numpy\ndef show():\n    try:\n        from IPython.display import display\n"
                       "    except ImportError:\n        return\n    import scipy\n"
                       "try:\n    import yaml\nexcept ImportError:\n    raise SystemExit('needs yaml')\n"
                       "try:\n    from .boxes import iou\nexcept ImportError:\n    pass\n")
-    helpers, external = _imports(module, lazy_helpers=False)
+    helpers, external = read_imports(module, lazy_helpers=False)
     assert external == {"numpy", "scipy", "yaml"}  # IPython is optional; yaml is required after all
     assert helpers == {"boxes"}  # project modules are always copied
 

@@ -193,6 +193,8 @@ def test_checkpoints_load_model_accepts_a_bundle_folder(tmp_path, model_and_conf
     ("no_weights", "model.safetensors missing"),
     ("truncated_weights", "cannot read weights"),
     ("wrong_width", "do not fit"),
+    ("other_anchors", "trained with anchors"),
+    ("other_strides", "trained with anchors"),
 ])
 def test_damaged_bundle_gives_a_clear_error_naming_the_file(tmp_path, model_and_config, damage, message):
     model, cfg = model_and_config
@@ -212,6 +214,9 @@ def test_damaged_bundle_gives_a_clear_error_naming_the_file(tmp_path, model_and_
     elif damage == "wrong_width":
         info["config"]["model"]["width"] = 0.25
         (out / CONFIG).write_text(json.dumps(info))
+    elif damage in ("other_anchors", "other_strides"):  # weights for another decoding: refused, not misread
+        key, value = ("anchors", [[[0.5, 0.5]] * 3] * 3) if damage == "other_anchors" else ("strides", [64, 32, 16])
+        (out / CONFIG).write_text(json.dumps({**info, key: value}))
     with pytest.raises(BundleError, match=message) as e:
         load_bundle(out)
     assert str(out) in str(e.value)

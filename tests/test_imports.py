@@ -2,29 +2,22 @@
 graph has no cycle, and reading a saved model needs no Lightning."""
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
+
+from helpers.space import read_imports
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "helpers"
 
 
 def helpers_imported_by(path: Path) -> set[str]:
-    """The helpers modules `path` imports anywhere in its code (module level, functions, try blocks)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.ImportFrom):
-            parts = (node.module or "").split(".")
-            if node.level or parts[0] == "helpers":
-                inner = parts if node.level else parts[1:]
-                found |= {inner[0]} if inner and inner[0] else {a.name for a in node.names}
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("helpers.")}
+    """The helpers modules `path` imports anywhere in its code (module level, functions, try blocks):
+    the reader that decides what a Space carries (`space.read_imports`), so both read imports alike."""
     modules = {p.stem for p in PACKAGE.glob("*.py")}
-    return (found & modules) - {path.stem}
+    return (read_imports(path, lazy_helpers=True)[0] & modules) - {path.stem}
 
 
 def import_graph() -> dict[str, set[str]]:

@@ -112,7 +112,10 @@ def test_gradients_reach_every_parameter_of_the_model():
 
 # --- variants -------------------------------------------------------------------------------------
 def course_reference(outs, targets, anchors=ANCHORS):
-    """The course's loss as COURSE_FACTS.md states it, written plainly (masks, per scale)."""
+    """The course's loss written plainly, per scale (masks): no-object BCE of the objectness logit
+    against 0, object MSE of sigmoid(objectness) against the detached IoU, box MSE of [sigmoid(tx, ty),
+    tw, th] against [x, y in the cell, log(w / anchor), log(h / anchor)], class softmax cross-entropy;
+    each a mean over its cells, weighted box 10, object 1, no-object 10, class 1."""
     total = 0.0
     for pred, t, anc in zip(outs, targets, anchors):
         s = pred.shape[2]

@@ -8,7 +8,8 @@ from helpers.model import YOLOv3, count_parameters, fuse_for_inference, load_cou
 
 
 def test_full_model_has_the_course_parameter_count_without_its_three_dead_batchnorms():
-    # COURSE_FACTS: 61,626,499 counted by the course = 61,626,049 + 3 x 150 never-applied BN params.
+    # The course's model counts 61,626,499: ours plus a BatchNorm it builds after each of the three
+    # last 1x1 convs and never applies (3 x 150 parameters, never trained).
     assert count_parameters(YOLOv3(num_classes=20)) == 61_626_049
 
 
@@ -37,7 +38,9 @@ def test_config_constants_match_the_course():
     assert torch.tensor(ANCHORS).shape == (3, 3, 2)
 
 
-# --- A course-layout model, written from the facts in COURSE_FACTS.md, to produce a course state_dict.
+# --- A course-layout model, to produce a course state_dict: its layer list (the spec below), its key
+# names (`layers.{i}.conv`, `.bn`, residual `layers.{i}.layers.{r}.{0,1}`, head `layers.{i}.pred.{0,1}`),
+# and the anchor-major [B, 3, 5+C, H, W] -> [B, 3, H, W, 5+C] output, as the course writes them.
 class _CourseCNN(nn.Module):
     def __init__(self, cin, cout, bn_act=True, **kw):
         super().__init__()
@@ -154,7 +157,7 @@ def test_the_fused_inference_copy_gives_the_same_outputs_and_leaves_the_original
 
 
 def test_the_model_names_its_route_plan_as_the_course_wires_it():
-    # COURSE_FACTS.md: heads at 15, 22, 29; upsamples at 17, 24 joining the 8-block stages at 6 and 8.
+    # The course's layer list: heads at 15, 22, 29; upsamples at 17, 24 joining the 8-block stages at 6 and 8.
     plan = YOLOv3(num_classes=20, width=0.125).plan
     assert plan.predictions == (15, 22, 29)
     assert plan.routes == (6, 8) and plan.joins == (17, 24)

@@ -38,10 +38,11 @@ from helpers.plotting import (  # noqa: E402
     plot_schedule,
     plot_training_curves,
     plot_worst_mistakes,
-    read_metrics_csv,
     show,
+    show_saved,
     to_image,
 )
+from helpers.run_logs import read_metrics_csv  # noqa: E402
 from helpers.schedule import OneCycleSpec, Schedule, compute_schedule  # noqa: E402
 
 DOG, CAT, CAR = VOC_CLASSES.index("dog"), VOC_CLASSES.index("cat"), VOC_CLASSES.index("car")
@@ -514,6 +515,14 @@ def test_show_saves_the_figure_under_its_name_and_displays_nothing_twice(tmp_pat
     show(fig)  # no folder: nothing written
     assert [p.name for p in tmp_path.rglob("*.png")] == ["curve.png"]
     assert plt.get_fignums() == []
+
+
+def test_show_saved_copies_a_written_png_under_its_name(tmp_path):
+    fig = Figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    fig.savefig(tmp_path / "lr_finder.png")
+    assert show_saved(tmp_path / "lr_finder.png", "lr", tmp_path / "images") is None
+    assert (tmp_path / "images" / "lr.png").read_bytes() == (tmp_path / "lr_finder.png").read_bytes()
 
 
 def test_plot_worst_mistakes_without_mistakes_says_so():

@@ -126,19 +126,6 @@ def test_threshold_max_detections_and_nms_pre_keep_the_highest_scores():
     assert pre[:, 4].tolist() == pytest.approx([0.9, 0.8, 0.7], rel=1e-5)
 
 
-def test_multi_label_gives_one_candidate_per_class_above_threshold():
-    outs = blank()
-    put(outs, (416, 416), 0, 1, 0, (100.0, 100.0, 200.0, 200.0), obj=0.99, cls=4, cls_logit=0.0)
-    outs[1][..., 5 + 4] = 0.0
-    o = outs[1]
-    cell = (o[..., 0] > 0).nonzero()[0].tolist()
-    o[cell[0], cell[1], cell[2], cell[3], 5:8] = torch.tensor([5.0, 5.0, 5.0])  # three strong classes
-    (single,) = detect(outs, 416)
-    (multi,) = detect(outs, 416, multi_label=True)
-    assert len(single) == 1
-    assert sorted(multi[:, 5].tolist()) == [0.0, 1.0, 2.0]
-
-
 def test_letterbox_maps_back_to_original_pixels_and_clips_to_the_original_image():
     # A 400 x 200 (w x h) photo letterboxed into 416: scale 1.04, 104 px of padding on top.
     meta = Letterbox(scale=1.04, pad_left=0, pad_top=104, orig_h=200, orig_w=400)

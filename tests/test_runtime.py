@@ -70,6 +70,18 @@ def test_the_training_command_carries_the_whole_config(tmp_path):
     assert command[1:3] == ["-m", "helpers.train"] and command[-2:] == ["--resume", "latest"]
     again, _ = command_line(command[3:])
     assert again.to_dict() == json.loads(json.dumps(cfg.to_dict()))
+    assert command_line(train_command(cfg, lr_find=True)[3:])[1].lr_find  # as train(lr_find=True)
+
+
+def test_a_smoke_run_and_the_course_run_never_share_a_folder():
+    from pathlib import Path
+
+    from helpers.runtime import mode_run_dir
+
+    for base in ("/content/drive/MyDrive/yolov3-voc", "/kaggle/working/yolov3-voc", "runs/notebook"):
+        smoke, course = mode_run_dir(base, smoke=True), mode_run_dir(base, smoke=False)
+        assert course == Path(base) and smoke.parent == course.parent and smoke != course
+        assert not smoke.is_relative_to(course) and not course.is_relative_to(smoke)
 
 
 @pytest.mark.slow

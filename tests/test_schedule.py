@@ -140,3 +140,11 @@ def test_the_scheduler_saves_its_position_only_and_resumes_on_the_same_line(tmp_
     torch.save(state, tmp_path / "state.pt")  # plain types: readable with weights_only=True
     rest, _ = stepped(schedule, SPEC.total_steps - 9, torch.load(tmp_path / "state.pt", weights_only=True))
     assert rest == whole[9:]
+
+
+def test_a_spec_given_no_one_cycle_settings_takes_the_configs_defaults():
+    from helpers.config import TrainConfig
+    from helpers.schedule import one_cycle_settings
+
+    spec = OneCycleSpec(max_lr=1e-3, epochs=40, steps_per_epoch=10, batch_size=16, dataset_length=160)
+    assert {k: getattr(spec, k) for k in one_cycle_settings(TrainConfig())} == one_cycle_settings(TrainConfig())

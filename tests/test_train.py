@@ -52,7 +52,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def lr_by_step(run_dir: Path) -> dict[int, float]:
     """The LR logged at each optimizer step over every session of the run (Lightning logs step k's
     values with step = k); a step logged twice is an error."""
-    from helpers.plotting import read_run_metrics
+    from helpers.run_logs import read_run_metrics
 
     cols = read_run_metrics(run_dir)
     logged = [(int(step), lr) for step, lr in zip(cols["step"], cols["lr"]) if lr == lr]
@@ -489,7 +489,8 @@ def test_unreadable_batches_are_skipped_and_counted_and_a_finished_run_reruns_to
 
 
 def test_curves_merge_every_session_and_a_resumed_session_replaces_the_steps_it_redoes(tmp_path):
-    from helpers.plotting import plot_training_curves, read_run_metrics
+    from helpers.plotting import plot_training_curves
+    from helpers.run_logs import read_run_metrics
 
     logs = tmp_path / "logs"
     sessions = {0: "step,lr,train/loss_step\n0,1,9\n1,2,8\n2,3,7\n3,4,6\n",  # killed after step 3
