@@ -60,6 +60,10 @@ VARIANTS: dict[str, dict] = {
                                   "obj_balance": (0.4, 1.0, 4.0)},
     "bce-floor0.5-noobj100-balanced": {"obj_loss": "bce", "obj_target_min": 0.5, "lambda_noobj": 100.0,
                                        "obj_balance": (0.4, 1.0, 4.0)},
+    "bce-one-noobj100-balanced-class10": {"obj_loss": "bce", "obj_target_min": 1.0, "lambda_noobj": 100.0,
+                                          "obj_balance": (0.4, 1.0, 4.0), "lambda_class": 10.0},
+    "bce-one-noobj100-balanced-class3": {"obj_loss": "bce", "obj_target_min": 1.0, "lambda_noobj": 100.0,
+                                         "obj_balance": (0.4, 1.0, 4.0), "lambda_class": 3.0},
     "bce-one-giou": {"obj_loss": "bce", "obj_target_min": 1.0, "box_loss": "giou"},
 }
 LOSS_FIELDS = ("obj_loss", "box_loss", "obj_target_min", "obj_balance", "lambda_class", "lambda_noobj", "lambda_obj", "lambda_box")
@@ -133,8 +137,9 @@ def train_command(data: Path, run_dir: Path, steps: int, variant: str, seed: int
              "max-lr": MAX_LR, "weight-decay": 1e-4, "optimizer": "adam", "pct-start": 0.2, "div-factor": 100,
              "final-div-factor": 100, "anneal-strategy": "linear", "precision": "32-true", "accuracy-every": 25,
              "map-every": 25, "checkpoint-every-minutes": 0, "keep-last-k": 1, "seed": seed, "run-dir": run_dir}
+    t = loss_settings(variant)  # every loss setting spelled out: the preset's own loss never leaks in
     flags.update({k.replace("_", "-"): f"[{','.join(map(str, v))}]" if isinstance(v, tuple) else v
-                  for k, v in VARIANTS[variant].items()})
+                  for k, v in ((k, getattr(t, k)) for k in LOSS_FIELDS)})
     return [sys.executable, "-m", "helpers.train", *(x for k, v in flags.items() for x in (f"--{k}", str(v)))]
 
 

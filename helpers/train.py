@@ -80,13 +80,15 @@ RESULTS_ADVICE = (f"Training is complete and its checkpoints are intact. Free so
 
 
 def embedded_default() -> Config:
-    """A run that shows every part working on a 2-core CPU in a few minutes (loss: TrainConfig's default)."""
+    """A run that shows every part working on a 2-core CPU in a few minutes. Its loss is TrainConfig's
+    with the class term weighted 10: in its 256 steps the class term otherwise loses to the 100x
+    no-object term (test mAP@0.5 on the generated shapes 3.0% against 36.5%, benchmarks/RESULTS.md)."""
     return Config(
         model=ModelConfig(num_classes=20, width=0.25),
         data=DataConfig(root=None, image_size=160, train_sizes=(128, 160, 192), batch_size=8, num_workers=2,
                         mosaic=0.5),
         train=TrainConfig(epochs=8, max_lr=2e-3, pct_start=0.2, precision="32-true", run_dir="runs/default",
-                          checkpoint_every_minutes=1.0, keep_last_k=2, map_every=4),
+                          checkpoint_every_minutes=1.0, keep_last_k=2, map_every=4, lambda_class=10.0),
     )
 
 
