@@ -40,8 +40,7 @@ from .metrics import (
     DetectionsAndTruths,
     YoloAccuracy,
     coco_map,
-    judge_accuracies,
-    verdict_sentence,
+    judged,
     voc_map,
 )
 from .postprocess import detect
@@ -59,7 +58,7 @@ class Evaluator(nn.Module):
     compute(coco=False) -> dict of plain values (gathered over ranks; see `evaluate`), plus "curves":
     the all-point `voc_map` result with its per-class precision/recall arrays (not JSON). With
     `targets`, the accuracies are also judged: "accuracy_targets" {name: {value, target, passed}} and
-    "verdict", one sentence (`metrics.verdict_sentence`).
+    "verdict", one sentence (`metrics.judged`).
 
     Thresholds are the course's by default (`build_evaluator` reads them from a Config). Each image
     gets the id rank + world_size * (images this rank has seen), unique across ranks and equal to its
@@ -117,9 +116,7 @@ class Evaluator(nn.Module):
                   "settings": {"conf_threshold": self.conf_threshold, "nms_iou": self.nms_iou,
                                "map_iou": self.map_iou, "num_classes": c}}
         if self.scores_accuracy and self.targets is not None:
-            checks = judge_accuracies(acc, self.targets)
-            result["accuracy_targets"] = {c.name: c.as_dict() for c in checks}
-            result["verdict"] = verdict_sentence(checks)
+            result.update(judged(acc, self.targets))
         if not self.scores_detections:
             return result
         dets, truths, images = self.detections.per_image()

@@ -200,6 +200,13 @@ def judge_accuracies(values: Mapping[str, float | None], targets: AccuracyTarget
             for name in ACCURACY_NAMES]
 
 
+def judged(values: Mapping[str, float | None], targets: AccuracyTargets) -> dict:
+    """What a result records about the course's targets: {"accuracy_targets": {name: {value, target,
+    passed}}, "verdict": one sentence} (`metrics.json`, the Evaluator's result)."""
+    checks = judge_accuracies(values, targets)
+    return {"accuracy_targets": {c.name: c.as_dict() for c in checks}, "verdict": verdict_sentence(checks)}
+
+
 def verdict_sentence(checks: Sequence[AccuracyCheck]) -> str:
     """One sentence: passes all three, or which miss and by how much (percentage points)."""
     shown = ", ".join(f"{c.label} {c.value:.1f}% (target {c.target:g})" for c in checks if c.value is not None)

@@ -6,20 +6,16 @@ from __future__ import annotations
 import pytorch_lightning as pl
 
 from .config import AccuracyTargets
-from .metrics import ACCURACY_NAMES, AccuracyCheck
+from .metrics import ACCURACY_NAMES, judge_accuracies
 
 SHORT = {"class_acc": "cls", "noobj_acc": "noobj", "obj_acc": "obj"}
 
 
 def accuracy_items(metrics: dict, targets: AccuracyTargets) -> dict[str, str]:
     """{"cls": "81.2/80✓", ...} for each course accuracy in `metrics` (keys "val/class_acc", ...)."""
-    items = {}
-    for name in ACCURACY_NAMES:
-        value = metrics.get(f"val/{name}")
-        if value is not None:
-            check = AccuracyCheck(name, float(value), getattr(targets, name))
-            items[SHORT[name]] = f"{check.value:.1f}/{check.target:g}{'✓' if check.passed else '✗'}"
-    return items
+    checks = judge_accuracies({name: metrics.get(f"val/{name}") for name in ACCURACY_NAMES}, targets)
+    return {SHORT[c.name]: f"{c.value:.1f}/{c.target:g}{'✓' if c.passed else '✗'}" for c in checks
+            if c.value is not None}
 
 
 class TargetsProgressBar(pl.callbacks.TQDMProgressBar):

@@ -54,7 +54,7 @@ from .config import (
 from .csv_log import AtomicCSVLogger, mend_logs
 from .datamodule import YOLODataModule
 from .errors import USER_ERRORS
-from .metrics import ACCURACY_NAMES, judge_accuracies, verdict_sentence
+from .metrics import ACCURACY_NAMES, judged
 from .module import YOLOModule, build_optimizer
 from .progress import TargetsProgressBar
 from .schedule import OneCycleSpec, Schedule, limited_steps, one_cycle_settings
@@ -478,8 +478,7 @@ def _final_metrics(logs: Path, trainer) -> dict[str, float]:
 def judged_accuracies(metrics: dict[str, float], targets: AccuracyTargets) -> dict:
     """The last validation's course accuracies (`metrics`' val/class_acc, ...) against `targets`:
     {"accuracy_targets": {name: {value, target, passed}}, "verdict": one sentence}."""
-    checks = judge_accuracies({name: metrics.get(f"val/{name}") for name in ACCURACY_NAMES}, targets)
-    return {"accuracy_targets": {c.name: c.as_dict() for c in checks}, "verdict": verdict_sentence(checks)}
+    return judged({name: metrics.get(f"val/{name}") for name in ACCURACY_NAMES}, targets)
 
 
 def _save_plots(summary: dict, run_dir: Path, targets: AccuracyTargets) -> None:
