@@ -1,4 +1,5 @@
-"""The one batch type of training and evaluation, and the collate that makes it.
+"""The one batch type of training and evaluation, the collate that makes it, and the one loader of
+evaluation batches (the DataModule's val/test loader and `helpers.evaluate.split_loader` both).
 
 Training batches carry no metas; evaluation batches (from `PlainDataset(return_meta=True)`) carry one
 per image, saying how the image was letterboxed and what its full ground truth is. Consumers read
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .boxes import Letterbox, cxcywh_to_xyxy
 
@@ -78,3 +80,26 @@ def collate(samples: list) -> Batch:
                                     torch.tensor([len(s[1]) for s in good]))
     boxes = torch.cat([index[:, None], torch.cat([s[1] for s in good])], 1)
     return Batch(images, boxes, metas, skipped)
+
+
+class ShardSampler(Sampler):
+    """Indices rank, rank + world, ... in order: each image on exactly one rank (no padding)."""
+
+    def __init__(self, n: int, world: int = 1, rank: int = 0):
+        self.n, self.world, self.rank = n, world, rank
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+def evaluation_loader(dataset: Dataset, batch_size: int, *, workers: int = 0, world: int = 1, rank: int = 0,
+                      pin_memory: bool = False) -> DataLoader:
+    """`Batch`es of `dataset` (a `PlainDataset(return_meta=True)`, or a Subset of one) at its own image
+    size, in order, this rank's shard only (`ShardSampler`: with `world` processes each image is
+    evaluated once, none twice), the last batch short rather than dropped."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), world, rank),
+                      num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+                      persistent_workers=workers > 0)

@@ -6,7 +6,7 @@ each sample's key carries the seed of its augmentations (seed, epoch, batch numb
 position), so a resumed run sees the same pixels; val/test use `DataConfig.image_size`, in a
 fixed order. Under DDP the training set is split by a DistributedSampler (equal shares, so every
 rank runs the same number of steps) and the evaluation set by rank-strided shards without padding
-(no image is evaluated twice).
+(no image is evaluated twice: `batch.evaluation_loader`, the loader `python -m helpers.evaluate` uses).
 
 With `DataConfig.root = None` it trains on generated data (coloured shapes with VOC class names,
 `helpers.synthetic`), written once to `$YOLO_DATA_CACHE/synthetic-v2-seed<seed>/VOCdevkit`, by
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from .batch import collate
+from .batch import collate, evaluation_loader
 from .config import STRIDES, DataConfig
 from .dataset import TrainingDataset
 from .dataset_org import PlainDataset, SampleKey
@@ -128,19 +128,6 @@ class MultiScaleBatchSampler(Sampler):
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
 
-class ShardSampler(Sampler):
-    """Indices rank, rank + world, ... in order: each image on exactly one rank (no padding)."""
-
-    def __init__(self, n: int, world: int = 1, rank: int = 0):
-        self.n, self.world, self.rank = n, world, rank
-
-    def __iter__(self):
-        return iter(range(self.rank, self.n, self.world))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world))
-
-
 def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
     """Training batches per epoch and rank: DistributedSampler's equal share, then full batches only
     (a share smaller than one batch makes one short batch)."""
@@ -207,11 +194,8 @@ class YOLODataModule(pl.LightningDataModule):
         world = world_size or self.world()[0]
         return steps_per_epoch(len(self.train_dataset), self.cfg.batch_size, world)
 
-    def _loader(self, dataset, batch_sampler, collate_fn, kind=DataLoader, **extra) -> DataLoader:
-        workers = self.cfg.num_workers
-        return kind(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=workers,
-                    pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
-                    persistent_workers=workers > 0, **extra)
+    def _pin_memory(self) -> bool:
+        return self.cfg.pin_memory and torch.cuda.is_available()
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
@@ -224,17 +208,15 @@ class YOLODataModule(pl.LightningDataModule):
         batches = MultiScaleBatchSampler(sampler, self.cfg.batch_size, self.cfg.train_sizes, drop_last, self.seed)
         if getattr(self, "trainer", None) is not None:  # every iteration starts where the fit loop is
             batches.position = loader_position(self.trainer, batches)
-        return self._loader(ds, batches, collate, ResumableDataLoader)
-
-    def _eval_loader(self) -> DataLoader:
-        self.setup("validate")
-        world, rank = self.world()
-        sampler = ShardSampler(len(self.val_dataset), world, rank)
-        batches = MultiScaleBatchSampler(sampler, self.cfg.batch_size, (self.cfg.image_size,), drop_last=False)
-        return self._loader(self.val_dataset, batches, collate)
+        workers = self.cfg.num_workers
+        return ResumableDataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                                   pin_memory=self._pin_memory(), persistent_workers=workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader()
+        self.setup("validate")
+        world, rank = self.world()
+        return evaluation_loader(self.val_dataset, self.cfg.batch_size, workers=self.cfg.num_workers,
+                                 world=world, rank=rank, pin_memory=self._pin_memory())
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader()
+        return self.val_dataloader()

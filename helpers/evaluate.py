@@ -33,7 +33,7 @@ from torchmetrics.aggregation import SumMetric
 from tqdm.auto import tqdm
 
 from .annotations import DatasetError
-from .batch import Batch, collate
+from .batch import Batch, evaluation_loader
 from .config import ANCHORS, AccuracyTargets, Config
 from .metrics import (
     ACCURACY_NAMES,
@@ -284,12 +284,12 @@ def run_data(cfg: Config) -> Path:
     return synthetic_root(cfg.train.seed)
 
 
-def evaluation_loader(root: str | os.PathLike, split: str | None, image_size: int, classes: Sequence[str], *,
-                      batch_size: int = 16, workers: int = 0, limit: int | None = None,
-                      ) -> tuple[torch.utils.data.DataLoader, str]:
-    """(a loader of `Batch`es with metas over `split` of the dataset at `root`, in order, the first
-    `limit` images only; the split's name). split None: the layout's test split. DatasetError (one
-    line, naming the folder) when it is not a dataset, has no such split, or no image in it."""
+def split_loader(root: str | os.PathLike, split: str | None, image_size: int, classes: Sequence[str], *,
+                 batch_size: int = 16, workers: int = 0, limit: int | None = None,
+                 ) -> tuple[torch.utils.data.DataLoader, str]:
+    """(the evaluation loader, `batch.evaluation_loader`, over `split` of the dataset at `root`, the
+    first `limit` images only; the split's name). split None: the layout's test split. DatasetError
+    (one line, naming the folder) when it is not a dataset, has no such split, or no image in it."""
     from .dataset_org import PlainDataset
 
     root = Path(root)
@@ -298,11 +298,10 @@ def evaluation_loader(root: str | os.PathLike, split: str | None, image_size: in
     dataset = PlainDataset(root, split, image_size, classes=tuple(classes), return_meta=True, on_error="skip")
     if len(dataset) == 0:
         raise DatasetError(f"{root}: no images in its {dataset.split} split")
+    split = dataset.split
     if limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         collate_fn=collate, pin_memory=torch.cuda.is_available())
-    return loader, dataset.split if limit is None else dataset.dataset.split
+    return evaluation_loader(dataset, batch_size, workers=workers, pin_memory=torch.cuda.is_available()), split
 
 
 class CheckpointCommandLine(argparse.ArgumentParser):
@@ -363,8 +362,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"evaluate: --image-size must be a multiple of 32, got {image_size}")
     root = Path(args.data) if args.data else run_data(cfg)
     try:
-        loader, _ = evaluation_loader(root, args.split, image_size, cfg.data.classes, batch_size=args.batch_size,
-                                      workers=args.workers, limit=args.limit)
+        loader, _ = split_loader(root, args.split, image_size, cfg.data.classes, batch_size=args.batch_size,
+                                 workers=args.workers, limit=args.limit)
     except DatasetError as e:  # not a dataset, a missing split, no images, unusable files: said in one place
         raise SystemExit(f"evaluate: {e}") from None
     print(f"evaluating {checkpoint} on {root} ({args.split}, {len(loader.dataset)} images, {image_size} px) "

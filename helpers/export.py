@@ -188,12 +188,12 @@ def measure_display_conf(model: YOLOv3, config: Config, root: str | os.PathLike,
     Raises DatasetError (not a dataset, no such split, no images) and ValueError (no object to find,
     or no threshold finds any: F1 0 everywhere), each naming the data.
     """
-    from .evaluate import Evaluator, evaluate, evaluation_loader
+    from .evaluate import Evaluator, evaluate, split_loader
     from .metrics import f1_by_threshold
     from .utils import pick_device
 
     root, size = Path(root), config.data.image_size
-    loader, split = evaluation_loader(root, split, size, config.data.classes, batch_size=8, limit=limit)
+    loader, split = split_loader(root, split, size, config.data.classes, batch_size=8, limit=limit)
     where = f"the generated {split} split" if generated else f"the {split} split of `{root.name}`"
     evaluator = Evaluator(config.data.classes, conf_threshold=float(DISPLAY_THRESHOLDS[0]),
                           nms_iou=config.train.nms_iou, max_detections=DISPLAY_MAX_DETECTIONS)

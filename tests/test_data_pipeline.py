@@ -16,13 +16,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from helpers.annotations import Record
-from helpers.batch import Batch, collate
+from helpers.batch import Batch, ShardSampler, collate
 from helpers.boxes import Letterbox
 from helpers.config import VOC_CLASSES, DataConfig
 from helpers.datamodule import (
     MultiScaleBatchSampler,
     ResumableDataLoader,
-    ShardSampler,
     YOLODataModule,
     steps_per_epoch,
     synthetic_root,
@@ -583,6 +582,19 @@ def test_validation_batches_carry_meta_at_the_fixed_size(voc_shared):
     for batch in dm.val_dataloader():
         assert batch.image_hw == (64, 64) and len(batch.metas) == len(batch)
         assert batch.boxes.shape[1] == 6 and {"path", "letterbox", "gt"} <= set(batch.metas[0])
+
+
+def test_validation_and_helpers_evaluate_read_the_same_batches(voc_shared):
+    from helpers.evaluate import split_loader
+
+    dm = YOLODataModule(small_config(voc_shared))
+    cfg = dm.cfg
+    loader, split = split_loader(voc_shared, cfg.val_split, cfg.image_size, cfg.classes, batch_size=cfg.batch_size)
+    during_training, afterwards = list(dm.val_dataloader()), list(loader)
+    assert split == dm.val_dataset.split and len(during_training) == len(afterwards) > 1
+    for a, b in zip(during_training, afterwards):
+        assert torch.equal(a.images, b.images) and torch.equal(a.boxes, b.boxes)
+        assert [m["path"] for m in a.metas] == [m["path"] for m in b.metas]
 
 
 def test_bad_annotations_are_left_out_with_a_warning_by_the_datamodule(voc, write_voc):

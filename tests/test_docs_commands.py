@@ -75,3 +75,10 @@ def test_documented_command_parses(doc, module, args, monkeypatch, tmp_path):
 def test_the_docs_show_the_main_commands():
     modules = {m for _, m, _ in shown_commands()}
     assert {"helpers.train", "helpers.export", "helpers.space", "helpers.annotations"} <= modules
+
+
+def test_the_readme_layout_table_names_every_helpers_module():
+    listed = set(re.findall(r"^\| `helpers/(\w+)\.py` \|", (REPO / "README.md").read_text(), re.M))
+    modules = {p.stem for p in (REPO / "helpers").glob("*.py")} - {"__init__"}
+    assert modules - listed == set(), "README's layout table lacks these modules"
+    assert listed - modules == set(), "README's layout table names modules that do not exist"
