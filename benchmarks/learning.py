@@ -248,6 +248,8 @@ def plot(out: Path) -> Path:
                 ax.axhline(target, color="k", linestyle="--", linewidth=1, label="target")
             if key == "noobj_acc":  # the interesting range
                 ax.set_ylim(max(0.0, ax.get_ylim()[0]), 100.5)
+            if key == "map50_voc07" and part == "generalise":  # values near 0: linear below 1e-4, log above
+                ax.set_yscale("symlog", linthresh=1e-4)
             ax.set_title(f"{part}: {title}", fontsize=10)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
