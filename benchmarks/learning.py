@@ -57,6 +57,8 @@ VARIANTS: dict[str, dict] = {
                                  "obj_balance": (0.4, 1.0, 4.0)},
     "bce-one-noobj100-balanced": {"obj_loss": "bce", "obj_target_min": 1.0, "lambda_noobj": 100.0,
                                   "obj_balance": (0.4, 1.0, 4.0)},
+    "bce-one-noobj150-balanced": {"obj_loss": "bce", "obj_target_min": 1.0, "lambda_noobj": 150.0,
+                                  "obj_balance": (0.4, 1.0, 4.0)},
     "bce-one-noobj200-balanced": {"obj_loss": "bce", "obj_target_min": 1.0, "lambda_noobj": 200.0,
                                   "obj_balance": (0.4, 1.0, 4.0)},
     "bce-floor0.5-noobj100-balanced": {"obj_loss": "bce", "obj_target_min": 0.5, "lambda_noobj": 100.0,
