@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from helpers.config import COURSE_LOSS, FULL_MODEL_TARGETS, DataConfig, TrainConfig
+from helpers.config import COURSE_LOSS, FULL_MODEL_TARGETS, DataConfig, ModelConfig, TrainConfig
 from helpers.datamodule import YOLODataModule
 from helpers.evaluate import Evaluator
 from helpers.loss import YoloLoss
 from helpers.metrics import judge_accuracies, verdict_sentence
-from helpers.model import YOLOv3
+from helpers.model import build_model
 from helpers.schedule import OneCycleSpec, Schedule, ScheduleFileLR
 from helpers.targets import build_targets
 from helpers.utils import seed_everything
@@ -59,6 +59,8 @@ VARIANTS: dict[str, dict] = {
                                   "obj_balance": (0.4, 1.0, 4.0)},
     "bce-one-noobj150-balanced": {"obj_loss": "bce", "obj_target_min": 1.0, "lambda_noobj": 150.0,
                                   "obj_balance": (0.4, 1.0, 4.0)},
+    "bce-one-noobj100-balanced-prior": {"obj_loss": "bce", "obj_target_min": 1.0, "lambda_noobj": 100.0,
+                                        "obj_balance": (0.4, 1.0, 4.0), "obj_prior": 0.01},
     "bce-one-noobj200-balanced": {"obj_loss": "bce", "obj_target_min": 1.0, "lambda_noobj": 200.0,
                                   "obj_balance": (0.4, 1.0, 4.0)},
     "bce-floor0.5-noobj100-balanced": {"obj_loss": "bce", "obj_target_min": 0.5, "lambda_noobj": 100.0,
@@ -69,6 +71,8 @@ VARIANTS: dict[str, dict] = {
                                          "obj_balance": (0.4, 1.0, 4.0), "lambda_class": 3.0},
     "bce-one-giou": {"obj_loss": "bce", "obj_target_min": 1.0, "box_loss": "giou"},
 }
+MODEL_FIELDS = ("obj_prior",)  # ModelConfig settings a variant may set beside the loss's
+COURSE_MODEL = {"obj_prior": None}  # the course's initialisation: PyTorch's
 LOSS_FIELDS = ("obj_loss", "box_loss", "obj_target_min", "obj_balance", "lambda_class", "lambda_noobj", "lambda_obj", "lambda_box")
 SIZE, BATCH, WIDTH, MAX_LR, MEMORISE_N = 224, 8, 0.25, 2e-3, 16
 MIN_MAP = 0.50  # the memorise protocol's mAP@0.5 (VOC07) bar, beside the full model's accuracy targets
@@ -140,9 +144,9 @@ def train_command(data: Path, run_dir: Path, steps: int, variant: str, seed: int
              "max-lr": MAX_LR, "weight-decay": 1e-4, "optimizer": "adam", "pct-start": 0.2, "div-factor": 100,
              "final-div-factor": 100, "anneal-strategy": "linear", "precision": "32-true", "accuracy-every": 25,
              "map-every": 25, "checkpoint-every-minutes": 0, "keep-last-k": 1, "seed": seed, "run-dir": run_dir}
-    t = loss_settings(variant)  # every loss setting spelled out: the preset's own loss never leaks in
-    flags.update({k.replace("_", "-"): f"[{','.join(map(str, v))}]" if isinstance(v, tuple) else v
-                  for k, v in ((k, getattr(t, k)) for k in LOSS_FIELDS)})
+    # every loss and model setting spelled out: the preset's own never leaks in
+    flags.update({k.replace("_", "-"): f"[{','.join(map(str, v))}]" if isinstance(v, tuple) else
+                  "null" if v is None else v for k, v in settings_of(variant).items()})
     return [sys.executable, "-m", "helpers.train", *(x for k, v in flags.items() for x in (f"--{k}", str(v)))]
 
 
@@ -159,7 +163,7 @@ def run_cli(root: str, out: Path, variant: str, steps: int, seed: int) -> dict:
     last = {"step": summary["global_step"], **{k: round(m.get(f"val/{k}", float("nan")), 2)
                                               for k in ("class_acc", "noobj_acc", "obj_acc")},
             "map50_voc07": round(m.get("val/map50_voc07", 0.0), 4), "map50_all": round(m.get("val/map50_all", 0.0), 4)}
-    return {"variant": variant, "settings": {k: getattr(loss_settings(variant), k) for k in LOSS_FIELDS},
+    return {"variant": variant, "settings": settings_of(variant),
             "steps": summary["global_step"], "command": " ".join(command[1:]), "verdict_of_run": summary.get("verdict"),
             "seconds": round(time.perf_counter() - started, 1), "curve": [last]}
 
@@ -169,7 +173,23 @@ def loss_settings(variant: str) -> TrainConfig:
     with the variant's settings on top."""
     if variant == "default":
         return TrainConfig()
-    return replace(TrainConfig(), **{**COURSE_LOSS, **VARIANTS[variant]})
+    loss = {k: v for k, v in VARIANTS[variant].items() if k not in MODEL_FIELDS}
+    return replace(TrainConfig(), **{**COURSE_LOSS, **loss})
+
+
+def model_settings(variant: str) -> ModelConfig:
+    """The protocol's model (WIDTH) with ModelConfig's defaults for "default", else the course's
+    initialisation (COURSE_MODEL) with the variant's model settings on top."""
+    model = ModelConfig(width=WIDTH)
+    if variant == "default":
+        return model
+    return replace(model, **{**COURSE_MODEL, **{k: v for k, v in VARIANTS[variant].items() if k in MODEL_FIELDS}})
+
+
+def settings_of(variant: str) -> dict:
+    """Every setting a variant's run used, as recorded in its JSON."""
+    loss, model = loss_settings(variant), model_settings(variant)
+    return {**{k: getattr(loss, k) for k in LOSS_FIELDS}, **{k: getattr(model, k) for k in MODEL_FIELDS}}
 
 
 def run(dm: YOLODataModule, variant: str, steps: int, eval_every: int, seed: int, device: torch.device,
@@ -178,7 +198,7 @@ def run(dm: YOLODataModule, variant: str, steps: int, eval_every: int, seed: int
     evaluation (a run cut short still leaves its curve so far)."""
     seed_everything(seed)
     t = loss_settings(variant)
-    model = YOLOv3(num_classes=len(dm.cfg.classes), width=WIDTH).to(device)
+    model = build_model(replace(model_settings(variant), num_classes=len(dm.cfg.classes))).to(device)
     loss_fn = YoloLoss.from_config(t).to(device)
     schedule = Schedule.compute(OneCycleSpec(max_lr=MAX_LR, epochs=1, steps_per_epoch=steps, batch_size=BATCH,
                                              dataset_length=len(dm.train_dataset), pct_start=0.2, div_factor=100.0,
@@ -211,7 +231,7 @@ def run(dm: YOLODataModule, variant: str, steps: int, eval_every: int, seed: int
             if step >= steps:
                 break
         epoch += 1
-    return {"variant": variant, "seed": seed, "settings": {k: getattr(t, k) for k in LOSS_FIELDS}, "steps": steps,
+    return {"variant": variant, "seed": seed, "settings": settings_of(variant), "steps": steps,
             "device": device.type, "train_images": len(dm.train_dataset), "eval_images": len(dm.val_dataset),
             "seconds": round(time.perf_counter() - started, 1),
             "train_ms_per_step": round(1000 * train_seconds / steps, 1), "curve": curve}

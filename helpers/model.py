@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import math
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -76,12 +77,21 @@ class ResidualBlock(nn.Module):
 
 
 class ScalePrediction(nn.Module):
-    """3x3 conv to 2c, then 1x1 conv to 3*(5+C); reshaped to [B, 3, H, W, 5+C] (anchor-major)."""
+    """3x3 conv to 2c, then 1x1 conv to 3*(5+C); reshaped to [B, 3, H, W, 5+C] (anchor-major).
 
-    def __init__(self, c: int, num_classes: int):
+    obj_prior: start every cell's sigmoid(objectness) near this probability (its bias set to the
+    logit; RetinaNet's prior initialisation), so that training does not begin with every empty cell
+    called an object; None leaves PyTorch's initialisation (the course's)."""
+
+    def __init__(self, c: int, num_classes: int, obj_prior: float | None = None):
         super().__init__()
         self.num_classes = num_classes
         self.pred = nn.Sequential(ConvBlock(c, 2 * c, 3), PlainConv(2 * c, 3 * (num_classes + 5)))
+        if obj_prior is not None:
+            if not 0.0 < obj_prior < 1.0:
+                raise ValueError(f"obj_prior must be a probability strictly between 0 and 1, got {obj_prior}")
+            with torch.no_grad():  # channel k of anchor a is a * (5 + C) + k; objectness is k = 0
+                self.pred[-1].conv.bias.view(3, num_classes + 5)[:, 0] = math.log(obj_prior / (1 - obj_prior))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -145,7 +155,8 @@ def _scaled(c: int, width: float) -> int:
 
 
 class YOLOv3(nn.Module):
-    def __init__(self, num_classes: int = 20, width: float = 1.0, in_channels: int = 3):
+    def __init__(self, num_classes: int = 20, width: float = 1.0, in_channels: int = 3,
+                 obj_prior: float | None = None):
         super().__init__()
         self.num_classes = num_classes
         self.width = width
@@ -162,7 +173,7 @@ class YOLOv3(nn.Module):
             elif spec == "S":
                 self.layers.append(ResidualBlock(c, 1, skip=False))
                 self.layers.append(ConvBlock(c, c // 2, 1))
-                self.layers.append(ScalePrediction(c // 2, num_classes))
+                self.layers.append(ScalePrediction(c // 2, num_classes, obj_prior))
                 c = c // 2
             elif spec == "U":
                 self.layers.append(Upsample())
@@ -248,4 +259,4 @@ def count_parameters(model: nn.Module) -> int:
 
 def build_model(cfg) -> YOLOv3:
     """From a `helpers.config.ModelConfig`."""
-    return YOLOv3(num_classes=cfg.num_classes, width=cfg.width)
+    return YOLOv3(num_classes=cfg.num_classes, width=cfg.width, obj_prior=cfg.obj_prior)

@@ -33,6 +33,44 @@ def test_width_multiplier_makes_small_models():
     assert count_parameters(YOLOv3(num_classes=20, width=0.125)) < 1_500_000
 
 
+def test_an_objectness_prior_sets_only_the_objectness_biases_to_its_logit():
+    torch.manual_seed(0)
+    plain = YOLOv3(num_classes=20, width=0.125)
+    torch.manual_seed(0)
+    primed = YOLOv3(num_classes=20, width=0.125, obj_prior=0.01)
+    logit = torch.logit(torch.tensor(0.01)).item()
+    differ = {k for k, v in primed.state_dict().items() if not torch.equal(v, plain.state_dict()[k])}
+    assert differ and all(k.endswith("pred.1.conv.bias") for k in differ)  # the three heads' last convs
+    for k in differ:
+        per_anchor = primed.state_dict()[k].view(3, 25)
+        assert torch.allclose(per_anchor[:, 0], torch.full((3,), logit))  # objectness: channel 0 of each anchor
+        assert torch.equal(per_anchor[:, 1:], plain.state_dict()[k].view(3, 25)[:, 1:])
+
+
+def test_a_new_model_with_a_prior_calls_almost_no_cell_an_object():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        plain = [torch.sigmoid(o[..., 0]).mean().item() for o in YOLOv3(20, 0.125).eval()(x)]
+        primed = [torch.sigmoid(o[..., 0]).mean().item() for o in YOLOv3(20, 0.125, obj_prior=0.01).eval()(x)]
+    assert all(0.3 < p < 0.7 for p in plain) and all(p < 0.05 for p in primed)  # 0.05: the course's threshold
+
+
+@pytest.mark.parametrize("prior", [0.0, 1.0, -0.1, 2.0])
+def test_an_objectness_prior_outside_0_1_is_refused(prior):
+    with pytest.raises(ValueError, match="obj_prior must be a probability"):
+        YOLOv3(num_classes=20, width=0.125, obj_prior=prior)
+
+
+def test_build_model_reads_the_prior_from_the_config():
+    from helpers.config import ModelConfig
+    from helpers.model import build_model
+
+    model = build_model(ModelConfig(num_classes=3, width=0.125, obj_prior=0.2))
+    bias = [m.pred[-1].conv.bias.view(3, 8)[:, 0] for m in model.modules() if hasattr(m, "pred")]
+    assert len(bias) == 3 and all(torch.allclose(b, torch.logit(torch.tensor(0.2))) for b in bias)
+
+
 def test_config_constants_match_the_course():
     assert len(VOC_CLASSES) == 20 and VOC_CLASSES[14] == "person"
     assert torch.tensor(ANCHORS).shape == (3, 3, 2)
