@@ -51,6 +51,13 @@ FULL_MODEL_TARGETS = AccuracyTargets(class_acc=80.0, noobj_acc=98.0, obj_acc=78.
 REDUCED_MODEL_TARGETS = AccuracyTargets(class_acc=75.0, noobj_acc=95.0, obj_acc=70.0)
 
 
+def check_probability(name: str, value: float | None) -> float | None:
+    """`value` if it is None or strictly between 0 and 1, else ValueError naming the setting."""
+    if value is not None and not 0.0 < value < 1.0:
+        raise ValueError(f"{name} {value}: expected a probability strictly between 0 and 1")
+    return value
+
+
 @dataclass
 class ModelConfig:
     num_classes: int = 20
@@ -60,6 +67,9 @@ class ModelConfig:
     # course's. 0.01 clears all three targets on every seed of the memorise protocol (RESULTS.md, "The
     # graded accuracies"); not yet the default: with it the LR range test suggests an 18x lower LR.
     obj_prior: float | None = None
+
+    def __post_init__(self):
+        check_probability("obj_prior", self.obj_prior)
 
     @property
     def accuracy_targets(self) -> AccuracyTargets:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .config import STRIDES
+from .config import STRIDES, check_probability
 
 # The course's layer list. (channels, kernel, stride) is a conv block; ("B", n) a residual block of
 # n repeats; "S" a scale head (3 modules: residual without skip, 1x1 conv, prediction); "U" a 2x
@@ -87,9 +87,7 @@ class ScalePrediction(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.pred = nn.Sequential(ConvBlock(c, 2 * c, 3), PlainConv(2 * c, 3 * (num_classes + 5)))
-        if obj_prior is not None:
-            if not 0.0 < obj_prior < 1.0:
-                raise ValueError(f"obj_prior must be a probability strictly between 0 and 1, got {obj_prior}")
+        if check_probability("obj_prior", obj_prior) is not None:
             with torch.no_grad():  # channel k of anchor a is a * (5 + C) + k; objectness is k = 0
                 self.pred[-1].conv.bias.view(3, num_classes + 5)[:, 0] = math.log(obj_prior / (1 - obj_prior))
 

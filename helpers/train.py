@@ -218,7 +218,10 @@ def command_line(argv: Sequence[str] | None = None) -> tuple[Config, jsonargpars
     args = build_parser(start, origin).parse_args(argv)
     given = {section: {f.name: args[f.name] for f in dataclasses.fields(kind) if f.name in args}
              for section, kind in SECTIONS.items()}
-    return start.updated(given), args
+    try:
+        return start.updated(given), args
+    except ValueError as e:  # a value of the right type that its setting refuses (e.g. ModelConfig's checks)
+        build_parser(start, origin).error(str(e))
 
 
 # --- the run ----------------------------------------------------------------------------------

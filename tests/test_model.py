@@ -58,7 +58,7 @@ def test_a_new_model_with_a_prior_calls_almost_no_cell_an_object():
 
 @pytest.mark.parametrize("prior", [0.0, 1.0, -0.1, 2.0])
 def test_an_objectness_prior_outside_0_1_is_refused(prior):
-    with pytest.raises(ValueError, match="obj_prior must be a probability"):
+    with pytest.raises(ValueError, match="obj_prior .*: expected a probability strictly between 0 and 1"):
         YOLOv3(num_classes=20, width=0.125, obj_prior=prior)
 
 

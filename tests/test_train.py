@@ -615,6 +615,18 @@ def test_a_flag_of_the_wrong_type_is_refused_in_one_line_naming_the_flag_and_its
         assert len(err.strip().splitlines()) == 1 and expected in err, err
 
 
+def test_a_value_its_setting_refuses_is_one_line_from_a_flag_or_a_config_file(capsys, tmp_path):
+    config = tmp_path / "prior.json"
+    config.write_text('{"model": {"obj_prior": 1.0}}')
+    for argv, expected in ((["--obj-prior", "2"], "obj_prior 2.0: expected a probability strictly between 0 and 1"),
+                           (["--config", str(config)], "obj_prior 1.0: expected a probability strictly between 0 and 1")):
+        with pytest.raises(SystemExit):
+            parse(*argv)
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and expected in err, err
+    assert parse("--obj-prior", "0.01").model.obj_prior == 0.01
+
+
 def test_a_checkpoint_from_before_the_scheduler_resumes_on_its_line_of_the_schedule_file(tmp_path):
     from helpers.module import YOLOModule
     from helpers.schedule import OneCycleSpec
