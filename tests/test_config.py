@@ -48,3 +48,29 @@ def test_a_value_of_another_type_is_refused_in_one_line_naming_the_field_and_its
 def test_an_unknown_or_misshapen_section_or_field_is_refused_by_name(d, named):
     with pytest.raises(ValueError, match=re.escape(named)):
         Config.from_dict(d)
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"data": {"mosaic": 1.5}}, "mosaic 1.5: expected a fraction of training samples, 0 to 1"),
+    ({"data": {"image_size": 0}}, "image_size 0: expected a positive multiple of 32"),
+    ({"data": {"train_sizes": []}}, "train_sizes []: expected one or more sizes"),
+    ({"data": {"num_workers": -1}}, "num_workers -1: expected 0 (load in the main process) or more"),
+    ({"data": {"on_error": "ignore"}}, "data.on_error: expected one of 'skip', 'raise'"),
+    ({"model": {"num_classes": 0}}, "num_classes 0: expected at least 1"),
+    ({"train": {"epochs": 0}}, "epochs 0: expected at least 1"),
+    ({"train": {"lambda_noobj": -1}}, "lambda_noobj -1.0: expected 0 or more"),
+    ({"train": {"obj_target_min": 2}}, "obj_target_min 2.0: expected 0 to 1"),
+    ({"train": {"nms_iou": 0}}, "nms_iou 0.0: expected an IoU above 0, at most 1"),
+])
+def test_a_value_out_of_its_settings_range_is_refused_in_one_line_naming_it(changes, expected):
+    with pytest.raises(ValueError) as e:
+        Config().updated(changes)
+    assert str(e.value).startswith(expected) and "\n" not in str(e.value)
+
+
+def test_every_preset_is_within_its_settings_ranges():
+    from helpers.train import PRESETS
+
+    for preset in PRESETS.values():
+        cfg = preset()
+        assert Config.from_dict(cfg.to_dict()) == cfg
