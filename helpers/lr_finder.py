@@ -2,13 +2,16 @@
 
 Reading the curve. torch-lr-finder records the loss through a trailing exponential average
 (`smooth_f=0.05`): its curve lags the real one by about 1/0.05 = 20 iterations, which on a
-100-iteration test over 7 decades moves the whole curve ~1.4 decades to higher LRs, and the
-steepest point with it. Here the range test records the raw losses and `read_curve` smooths them
-with a centred moving average (no lag); the max LR used is the steepest descent of that curve,
-capped at a tenth of the LR of its minimum (fastai's "minimum / 10" rule), so it is always on the
-falling part, a decade short of where the loss turns up. What each reading gives when trained on
-is measured in benchmarks/RESULTS.md ("Which max LR the range test should give").
-Use at least ~100 iterations: with 30 the curve has 4 points per decade and no reliable slope.
+100-iteration test over 7 decades moves the whole curve ~1.4 decades to higher LRs. Here the range
+test records the raw losses and `read_curve` smooths them with a centred moving average (no lag);
+the max LR used is a tenth of the LR of that curve's minimum (fastai's "minimum / 10"): a decade
+short of where the loss turns up, on the falling or flat part, whatever the descent's shape.
+The steepest descent, read before, is not used: with the objectness prior (ModelConfig.obj_prior)
+the curve has no steep part (the no-object term starts where it ends) and its steepest point is
+noise — on the embedded default 1.5e-4, which trained to 6.8% mAP@0.5 where minimum / 10 (7.6e-4)
+trained to 43.8%. What each reading gives when trained on is measured in benchmarks/RESULTS.md
+("Which max LR the range test should give", "The range test with the objectness prior").
+Use at least ~100 iterations: with 30 the curve has 4 points per decade and no reliable minimum.
 """
 from __future__ import annotations
 
@@ -52,28 +55,28 @@ class LRFinderResult:
     lrs: list[float]
     losses: list[float]  # raw, one per iteration
     smoothed: list[float]  # centred moving average of losses (`read_curve`)
-    steepest: float | None  # LR of the steepest descent of the smoothed curve, before its minimum
-    max_lr: float | None  # the LR to train with: steepest, capped at (LR of the minimum) / 10
+    lowest: float | None  # LR of the smoothed curve's minimum
+    max_lr: float | None  # the LR to train with: lowest / 10
 
 
 def read_curve(lrs, losses, window: int | None = None, skip_start: int = 0, skip_end: int = 0):
-    """(smoothed losses, steepest LR, max LR) from a range test's raw curve (see the module docstring).
+    """(smoothed losses, LR of their minimum, max LR) from a range test's raw curve (see the module docstring).
 
     window: the centred moving average's width in iterations (odd; default ~len/10, at least 3);
     skip_start / skip_end: iterations left out of the search at either end (the loss is still
     settling at the start, and a last diverging point can be anything). The curve ends at its first
-    non-finite loss (fp16 overflow near the top of the range). Steepest and max LR are None when
+    non-finite loss (fp16 overflow near the top of the range). Lowest and max LR are None when
     fewer than 3 points remain, or when the loss never falls (by at least 1% of where it starts):
     then the range test says nothing, and the caller keeps its configured LR.
     """
     lrs, raw = np.asarray(lrs, float), np.asarray(losses, float)
+    window = window or max(3, len(raw) // 10)  # of the whole test: a curve cut short is smoothed alike
     bad = np.flatnonzero(~np.isfinite(raw))
     if len(bad):
         lrs, raw = lrs[: bad[0]], raw[: bad[0]]
     n = len(raw)
     if n == 0:
         return [], None, None
-    window = window or max(3, n // 10)
     window += 1 - window % 2  # odd, so the average is centred
     padded = np.pad(raw, window // 2, mode="edge")
     smooth = np.convolve(padded, np.ones(window) / window, mode="valid")
@@ -83,18 +86,14 @@ def read_curve(lrs, losses, window: int | None = None, skip_start: int = 0, skip
     lowest = lo + int(np.argmin(smooth[lo:hi]))
     if smooth[lo] - smooth[lowest] < 0.01 * abs(smooth[lo]):
         return smooth.tolist(), None, None
-    slope = np.gradient(smooth, np.log(lrs))
-    steepest = lrs[lo + int(np.argmin(slope[lo:lowest + 1]))]
-    return smooth.tolist(), float(steepest), float(min(steepest, lrs[lowest] / 10))
+    return smooth.tolist(), float(lrs[lowest]), float(lrs[lowest] / 10)
 
 
 def describe_choice(result: LRFinderResult) -> str:
     """How the max LR was chosen, in words (for logs)."""
     if result.max_lr is None:
         return "no suggestion: too few points, or the loss never fell"
-    if result.max_lr < result.steepest:
-        return f"steepest descent {result.steepest:.3g}, capped at a tenth of the lowest loss's LR"
-    return "the steepest descent of the smoothed loss"
+    return f"a tenth of {result.lowest:.3g}, the LR of the smoothed loss's minimum"
 
 
 def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_loader, loss: YoloLoss | None = None,
@@ -123,5 +122,5 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_load
         free_gpu_memory()
     n = len(lrs)
     skip_start, skip_end = min(10, n // 10), min(5, n // 20)  # torch-lr-finder's defaults, shrunk for short tests
-    smoothed, steepest, max_lr = read_curve(lrs, losses, skip_start=skip_start, skip_end=skip_end)
-    return LRFinderResult(lrs, losses, smoothed, steepest, max_lr)
+    smoothed, lowest, max_lr = read_curve(lrs, losses, skip_start=skip_start, skip_end=skip_end)
+    return LRFinderResult(lrs, losses, smoothed, lowest, max_lr)

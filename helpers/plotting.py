@@ -281,11 +281,11 @@ def plot_cam_overlays(image, cams, detections, class_names: Sequence[str] = VOC_
 # --- learning rate ----------------------------------------------------------------------------
 def plot_lr_finder(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None = None,
                    skip_start: int = 0, skip_end: int = 0, raw: Sequence[float] | None = None,
-                   steepest: float | None = None) -> Figure:
+                   lowest: float | None = None) -> Figure:
     """Loss against learning rate (log axis) from an LR range test, the suggested LR marked.
 
-    raw: the unsmoothed losses, drawn faint behind `losses`; steepest: the steepest-descent LR, marked
-    too when it differs from the suggestion (see `helpers.lr_finder`)."""
+    raw: the unsmoothed losses, drawn faint behind `losses`; lowest: the LR of the smoothed loss's
+    minimum, marked too (the suggestion is a tenth of it, see `helpers.lr_finder`)."""
     lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
     if lrs.shape != losses.shape or lrs.ndim != 1:
         raise ValueError(f"plot_lr_finder: lrs and losses must be 1-D and equally long, got {lrs.shape}, {losses.shape}")
@@ -302,9 +302,9 @@ def plot_lr_finder(lrs: Sequence[float], losses: Sequence[float], suggestion: fl
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss")
-    if steepest is not None and len(lrs) and steepest != suggestion:
-        y = np.interp(np.log(steepest), np.log(lrs), losses)
-        ax.plot([steepest], [y], "o", color="tab:orange", label=f"steepest descent {steepest:.2e}")
+    if lowest is not None and len(lrs) and lowest != suggestion:
+        y = np.interp(np.log(lowest), np.log(lrs), losses)
+        ax.plot([lowest], [y], "o", color="tab:orange", label=f"minimum {lowest:.2e}")
     if suggestion is not None and len(lrs):
         y = np.interp(np.log(suggestion), np.log(lrs), losses)
         ax.axvline(suggestion, color="tab:red", linestyle="--", linewidth=1)

@@ -280,7 +280,7 @@ def run_lr_finder(cfg: Config, datamodule, run_dir: Path) -> float:
 
     result = lr_range_test(cfg, datamodule)
     write_figure(plot_lr_finder(result.lrs, result.smoothed, result.max_lr, raw=result.losses,
-                                steepest=result.steepest), run_dir / "lr_finder.png", dpi=100)
+                                lowest=result.lowest), run_dir / "lr_finder.png", dpi=100)
     if result.max_lr is None:
         print(f"LR finder: no suggestion (too few points, or the loss never fell); keeping max LR "
               f"{cfg.train.max_lr:.3g}")

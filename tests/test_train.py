@@ -101,7 +101,8 @@ def test_the_lr_finder_leaves_model_and_optimizer_exactly_as_they_were(voc):
         assert torch.equal(v, before[k]), k
     assert optimizer.state_dict()["state"] == opt_before["state"] == {}
     assert optimizer.param_groups[0]["lr"] == opt_before["param_groups"][0]["lr"]
-    assert result.max_lr is None or min(result.lrs) <= result.max_lr <= result.steepest
+    assert result.max_lr is None or (min(result.lrs) <= result.lowest <= max(result.lrs)
+                                     and result.max_lr == pytest.approx(result.lowest / 10))
 
 
 def test_the_range_test_prints_nothing_of_its_own(voc, capsys):
@@ -160,32 +161,33 @@ def range_test_curve(noise: float = 0.0):
     return lrs, loss + noise * rng.standard_normal(100)
 
 
-def test_the_range_test_reading_takes_the_steepest_descent_without_the_trailing_average_lag():
+def test_the_range_test_reading_is_a_tenth_of_the_smoothed_minimum_without_the_trailing_average_lag():
     from helpers.lr_finder import read_curve
 
     lrs, loss = range_test_curve(noise=0.1)
-    _, steepest, max_lr = read_curve(lrs, loss, skip_start=10, skip_end=5)
-    assert 1e-3 / 1.5 < steepest < 1e-3 * 1.5
-    assert max_lr == steepest  # a decade below the minimum already: not capped
-    # torch-lr-finder's own trailing average (smooth_f=0.05) would put the steepest point far right.
+    smooth, lowest, max_lr = read_curve(lrs, loss, skip_start=10, skip_end=5)
+    assert lowest == lrs[10 + int(np.argmin(smooth[10:95]))] and 1e-2 < lowest < 1e-1  # where it turns up
+    assert max_lr == pytest.approx(lowest / 10)
+    # torch-lr-finder's own trailing average (smooth_f=0.05) would put the minimum far right.
     ema = [loss[0]]
     for v in loss[1:]:
         ema.append(0.05 * v + 0.95 * ema[-1])
     _, lagged, _ = read_curve(lrs, ema, window=1, skip_start=10, skip_end=5)
-    assert lagged > 2.5e-3
+    assert lagged > 2 * lowest
 
 
-def test_the_max_lr_is_capped_a_decade_below_the_loss_minimum():
+def test_a_shallow_curve_gets_its_max_lr_from_the_minimum_not_from_a_steepest_point_in_the_noise():
+    """The range test with the objectness prior: no steep descent, the loss drifts ~20% lower
+    until it turns up near 1e-2; a steepest-descent reading lands on noise decades earlier."""
     from helpers.lr_finder import read_curve
 
-    lrs, loss = range_test_curve()
+    lrs = np.logspace(-7, 0, 100)
     x = np.log10(lrs)
-    early = np.where(x > -2.5, loss + 200 * (x + 2.5), loss)  # blows up from 3e-3, half a decade after 1e-3
-    smooth, steepest, max_lr = read_curve(lrs, early)
-    lowest = lrs[int(np.argmin(smooth))]
-    assert 1e-3 <= lowest <= 3.2e-3  # the smoothed curve's minimum, where it turns up
-    assert max_lr == pytest.approx(lowest / 10) and max_lr < steepest
-    assert read_curve(lrs[:2], loss[:2])[1:] == (None, None)  # too few points: no suggestion
+    shallow = 140 - 4 * (x + 7) + np.where(x > -2, 300 * (x + 2) ** 2, 0.0)
+    shallow[25:28] -= [6, 12, 6]  # a dip at ~3e-6, the steepest point of the curve
+    _, lowest, max_lr = read_curve(lrs, shallow)
+    assert 5e-3 < lowest < 2e-2 and max_lr == pytest.approx(lowest / 10)
+    assert read_curve(lrs[:2], shallow[:2])[1:] == (None, None)  # too few points: no suggestion
 
 
 def test_a_range_test_that_never_falls_or_turns_nan_gives_no_lr_below_or_beyond_its_evidence():
@@ -196,13 +198,13 @@ def test_a_range_test_that_never_falls_or_turns_nan_gives_no_lr_below_or_beyond_
     assert read_curve(lrs, np.full(100, 10.0))[1:] == (None, None)  # flat
     clean = read_curve(lrs, loss)[1:]
     late_nan = loss.copy()
-    late_nan[85:] = np.nan  # fp16 overflow past the minimum: the curve ends there, the answer stands
+    late_nan[97:] = np.nan  # fp16 overflow past the minimum: the curve ends there, the answer stands
     assert read_curve(lrs, late_nan)[1:] == pytest.approx(clean)
     early_nan = loss.copy()
     early_nan[20] = np.nan  # a NaN before anything fell: nothing to read
     assert read_curve(lrs, early_nan)[1:] == (None, None)
-    assert "steepest descent of the smoothed loss" in describe_choice(SimpleNamespace(max_lr=1e-3, steepest=1e-3))
-    assert "capped" in describe_choice(SimpleNamespace(max_lr=1e-4, steepest=1e-3))
+    assert describe_choice(SimpleNamespace(max_lr=1e-3, lowest=1e-2)) == \
+        "a tenth of 0.01, the LR of the smoothed loss's minimum"
 
 
 # A driver run in a fresh process: it trains with the given config and, if asked, SIGKILLs itself
@@ -619,7 +621,15 @@ def test_a_value_its_setting_refuses_is_one_line_from_a_flag_or_a_config_file(ca
     config = tmp_path / "prior.json"
     config.write_text('{"model": {"obj_prior": 1.0}}')
     for argv, expected in ((["--obj-prior", "2"], "obj_prior 2.0: expected a probability strictly between 0 and 1"),
-                           (["--config", str(config)], "obj_prior 1.0: expected a probability strictly between 0 and 1")):
+                           (["--config", str(config)], "obj_prior 1.0: expected a probability strictly between 0 and 1"),
+                           (["--mosaic", "2"], "mosaic 2.0: expected a fraction of training samples, 0 to 1"),
+                           (["--width", "-1"], "width -1.0: expected a positive channel multiplier"),
+                           (["--image-size", "300"], "image_size 300: expected a positive multiple of 32"),
+                           (["--train-sizes", "[320, 330]"], "train_sizes [320, 330]: expected one or more sizes"),
+                           (["--batch-size", "0"], "batch_size 0: expected at least 1"),
+                           (["--max-lr", "0"], "max_lr 0.0: expected a positive number"),
+                           (["--pct-start", "1.5"], "pct_start 1.5: expected the warm-up's fraction"),
+                           (["--obj-balance", "[1, 1]"], "obj_balance [1.0, 1.0]: expected 3 weights")):
         with pytest.raises(SystemExit):
             parse(*argv)
         err = capsys.readouterr().err
