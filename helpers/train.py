@@ -82,7 +82,8 @@ RESULTS_ADVICE = (f"Training is complete and its checkpoints are intact. Free so
 def embedded_default() -> Config:
     """A run that shows every part working on a 2-core CPU in a few minutes. Its loss is TrainConfig's
     with the class term weighted 10: in its 256 steps the class term otherwise loses to the 100x
-    no-object term (test mAP@0.5 on the generated shapes 3.0% against 36.5%, benchmarks/RESULTS.md)."""
+    no-object term (test mAP@0.5 on the generated shapes 3.0% against 36.5%, benchmarks/RESULTS.md;
+    with the objectness prior too: 0.9%)."""
     return Config(
         model=ModelConfig(num_classes=20, width=0.25),
         data=DataConfig(root=None, image_size=160, train_sizes=(128, 160, 192), batch_size=8, num_workers=2,
@@ -175,7 +176,8 @@ def build_parser(start: Config | None = None, origin: str = "--preset default") 
     p.add_argument("--start-fresh", action="store_true",
                    help="start over on purpose: move the checkpoint folder's files into a set-aside-* subfolder first")
     p.add_argument("--lr-find", action="store_true",
-                   help="run the LR range test first and use its suggestion as max LR (see helpers.lr_finder)")
+                   help="run the LR range test first and use its suggestion as max LR; when its loss never falls "
+                        "clear of the batch noise, keep the configured one (see helpers.lr_finder)")
     p.add_argument("--checkpoint-every-steps", type=OPTION_TYPES["checkpoint_every_steps"], default=0,
                    help="also checkpoint every N optimizer steps (0 = off)")
     p.add_argument("--course-loss", action="store_true",
@@ -274,18 +276,21 @@ def lr_range_test(cfg: Config, datamodule):
                    num_iter=100, device="cuda" if cuda else "cpu", amp=cuda)
 
 
-def run_lr_finder(cfg: Config, datamodule, run_dir: Path) -> float:
+def run_lr_finder(cfg: Config, datamodule, run_dir: Path) -> float | None:
+    """The range test's max LR, its curve saved as `run_dir`/lr_finder.png; None when the curve
+    suggests none (the run keeps its configured max LR, and its schedule file says "config")."""
     from .lr_finder import describe_choice
     from .plotting import plot_lr_finder
 
     result = lr_range_test(cfg, datamodule)
-    write_figure(plot_lr_finder(result.lrs, result.smoothed, result.max_lr, raw=result.losses,
-                                lowest=result.lowest), run_dir / "lr_finder.png", dpi=100)
+    figure = plot_lr_finder(result.lrs, result.smoothed, result.max_lr, raw=result.losses, lowest=result.lowest)
+    said = (f"max LR {result.max_lr:.3g} ({describe_choice(result)})" if result.max_lr is not None else
+            f"{describe_choice(result)}; keeping the configured max LR {cfg.train.max_lr:.3g}")
     if result.max_lr is None:
-        print(f"LR finder: no suggestion (too few points, or the loss never fell); keeping max LR "
-              f"{cfg.train.max_lr:.3g}")
-        return cfg.train.max_lr
-    print(f"LR finder: max LR {result.max_lr:.3g} ({describe_choice(result)}); plot: {run_dir / 'lr_finder.png'}")
+        figure.axes[0].set_title(f"LR range test, {describe_choice(result)}:\nthe configured max LR "
+                                 f"{cfg.train.max_lr:.3g} is used", fontsize=8)
+    write_figure(figure, run_dir / "lr_finder.png", dpi=100)
+    print(f"LR finder: {said}; plot: {run_dir / 'lr_finder.png'}")
     return result.max_lr
 
 
@@ -405,7 +410,7 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
     if lr_find and not schedule_path.exists():
         max_lr = run_lr_finder(cfg, datamodule, run_dir)
     schedule = prepare_schedule(cfg, run_dir, steps_per_epoch, len(datamodule.train_dataset), max_lr,
-                                "given" if lr_find else None)
+                                "given" if max_lr is not None else None)
     module = YOLOModule(cfg.to_dict(), schedule_path=str(schedule_path))
     plan = storage_plan(module.model, t.epochs, t.keep_last_k, t.optimizer)
     rank_zero_only(print)(storage_report(plan, ckpt_dir, free_bytes(ckpt_dir)))

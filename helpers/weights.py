@@ -33,9 +33,10 @@ from .model import YOLOv3, build_model
 # A full training state's file name: epoch, global step, the schedule's LR, a version on a clash.
 NAME = re.compile(r"epoch=(\d+)-step=(\d+)-lr=([0-9.e+-]+)(?:-v(\d+))?\.ckpt$")
 # Settings added after checkpoints were first written, and what a run saved before them used (the
-# course's loss): a saved config is read with these, not with today's defaults.
+# course's loss, PyTorch's initialisation): a saved config is read with these, not with today's defaults.
 SETTINGS_ADDED = {"train": {"obj_loss": "mse", "box_loss": "mse", "obj_target_min": 0.0,
-                            "obj_balance": (1.0, 1.0, 1.0)}}
+                            "obj_balance": (1.0, 1.0, 1.0)},
+                  "model": {"obj_prior": None}}
 FORMAT = "yolov3-voc-bundle"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"

@@ -171,7 +171,9 @@ for out, stride in zip(outputs, STRIDES):
 What `python -m helpers.train --lr-find --resume latest` does, through the same function
 (`helpers.train.train`): on a new run, the LR range test (torch-lr-finder on the real training
 loader; the model and optimizer are restored afterwards; the max LR is a tenth of the LR at the
-minimum of the lag-free smoothed loss, a decade short of where it turns up), then the OneCycle schedule, one LR per
+minimum of the lag-free smoothed loss, a decade short of where it turns up, when its fall stands
+clear of the batch noise; with the objectness prior, the default, it did in none of the setups
+measured, and the configured max LR is kept: the course's 1e-3), then the OneCycle schedule, one LR per
 optimizer step, written to a text file next to the checkpoints, then training: 16-bit mixed
 precision on a GPU (32-bit on a CPU), multi-resolution batches, checkpoints in the run folder
 (every epoch and every ~20 minutes). Several GPUs (Kaggle's T4 x2) train through

@@ -319,6 +319,8 @@ def test_a_saved_config_reads_a_setting_it_predates_as_what_such_runs_used(tmp_p
     cfg = Config(model=ModelConfig(num_classes=20, width=0.125))
     old = training_state(cfg)
     del old["hyper_parameters"]["config"]["train"]["obj_loss"]  # written before the loss was a setting
+    del old["hyper_parameters"]["config"]["model"]["obj_prior"]  # and before the objectness prior
     torch.save(old, tmp_path / "old.ckpt")
     _, saved = load_model(tmp_path / "old.ckpt")
     assert (saved.train.obj_loss, saved.train.box_loss) == ("mse", cfg.train.box_loss)  # the course's; kept
+    assert saved.model.obj_prior is None and cfg.model.obj_prior == 0.01  # PyTorch's init, not today's default
