@@ -182,7 +182,8 @@ def build_parser(start: Config | None = None, origin: str = "--preset default") 
                    help="also checkpoint every N optimizer steps (0 = off)")
     p.add_argument("--course-loss", action="store_true",
                    help="the course's loss: every loss setting as config.COURSE_LOSS (MSE objectness against "
-                        "the IoU, no-object weight 10, no balance); loss flags given still override")
+                        "the IoU, no-object weight 10, no balance); loss flags given still override; the model's "
+                        "init stays ours (--obj-prior null: the course's)")
     for section, kind in SECTIONS.items():
         group = p.add_argument_group(f"{section} settings ({kind.__name__})")
         values = getattr(start, section)
