@@ -47,15 +47,14 @@ def readings(lrs, losses) -> dict:
     the minimum where the smoothed loss doubles it)."""
     n = len(lrs)
     lo, skip_end = min(10, n // 10), min(5, n // 20)
-    smooth, _, shipped = read_curve(lrs, losses, skip_start=lo, skip_end=skip_end)
-    smooth, lrs, raw = np.asarray(smooth), np.asarray(lrs[: len(smooth)]), np.asarray(losses[: len(smooth)])
+    smooth, _, shipped, clearance = read_curve(lrs, losses, skip_start=lo, skip_end=skip_end)
+    smooth, lrs = np.asarray(smooth), np.asarray(lrs[: len(smooth)])
     lowest = lo + int(np.argmin(smooth[lo:len(smooth) - skip_end]))
     slope = np.gradient(smooth, np.log(lrs))
-    noise = float(np.std(raw[lo:lowest + 1] - smooth[lo:lowest + 1]))
     doubled = np.flatnonzero(smooth[lowest:] > 2 * smooth[lowest])
     return {"steepest": float(lrs[lo + int(np.argmin(slope[lo:lowest + 1]))]), "min/10": float(lrs[lowest]) / 10,
             "shipped": shipped, "lowest_lr": float(lrs[lowest]), "start_loss": float(smooth[lo]),
-            "lowest_loss": float(smooth[lowest]), "fall_over_noise": float((smooth[lo] - smooth[lowest]) / noise),
+            "lowest_loss": float(smooth[lowest]), "fall_over_noise": clearance,
             "edge_2x": float(lrs[lowest + doubled[0]]) if len(doubled) else None}
 
 

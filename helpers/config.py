@@ -6,6 +6,7 @@ you need, hand it to the code that uses it.
 from __future__ import annotations
 
 import difflib
+import numbers
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -51,22 +52,26 @@ FULL_MODEL_TARGETS = AccuracyTargets(class_acc=80.0, noobj_acc=98.0, obj_acc=78.
 REDUCED_MODEL_TARGETS = AccuracyTargets(class_acc=75.0, noobj_acc=95.0, obj_acc=70.0)
 
 
+class ConfigError(ValueError):
+    """A setting of another type or out of its range, in one line naming it and what it takes."""
+
+
 def check_probability(name: str, value: float | None) -> float | None:
-    """`value` if it is None or strictly between 0 and 1, else ValueError naming the setting."""
+    """`value` if it is None or strictly between 0 and 1, else ConfigError naming the setting."""
     if value is not None:
         require(0.0 < value < 1.0, name, value, "a probability strictly between 0 and 1")
     return value
 
 
 def require(holds: bool, name: str, value: Any, expected: str) -> None:
-    """ValueError in one line naming the setting, its value and what it takes, unless `holds`: the
+    """ConfigError in one line naming the setting, its value and what it takes, unless `holds`: the
     command line prints it as the parser's error, so a value out of range never reaches a traceback."""
     if not holds:
-        raise ValueError(f"{name} {value}: expected {expected}")
+        raise ConfigError(f"{name} {value}: expected {expected}")
 
 
 def _image_side(size: Any) -> bool:
-    return isinstance(size, int) and size > 0 and size % STRIDES[0] == 0
+    return isinstance(size, numbers.Integral) and not isinstance(size, bool) and size > 0 and size % STRIDES[0] == 0
 
 
 @dataclass
@@ -112,8 +117,9 @@ class DataConfig:
     def __post_init__(self):
         side = f"a positive multiple of {STRIDES[0]} (the model's coarsest stride)"
         require(_image_side(self.image_size), "image_size", self.image_size, side)
-        require(len(self.train_sizes) > 0 and all(map(_image_side, self.train_sizes)), "train_sizes",
-                list(self.train_sizes), f"one or more sizes, each {side}")
+        sizes = self.train_sizes
+        require(isinstance(sizes, (tuple, list)) and len(sizes) > 0 and all(map(_image_side, sizes)), "train_sizes",
+                list(sizes) if isinstance(sizes, (tuple, list)) else sizes, f"a list of one or more sizes, each {side}")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
         require(self.num_workers >= 0, "num_workers", self.num_workers, "0 (load in the main process) or more")
         require(0.0 <= self.mosaic <= 1.0, "mosaic", self.mosaic, "a fraction of training samples, 0 to 1")
@@ -175,9 +181,9 @@ class TrainConfig:
         require(0.0 <= self.obj_target_min <= 1.0, "obj_target_min", self.obj_target_min, "0 to 1")
         require(len(self.obj_balance) == len(STRIDES) and min(self.obj_balance) >= 0, "obj_balance",
                 list(self.obj_balance), f"{len(STRIDES)} weights of 0 or more, coarse scale to fine")
-        require(0.0 <= self.conf_threshold < 1.0, "conf_threshold", self.conf_threshold, "0 to 1")
-        for name in ("nms_iou", "map_iou"):
-            require(0.0 < getattr(self, name) <= 1.0, name, getattr(self, name), "an IoU above 0, at most 1")
+        require(0.0 <= self.conf_threshold < 1.0, "conf_threshold", self.conf_threshold, "0 or more, under 1")
+        require(0.0 <= self.nms_iou <= 1.0, "nms_iou", self.nms_iou, "an IoU, 0 to 1")
+        require(0.0 < self.map_iou <= 1.0, "map_iou", self.map_iou, "an IoU above 0, at most 1")
 
 
 # The course's loss, every setting of it (TrainConfig's defaults are ours: benchmarks/RESULTS.md, "The
@@ -200,17 +206,17 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         """The Config that `d` (JSON's types: a checkpoint's, a bundle's or a --config file's) describes;
-        a missing field takes its default. ValueError, in one line naming the field and what it
+        a missing field takes its default. ConfigError, in one line naming the field and what it
         takes, for an unknown section or field or a value of another type: an int is taken where a
         float is expected and a list where a tuple is, nothing else is converted."""
         if not isinstance(d, dict):
-            raise ValueError(f"expected an object with model, data and train sections, got {type(d).__name__}")
+            raise ConfigError(f"expected an object with model, data and train sections, got {type(d).__name__}")
         kinds = typing.get_type_hints(cls)  # section name -> its dataclass
         for section, values in d.items():
             if section not in kinds:
-                raise ValueError(f"unknown section {section!r} (expected {', '.join(kinds)})")
+                raise ConfigError(f"unknown section {section!r} (expected {', '.join(kinds)})")
             if not isinstance(values, dict):
-                raise ValueError(f"section {section!r} must be an object, got {type(values).__name__}")
+                raise ConfigError(f"section {section!r} must be an object, got {type(values).__name__}")
         return cls(**{section: _build(kind, section, d.get(section, {})) for section, kind in kinds.items()})
 
     def updated(self, changes: dict[str, Any]) -> Config:
@@ -245,7 +251,7 @@ def type_name(kind: Any) -> str:
 
 
 def _checked(value: Any, kind: Any, name: str) -> Any:
-    """`value` as a value of the field type `kind`, or ValueError naming the field `name`. A value of
+    """`value` as a value of the field type `kind`, or ConfigError naming the field `name`. A value of
     one of the types a union names is kept as it is (10 stays an int for `float | int`)."""
     union = isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
     options = typing.get_args(kind) if union else (kind,)
@@ -259,7 +265,7 @@ def _checked(value: Any, kind: Any, name: str) -> Any:
             return float(value)
         if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)):
             return tuple(_checked(v, typing.get_args(option)[0], f"{name}[{k}]") for k, v in enumerate(value))
-    raise ValueError(f"{name}: expected {type_name(kind)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{name}: expected {type_name(kind)}, got {value!r} ({type(value).__name__})")
 
 
 def _build(kind: type, section: str, values: dict[str, Any]):
@@ -267,7 +273,7 @@ def _build(kind: type, section: str, values: dict[str, Any]):
     for name in values:
         if name not in known:
             near = difflib.get_close_matches(name, known, n=1)
-            raise ValueError(f"unknown {section} field {name!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+            raise ConfigError(f"unknown {section} field {name!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
     return kind(**{name: _checked(v, known[name], f"{section}.{name}") for name, v in values.items()})
 
 

@@ -1,5 +1,6 @@
 """The errors a user can mend, and how they reach the user: one line saying what to do, never a traceback.
 
+- `ConfigError`: a setting of another type or out of its range (config).
 - `DatasetError`: the data folder is missing, empty or broken (annotations).
 - `CheckpointError`: a checkpoint cannot be resumed from or loaded (weights).
 - `ScheduleMismatch`: the run folder's schedule was computed for other settings (schedule).
@@ -16,13 +17,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .annotations import DatasetError
+from .config import ConfigError
 from .divergence import TrainingDiverged
 from .schedule import ScheduleMismatch
 from .storage import StorageFull
 from .weights import CheckpointError
 
-USER_ERRORS: tuple[type[Exception], ...] = (DatasetError, CheckpointError, ScheduleMismatch, StorageFull,
-                                            TrainingDiverged)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetError, CheckpointError, ScheduleMismatch,
+                                            StorageFull, TrainingDiverged)
 
 
 @contextmanager

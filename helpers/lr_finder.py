@@ -69,10 +69,12 @@ class LRFinderResult:
     smoothed: list[float]  # centred moving average of losses (`read_curve`)
     lowest: float | None  # LR of the smoothed curve's minimum
     max_lr: float | None  # the LR to train with: lowest / 10
+    clearance: float | None = None  # the smoothed fall to the minimum over the noise (None: too few points)
 
 
 def read_curve(lrs, losses, window: int | None = None, skip_start: int = 0, skip_end: int = 0):
-    """(smoothed losses, LR of their minimum, max LR) from a range test's raw curve (see the module docstring).
+    """(smoothed losses, LR of their minimum, max LR, clearance) from a range test's raw curve (see the
+    module docstring); clearance: the smoothed loss's fall to its minimum over the noise.
 
     window: the centred moving average's width in iterations (odd; default ~len/10, at least 3);
     skip_start / skip_end: iterations left out of the search at either end (the loss is still
@@ -89,24 +91,28 @@ def read_curve(lrs, losses, window: int | None = None, skip_start: int = 0, skip
         lrs, raw = lrs[: bad[0]], raw[: bad[0]]
     n = len(raw)
     if n == 0:
-        return [], None, None
+        return [], None, None, None
     window += 1 - window % 2  # odd, so the average is centred
     padded = np.pad(raw, window // 2, mode="edge")
     smooth = np.convolve(padded, np.ones(window) / window, mode="valid")
     lo, hi = skip_start, n - skip_end
     if hi - lo < 3:
-        return smooth.tolist(), None, None
+        return smooth.tolist(), None, None, None
     lowest = lo + int(np.argmin(smooth[lo:hi]))
-    noise = float(np.std(raw[lo:lowest + 1] - smooth[lo:lowest + 1]))
-    if smooth[lo] - smooth[lowest] <= max(0.01 * abs(smooth[lo]), CLEAR_OF_NOISE * noise):
-        return smooth.tolist(), None, None
-    return smooth.tolist(), float(lrs[lowest]), float(lrs[lowest] / 10)
+    fall, noise = float(smooth[lo] - smooth[lowest]), float(np.std(raw[lo:lowest + 1] - smooth[lo:lowest + 1]))
+    clearance = fall / noise if noise > 0 else float("inf") if fall > 0 else 0.0
+    if fall <= 0.01 * abs(smooth[lo]) or clearance <= CLEAR_OF_NOISE:
+        return smooth.tolist(), None, None, clearance
+    return smooth.tolist(), float(lrs[lowest]), float(lrs[lowest] / 10), clearance
 
 
 def describe_choice(result: LRFinderResult) -> str:
     """How the max LR was chosen, in words (for logs)."""
+    if result.max_lr is None and result.clearance is None:
+        return "no suggestion: too few points to read"
     if result.max_lr is None:
-        return "no suggestion: too few points, or the loss never fell clear of its noise"
+        return (f"no suggestion: the loss fell {result.clearance:.1f}x its batch noise, short of the "
+                f"{CLEAR_OF_NOISE:.0f}x that locates its minimum")
     return f"a tenth of {result.lowest:.3g}, the LR of the smoothed loss's minimum"
 
 
@@ -136,5 +142,4 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_load
         free_gpu_memory()
     n = len(lrs)
     skip_start, skip_end = min(10, n // 10), min(5, n // 20)  # torch-lr-finder's defaults, shrunk for short tests
-    smoothed, lowest, max_lr = read_curve(lrs, losses, skip_start=skip_start, skip_end=skip_end)
-    return LRFinderResult(lrs, losses, smoothed, lowest, max_lr)
+    return LRFinderResult(lrs, losses, *read_curve(lrs, losses, skip_start=skip_start, skip_end=skip_end))

@@ -377,9 +377,11 @@ def train(cfg: Config, resume: str | None = None, lr_find: bool = False, checkpo
     (the same command rerun after a disconnect goes on, saying so), else a new run. A checkpoint that
     cannot be used stops the run with `CheckpointError` (one line; `start_fresh=True` sets the
     folder's checkpoints aside into a `set-aside-*` subfolder and starts over); a changed schedule
-    setting with `ScheduleMismatch`; a full disk with `StorageFull`. A run from step 0 first moves
-    an earlier run's logs and results (`RUN_OUTPUTS`) aside. Rerun on a finished run, it returns
-    that run's summary (metrics.json) without training."""
+    setting with `ScheduleMismatch`; a full disk with `StorageFull`; a setting out of its range
+    (set on the Config by hand, past its constructor's checks) with `ConfigError`, before anything
+    is written. A run from step 0 first moves an earlier run's logs and results (`RUN_OUTPUTS`)
+    aside. Rerun on a finished run, it returns that run's summary (metrics.json) without training."""
+    Config.from_dict(cfg.to_dict())  # e.g. a notebook's `cfg.data.mosaic = 2`: refused here, in one line
     t = cfg.train
     run_dir = Path(t.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -173,7 +173,8 @@ What `python -m helpers.train --lr-find --resume latest` does, through the same 
 loader; the model and optimizer are restored afterwards; the max LR is a tenth of the LR at the
 minimum of the lag-free smoothed loss, a decade short of where it turns up, when its fall stands
 clear of the batch noise; with the objectness prior, the default, it did in none of the setups
-measured, and the configured max LR is kept: the course's 1e-3), then the OneCycle schedule, one LR per
+measured, and the configured max LR is kept: 1e-3 in the course's configuration, 2e-3 in smoke
+mode), then the OneCycle schedule, one LR per
 optimizer step, written to a text file next to the checkpoints, then training: 16-bit mixed
 precision on a GPU (32-bit on a CPU), multi-resolution batches, checkpoints in the run folder
 (every epoch and every ~20 minutes). Several GPUs (Kaggle's T4 x2) train through
@@ -193,7 +194,7 @@ with one_line_errors(TrainingFailed):  # a changed setting, an unreadable checkp
     else:
         summary = train(cfg, resume="latest", lr_find=True)  # start_fresh=True sets unreadable checkpoints aside
 print(json.dumps({k: v for k, v in summary.items() if k not in ("metrics", "ap_per_class_voc07")}, indent=1))"""),
-    ("md", "## 6. What the run chose: the LR range test and the OneCycle schedule\nThe range test's curve as training saved it (`lr_finder.png` in the run folder; absent when the max LR came from the config), and the schedule file every resume reads by step."),
+    ("md", "## 6. What the run chose: the LR range test and the OneCycle schedule\nThe range test's curve as training saved it (`lr_finder.png` in the run folder, written whenever the range test ran; its title says when the configured max LR was kept), and the schedule file every resume reads by step: it records where its max LR came from."),
     ("code", """from helpers.plotting import plot_schedule, show_saved
 from helpers.schedule import Schedule
 

@@ -53,14 +53,15 @@ def test_an_unknown_or_misshapen_section_or_field_is_refused_by_name(d, named):
 @pytest.mark.parametrize("changes,expected", [
     ({"data": {"mosaic": 1.5}}, "mosaic 1.5: expected a fraction of training samples, 0 to 1"),
     ({"data": {"image_size": 0}}, "image_size 0: expected a positive multiple of 32"),
-    ({"data": {"train_sizes": []}}, "train_sizes []: expected one or more sizes"),
+    ({"data": {"train_sizes": []}}, "train_sizes []: expected a list of one or more sizes"),
     ({"data": {"num_workers": -1}}, "num_workers -1: expected 0 (load in the main process) or more"),
     ({"data": {"on_error": "ignore"}}, "data.on_error: expected one of 'skip', 'raise'"),
     ({"model": {"num_classes": 0}}, "num_classes 0: expected at least 1"),
     ({"train": {"epochs": 0}}, "epochs 0: expected at least 1"),
     ({"train": {"lambda_noobj": -1}}, "lambda_noobj -1.0: expected 0 or more"),
     ({"train": {"obj_target_min": 2}}, "obj_target_min 2.0: expected 0 to 1"),
-    ({"train": {"nms_iou": 0}}, "nms_iou 0.0: expected an IoU above 0, at most 1"),
+    ({"train": {"nms_iou": 1.5}}, "nms_iou 1.5: expected an IoU, 0 to 1"),
+    ({"train": {"map_iou": 0}}, "map_iou 0.0: expected an IoU above 0, at most 1"),
 ])
 def test_a_value_out_of_its_settings_range_is_refused_in_one_line_naming_it(changes, expected):
     with pytest.raises(ValueError) as e:
@@ -74,3 +75,13 @@ def test_every_preset_is_within_its_settings_ranges():
     for preset in PRESETS.values():
         cfg = preset()
         assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_sizes_of_any_integer_type_are_taken_and_a_lone_size_is_refused_in_one_line():
+    import numpy as np
+
+    from helpers.config import ConfigError, DataConfig
+
+    assert DataConfig(image_size=np.int64(416), train_sizes=(np.int64(320),)).image_size == 416
+    with pytest.raises(ConfigError, match="^train_sizes 416: expected a list of one or more sizes"):
+        DataConfig(train_sizes=416)

@@ -182,14 +182,14 @@ def test_the_range_test_reading_is_a_tenth_of_the_smoothed_minimum_without_the_t
     from helpers.lr_finder import read_curve
 
     lrs, loss = range_test_curve(noise=0.1)
-    smooth, lowest, max_lr = read_curve(lrs, loss, skip_start=10, skip_end=5)
+    smooth, lowest, max_lr, _ = read_curve(lrs, loss, skip_start=10, skip_end=5)
     assert lowest == lrs[10 + int(np.argmin(smooth[10:95]))] and 1e-2 < lowest < 1e-1  # where it turns up
     assert max_lr == pytest.approx(lowest / 10)
     # torch-lr-finder's own trailing average (smooth_f=0.05) would put the minimum far right.
     ema = [loss[0]]
     for v in loss[1:]:
         ema.append(0.05 * v + 0.95 * ema[-1])
-    _, lagged, _ = read_curve(lrs, ema, window=1, skip_start=10, skip_end=5)
+    lagged = read_curve(lrs, ema, window=1, skip_start=10, skip_end=5)[1]
     assert lagged > 2 * lowest
 
 
@@ -203,8 +203,9 @@ def test_a_fall_no_clearer_than_the_batch_noise_suggests_nothing():
     x = np.log10(lrs)
     shallow = 70 - 3.5 * (x + 7) + np.where(x > -2, 300 * (x + 2) ** 2, 0.0)
     noisy = shallow + 5 * np.random.default_rng(0).standard_normal(100)
-    assert read_curve(lrs, noisy, skip_start=10, skip_end=5)[1:] == (None, None)
-    _, lowest, max_lr = read_curve(lrs, shallow, skip_start=10, skip_end=5)
+    _, lowest, max_lr, clearance = read_curve(lrs, noisy, skip_start=10, skip_end=5)
+    assert (lowest, max_lr) == (None, None) and 1 < clearance < 20
+    _, lowest, max_lr, _ = read_curve(lrs, shallow, skip_start=10, skip_end=5)
     assert 5e-3 < lowest < 2e-2 and max_lr == pytest.approx(lowest / 10)
 
 
@@ -212,17 +213,20 @@ def test_a_range_test_that_never_falls_or_turns_nan_gives_no_lr_below_or_beyond_
     from helpers.lr_finder import describe_choice, read_curve
 
     lrs, loss = range_test_curve()
-    assert read_curve(lrs, np.linspace(10, 50, 100))[1:] == (None, None)  # only rises
-    assert read_curve(lrs, np.full(100, 10.0))[1:] == (None, None)  # flat
-    clean = read_curve(lrs, loss)[1:]
+    assert read_curve(lrs, np.linspace(10, 50, 100))[1:3] == (None, None)  # only rises
+    assert read_curve(lrs, np.full(100, 10.0))[1:3] == (None, None)  # flat
+    clean = read_curve(lrs, loss)[1:3]
     late_nan = loss.copy()
     late_nan[97:] = np.nan  # fp16 overflow past the minimum: the curve ends there, the answer stands
-    assert read_curve(lrs, late_nan)[1:] == pytest.approx(clean)
+    assert read_curve(lrs, late_nan)[1:3] == pytest.approx(clean)
     early_nan = loss.copy()
     early_nan[20] = np.nan  # a NaN before anything fell: nothing to read
-    assert read_curve(lrs, early_nan)[1:] == (None, None)
-    assert describe_choice(SimpleNamespace(max_lr=1e-3, lowest=1e-2)) == \
+    assert read_curve(lrs, early_nan)[1:3] == (None, None)
+    assert describe_choice(SimpleNamespace(max_lr=1e-3, lowest=1e-2, clearance=70.0)) == \
         "a tenth of 0.01, the LR of the smoothed loss's minimum"
+    assert describe_choice(SimpleNamespace(max_lr=None, lowest=None, clearance=9.4)) == \
+        "no suggestion: the loss fell 9.4x its batch noise, short of the 20x that locates its minimum"
+    assert "too few points" in describe_choice(SimpleNamespace(max_lr=None, lowest=None, clearance=None))
 
 
 # A driver run in a fresh process: it trains with the given config and, if asked, SIGKILLs itself
@@ -643,7 +647,7 @@ def test_a_value_its_setting_refuses_is_one_line_from_a_flag_or_a_config_file(ca
                            (["--mosaic", "2"], "mosaic 2.0: expected a fraction of training samples, 0 to 1"),
                            (["--width", "-1"], "width -1.0: expected a positive channel multiplier"),
                            (["--image-size", "300"], "image_size 300: expected a positive multiple of 32"),
-                           (["--train-sizes", "[320, 330]"], "train_sizes [320, 330]: expected one or more sizes"),
+                           (["--train-sizes", "[320, 330]"], "train_sizes [320, 330]: expected a list of one or more sizes"),
                            (["--batch-size", "0"], "batch_size 0: expected at least 1"),
                            (["--max-lr", "0"], "max_lr 0.0: expected a positive number"),
                            (["--pct-start", "1.5"], "pct_start 1.5: expected the warm-up's fraction"),
@@ -653,6 +657,21 @@ def test_a_value_its_setting_refuses_is_one_line_from_a_flag_or_a_config_file(ca
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and expected in err, err
     assert parse("--obj-prior", "0.01").model.obj_prior == 0.01
+
+
+def test_a_setting_edited_out_of_range_on_the_config_is_one_line_before_anything_is_written(voc, tmp_path):
+    """A notebook edits the Config by attribute, past the constructors' checks: train refuses it first."""
+    from helpers.config import ConfigError
+    from helpers.errors import one_line_errors
+    from helpers.train import train
+
+    cfg = tiny_config(voc, tmp_path / "run")
+    cfg.data.mosaic = 2
+    with pytest.raises(SystemExit, match=r"^mosaic 2\.0: expected a fraction of training samples, 0 to 1$"):
+        with one_line_errors():
+            train(cfg)
+    assert not (tmp_path / "run").exists()
+    assert issubclass(ConfigError, ValueError)  # the command line's parser catches it as before
 
 
 def test_a_checkpoint_from_before_the_scheduler_resumes_on_its_line_of_the_schedule_file(tmp_path):
