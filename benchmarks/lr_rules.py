@@ -26,7 +26,7 @@ import numpy as np
 import pytorch_lightning as pl
 
 from helpers.datamodule import YOLODataModule
-from helpers.lr_finder import read_curve
+from helpers.lr_finder import read_curve, skips
 from helpers.train import embedded_default, lr_range_test
 
 
@@ -45,8 +45,7 @@ def readings(lrs, losses) -> dict:
     """What each rule reads off one raw curve, smoothed and trimmed as `helpers.lr_finder.find_lr` does,
     with the fall / noise ratio the shipped reading checks and the divergence edge (the first LR past
     the minimum where the smoothed loss doubles it)."""
-    n = len(lrs)
-    lo, skip_end = min(10, n // 10), min(5, n // 20)
+    lo, skip_end = skips(len(lrs))
     smooth, _, shipped, clearance = read_curve(lrs, losses, skip_start=lo, skip_end=skip_end)
     smooth, lrs = np.asarray(smooth), np.asarray(lrs[: len(smooth)])
     lowest = lo + int(np.argmin(smooth[lo:len(smooth) - skip_end]))

@@ -72,6 +72,12 @@ class LRFinderResult:
     clearance: float | None = None  # the smoothed fall to the minimum over the noise (None: too few points)
 
 
+def skips(n: int) -> tuple[int, int]:
+    """(skip_start, skip_end) for a range test of `n` iterations: torch-lr-finder's defaults (10, 5),
+    shrunk for short tests."""
+    return min(10, n // 10), min(5, n // 20)
+
+
 def read_curve(lrs, losses, window: int | None = None, skip_start: int = 0, skip_end: int = 0):
     """(smoothed losses, LR of their minimum, max LR, clearance) from a range test's raw curve (see the
     module docstring); clearance: the smoothed loss's fall to its minimum over the noise.
@@ -140,6 +146,5 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_load
         lrs, losses = list(finder.history["lr"]), list(finder.history["loss"])
         del finder  # its state cache, loss and AMP scaler: on the GPU until collected
         free_gpu_memory()
-    n = len(lrs)
-    skip_start, skip_end = min(10, n // 10), min(5, n // 20)  # torch-lr-finder's defaults, shrunk for short tests
+    skip_start, skip_end = skips(len(lrs))
     return LRFinderResult(lrs, losses, *read_curve(lrs, losses, skip_start=skip_start, skip_end=skip_end))

@@ -567,6 +567,15 @@ def parse(*argv: str) -> Config:
     return command_line(argv)[0]
 
 
+def refusal(capsys, *argv: str) -> str:
+    """The parser's error for `argv`, which must refuse it in exactly one line."""
+    with pytest.raises(SystemExit):
+        parse(*argv)
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
 def test_a_config_file_overrides_only_what_it_sets_and_flags_override_the_file(tmp_path):
     from helpers.train import course_preset
 
@@ -633,10 +642,7 @@ def test_a_flag_of_the_wrong_type_is_refused_in_one_line_naming_the_flag_and_its
                            (["--limit-train-batches", "lots"], "--limit-train-batches: expected int | float | null"),
                            (["--train-sizes", "320"], "--train-sizes: expected list of int, got '320'; write a list as"),
                            (["--preset", "cource"], "--preset: expected one of 'course', 'default', got 'cource'")):
-        with pytest.raises(SystemExit):
-            parse(*argv)
-        err = capsys.readouterr().err
-        assert len(err.strip().splitlines()) == 1 and expected in err, err
+        assert expected in refusal(capsys, *argv)
 
 
 def test_a_value_its_setting_refuses_is_one_line_from_a_flag_or_a_config_file(capsys, tmp_path):
@@ -652,10 +658,7 @@ def test_a_value_its_setting_refuses_is_one_line_from_a_flag_or_a_config_file(ca
                            (["--max-lr", "0"], "max_lr 0.0: expected a positive number"),
                            (["--pct-start", "1.5"], "pct_start 1.5: expected the warm-up's fraction"),
                            (["--obj-balance", "[1, 1]"], "obj_balance [1.0, 1.0]: expected 3 weights")):
-        with pytest.raises(SystemExit):
-            parse(*argv)
-        err = capsys.readouterr().err
-        assert len(err.strip().splitlines()) == 1 and expected in err, err
+        assert expected in refusal(capsys, *argv)
     assert parse("--obj-prior", "0.01").model.obj_prior == 0.01
 
 
